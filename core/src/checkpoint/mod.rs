@@ -1,0 +1,43 @@
+//! Reading and writing checkpoints: safetensors (single and sharded), PyTorch `.bin` pickles
+//! (single and sharded), tensor by tensor, never the whole model in memory at once.
+
+use crate::{DType, Result};
+
+/// Name, element type and shape of one tensor of a checkpoint, known without reading its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One tensor's data, contiguous (row-major) little-endian bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// The values as f32 (f32/f16/bf16/f64 only); `None` for integer tensors.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        crate::dtype::to_f32(self.dtype, &self.data)
+    }
+}
+
+/// A checkpoint that yields its tensors one at a time.
+pub trait TensorSource {
+    /// Every tensor, sorted by name.
+    fn tensor_infos(&self) -> Vec<TensorInfo>;
+    /// Reads one tensor. The error names the file and the tensor.
+    fn read(&self, name: &str) -> Result<RawTensor>;
+    /// The file that holds `name` (for messages).
+    fn file_of(&self, name: &str) -> Option<String>;
+}

@@ -1,0 +1,1 @@
+//! The browser app. Nothing here yet: the browser chat issue fills it.
