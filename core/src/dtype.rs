@@ -109,3 +109,23 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
     }
     Some(out)
 }
+
+/// Converts f32 values to little-endian bytes of the float `dtype` (round to nearest even for
+/// f16/bf16, as torch's casts do).
+///
+/// # Panics
+/// If `dtype` is not F32, F16 or BF16: callers pick the dtype from a float tensor.
+pub fn from_f32(dtype: DType, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size_in_bytes());
+    match dtype {
+        DType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DType::F16 => values
+            .iter()
+            .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => values
+            .iter()
+            .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+        other => panic!("from_f32: {other} is not a float type"),
+    }
+    out
+}

@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod peft;
+pub mod pyjson;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -1,0 +1,346 @@
+//! LoRA adapters as PEFT saves them: `adapter_config.json` and `adapter_model.safetensors` with
+//! tensors `base_model.model.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r].
+//!
+//! A config read from disk keeps every key PEFT wrote (known or not), so reading and writing an
+//! adapter gives back the same files; a config made here carries PEFT 0.21's full set of keys with
+//! its defaults, so `PeftModel.from_pretrained` takes it as it is.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::checkpoint::{RawTensor, TensorSource};
+use crate::{DType, Error, Result};
+
+/// The PEFT prefix of every adapter tensor name.
+const PREFIX: &str = "base_model.model.";
+
+/// The parts of `adapter_config.json` qlora acts on, plus the whole JSON object as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    /// Module names (last path component, e.g. `query_key_value`) the adapter targets.
+    pub target_modules: Vec<String>,
+    /// Every key of the file, so writing it back loses nothing.
+    raw: Map<String, Value>,
+}
+
+impl LoraConfig {
+    /// A config with PEFT 0.21's keys and defaults for a causal LM.
+    pub fn new(
+        r: usize,
+        lora_alpha: f64,
+        lora_dropout: f64,
+        use_rslora: bool,
+        target_modules: Vec<String>,
+        base_model_name_or_path: Option<String>,
+    ) -> Self {
+        let raw = json!({
+            "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
+            "auto_mapping": null, "base_model_name_or_path": base_model_name_or_path,
+            "bias": "none", "corda_config": null, "ensure_weight_tying": false,
+            "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false,
+            "inference_mode": true, "init_lora_weights": true, "kasa_config": null,
+            "layer_replication": null, "layers_pattern": null, "layers_to_transform": null,
+            "loftq_config": {}, "lora_alpha": number(lora_alpha), "lora_bias": false,
+            "lora_dropout": lora_dropout, "lora_ga_config": null, "megatron_config": null,
+            "megatron_core": "megatron.core", "modules_to_save": null,
+            "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2",
+            "qalora_group_size": 16, "r": r, "rank_pattern": {}, "revision": null,
+            "target_modules": target_modules, "target_parameters": null,
+            "task_type": "CAUSAL_LM", "trainable_token_indices": null, "use_bdlora": null,
+            "use_dora": false, "use_qalora": false, "use_rslora": use_rslora,
+            "velora_config": null
+        });
+        let Value::Object(raw) = raw else {
+            unreachable!("json! of an object literal")
+        };
+        LoraConfig {
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            target_modules,
+            raw,
+        }
+    }
+
+    /// Parses `adapter_config.json`; `file` names it in errors. Features qlora does not
+    /// implement (DoRA, per-module ranks, extra trainable modules, LoRA biases) are refused
+    /// rather than silently dropped.
+    pub fn from_json(file: &str, text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::format(file, format!("not valid JSON: {e}")))?;
+        let Value::Object(raw) = value else {
+            return Err(Error::format(file, "expected a JSON object"));
+        };
+        let field = |k: &str| raw.get(k).filter(|v| !v.is_null());
+        match field("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            other => {
+                return Err(Error::format(
+                    file,
+                    format!("peft_type is {other:?}; only LORA adapters are supported"),
+                ))
+            }
+        }
+        let r = field("r")
+            .and_then(Value::as_u64)
+            .filter(|&r| r > 0)
+            .ok_or_else(|| Error::format(file, "`r` must be a positive integer"))?
+            as usize;
+        let lora_alpha = field("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::format(file, "`lora_alpha` must be a number"))?;
+        let lora_dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+        let flag = |k: &str| field(k).and_then(Value::as_bool).unwrap_or(false);
+        let use_rslora = flag("use_rslora");
+        for unsupported in ["use_dora", "fan_in_fan_out", "lora_bias"] {
+            if flag(unsupported) {
+                return Err(Error::format(
+                    file,
+                    format!("`{unsupported}: true` is not supported"),
+                ));
+            }
+        }
+        for k in ["rank_pattern", "alpha_pattern"] {
+            if field(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+                return Err(Error::format(file, format!("`{k}` is not supported")));
+            }
+        }
+        if field("modules_to_save").is_some() {
+            return Err(Error::format(file, "`modules_to_save` is not supported"));
+        }
+        if let Some(bias) = field("bias").and_then(Value::as_str) {
+            if bias != "none" {
+                return Err(Error::format(
+                    file,
+                    format!("bias = {bias:?} is not supported (only \"none\")"),
+                ));
+            }
+        }
+        let target_modules = match field("target_modules") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::format(file, "`target_modules` must hold strings"))?,
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => return Err(Error::format(file, "`target_modules` is missing")),
+        };
+        Ok(LoraConfig {
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            target_modules,
+            raw,
+        })
+    }
+
+    /// The JSON text PEFT writes: keys sorted, two-space indent, no trailing newline.
+    pub fn to_json(&self) -> String {
+        // serde_json's Map is a BTreeMap here (no `preserve_order`), so keys come out sorted
+        // exactly as Python's `json.dumps(sort_keys=True)` sorts them.
+        serde_json::to_string_pretty(&Value::Object(self.raw.clone()))
+            .expect("a JSON map always serializes")
+    }
+
+    /// The factor LoRA's update is multiplied by: alpha/r, or alpha/sqrt(r) with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// Whether the module at `path` (e.g. `transformer.h.0.self_attention.query_key_value`)
+    /// is targeted: PEFT matches a list entry against the whole path or its last components.
+    pub fn targets(&self, path: &str) -> bool {
+        self.target_modules
+            .iter()
+            .any(|t| path == t || path.ends_with(&format!(".{t}")))
+    }
+}
+
+/// Keeps an integer alpha an integer in the JSON (PEFT writes `"lora_alpha": 8`).
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// The A and B matrices of one adapted module, f32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPair {
+    /// [r, in_features]
+    pub a: Vec<f32>,
+    /// [out_features, r]
+    pub b: Vec<f32>,
+    pub r: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// A whole adapter: its config and one A/B pair per adapted module path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraAdapter {
+    pub config: LoraConfig,
+    /// Keyed by module path without PEFT's prefix, e.g. `transformer.h.0.self_attention.query_key_value`.
+    pub modules: BTreeMap<String, LoraPair>,
+    /// The element type the tensors were stored in (written back the same way).
+    pub dtype: DType,
+}
+
+impl LoraAdapter {
+    /// Reads the pairs from `source` (an opened `adapter_model.safetensors` or `.bin`).
+    pub fn from_source(config: LoraConfig, source: &dyn TensorSource) -> Result<Self> {
+        let mut halves: BTreeMap<String, [Option<RawTensor>; 2]> = BTreeMap::new();
+        let mut dtype = None;
+        for info in source.tensor_infos() {
+            let file = source.file_of(&info.name).unwrap_or_default();
+            let (path, which) = split_peft_name(&info.name)
+                .ok_or_else(|| Error::tensor(&file, &info.name, "not a PEFT LoRA tensor name"))?;
+            let tensor = source.read(&info.name)?;
+            if !tensor.dtype.is_float() {
+                return Err(Error::tensor(
+                    &file,
+                    &info.name,
+                    format!("dtype {} is not a float type", tensor.dtype),
+                ));
+            }
+            if tensor.shape.len() != 2 {
+                return Err(Error::tensor(
+                    &file,
+                    &info.name,
+                    format!("expected a 2-d matrix, found shape {:?}", tensor.shape),
+                ));
+            }
+            dtype.get_or_insert(tensor.dtype);
+            halves.entry(path.to_owned()).or_default()[which] = Some(tensor);
+        }
+        let mut modules = BTreeMap::new();
+        for (path, [a, b]) in halves {
+            let missing = |half: &str| {
+                Error::tensor(
+                    "adapter_model",
+                    format!("{PREFIX}{path}.{half}.weight"),
+                    "missing: every adapted module needs lora_A and lora_B",
+                )
+            };
+            let a = a.ok_or_else(|| missing("lora_A"))?;
+            let b = b.ok_or_else(|| missing("lora_B"))?;
+            let (r, in_features) = (a.shape[0], a.shape[1]);
+            let out_features = b.shape[0];
+            if r != config.r || b.shape[1] != r {
+                return Err(Error::tensor(
+                    source.file_of(&format!("{PREFIX}{path}.lora_A.weight")).unwrap_or_default(),
+                    format!("{PREFIX}{path}"),
+                    format!(
+                        "lora_A is {:?} and lora_B {:?}, but the config says r = {}",
+                        a.shape, b.shape, config.r
+                    ),
+                ));
+            }
+            let to_f32 = |t: &RawTensor| t.to_f32().expect("checked to be a float type");
+            modules.insert(
+                path,
+                LoraPair {
+                    a: to_f32(&a),
+                    b: to_f32(&b),
+                    r,
+                    in_features,
+                    out_features,
+                },
+            );
+        }
+        Ok(LoraAdapter {
+            config,
+            modules,
+            dtype: dtype.unwrap_or(DType::F32),
+        })
+    }
+
+    /// The tensors to write into `adapter_model.safetensors`, with PEFT's names, in `self.dtype`.
+    pub fn tensors(&self) -> Vec<(String, RawTensor)> {
+        let mut out = Vec::with_capacity(self.modules.len() * 2);
+        for (path, pair) in &self.modules {
+            out.push((
+                format!("{PREFIX}{path}.lora_A.weight"),
+                RawTensor {
+                    dtype: self.dtype,
+                    shape: vec![pair.r, pair.in_features],
+                    data: crate::dtype::from_f32(self.dtype, &pair.a),
+                },
+            ));
+            out.push((
+                format!("{PREFIX}{path}.lora_B.weight"),
+                RawTensor {
+                    dtype: self.dtype,
+                    shape: vec![pair.out_features, pair.r],
+                    data: crate::dtype::from_f32(self.dtype, &pair.b),
+                },
+            ));
+        }
+        out
+    }
+
+    /// Number of trainable parameters (all A and B entries).
+    pub fn num_parameters(&self) -> usize {
+        self.modules.values().map(|p| p.a.len() + p.b.len()).sum()
+    }
+}
+
+/// `base_model.model.<path>.lora_A.weight` → (`<path>`, 0); `lora_B` → 1. Also accepts the
+/// in-memory names with an adapter name (`lora_A.default.weight`).
+fn split_peft_name(name: &str) -> Option<(&str, usize)> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    if let Some(path) = rest.strip_suffix(".lora_A") {
+        Some((path, 0))
+    } else {
+        rest.strip_suffix(".lora_B").map(|path| (path, 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_peft_names() {
+        assert_eq!(
+            split_peft_name("base_model.model.a.b.q_proj.lora_A.weight"),
+            Some(("a.b.q_proj", 0))
+        );
+        assert_eq!(
+            split_peft_name("base_model.model.a.q_proj.lora_B.default.weight"),
+            Some(("a.q_proj", 1))
+        );
+        assert_eq!(split_peft_name("model.a.q_proj.lora_A.weight"), None);
+        assert_eq!(split_peft_name("base_model.model.a.q_proj.weight"), None);
+    }
+
+    #[test]
+    fn config_refuses_dora_and_keeps_unknown_keys() {
+        let c = LoraConfig::new(16, 32.0, 0.05, false, vec!["q".into()], None);
+        let mut v: Value = serde_json::from_str(&c.to_json()).unwrap();
+        v["use_dora"] = json!(true);
+        let err = LoraConfig::from_json("adapter_config.json", &v.to_string()).unwrap_err();
+        assert!(err.to_string().contains("use_dora"), "{err}");
+        v["use_dora"] = json!(false);
+        v["some_future_key"] = json!([1, 2]);
+        let back = LoraConfig::from_json("adapter_config.json", &v.to_string()).unwrap();
+        assert!(back.to_json().contains("\"some_future_key\""));
+        assert_eq!(back.scale(), 2.0);
+        assert!(back.targets("model.layers.0.self_attn.q"));
+        assert!(!back.targets("model.layers.0.self_attn.qq"));
+    }
+}
