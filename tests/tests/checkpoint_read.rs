@@ -96,18 +96,28 @@ fn safetensors_sharded_f16_equals_golden_rounded() {
 fn single_files_and_bytes_read_the_same() {
     let path = golden_dir().join("model.safetensors");
     let from_file = open_checkpoint(&path).unwrap();
-    let from_bytes = SafetensorsFile::from_bytes("model.safetensors", std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(from_bytes.metadata().get("format").map(String::as_str), Some("pt"));
+    let from_bytes =
+        SafetensorsFile::from_bytes("model.safetensors", std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        from_bytes.metadata().get("format").map(String::as_str),
+        Some("pt")
+    );
     assert_eq!(from_file.tensor_infos(), from_bytes.tensor_infos());
     for info in from_file.tensor_infos() {
-        assert_eq!(from_file.read(&info.name).unwrap(), from_bytes.read(&info.name).unwrap());
+        assert_eq!(
+            from_file.read(&info.name).unwrap(),
+            from_bytes.read(&info.name).unwrap()
+        );
     }
 
     let bin = torch_fixture("bin-f32/pytorch_model.bin");
     let mapped = open_checkpoint(&bin).unwrap();
     let owned = TorchFile::from_bytes("pytorch_model.bin", std::fs::read(&bin).unwrap()).unwrap();
     for info in mapped.tensor_infos() {
-        assert_eq!(mapped.read(&info.name).unwrap(), owned.read(&info.name).unwrap());
+        assert_eq!(
+            mapped.read(&info.name).unwrap(),
+            owned.read(&info.name).unwrap()
+        );
     }
 }
 
@@ -125,12 +135,25 @@ fn views_bin_equals_views_json() {
 
     for (name, want) in expected {
         let t = src.read(name).unwrap();
-        assert_eq!(t.dtype.torch_name(), want["dtype"].as_str().unwrap(), "{name}");
-        let shape: Vec<usize> = want["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        assert_eq!(
+            t.dtype.torch_name(),
+            want["dtype"].as_str().unwrap(),
+            "{name}"
+        );
+        let shape: Vec<usize> = want["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(t.shape, shape, "{name}");
         let values = want["values"].as_array().unwrap();
         if t.dtype == DType::I64 {
-            let got: Vec<i64> = t.data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+            let got: Vec<i64> = t
+                .data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
             let want: Vec<i64> = values.iter().map(|v| v.as_i64().unwrap()).collect();
             assert_eq!(got, want, "{name}");
         } else {
@@ -145,7 +168,10 @@ fn views_bin_equals_views_json() {
     assert_eq!(info("row_slice").storage_key, info("base").storage_key);
     assert_eq!(info("row_slice").storage_offset, 16);
     assert_eq!(info("transposed").stride, [1, 8]);
-    assert_eq!((info("column").storage_offset, info("column").stride.clone()), (3, vec![8]));
+    assert_eq!(
+        (info("column").storage_offset, info("column").stride.clone()),
+        (3, vec![8])
+    );
     assert!(info("scalar").shape.is_empty());
 }
 
@@ -155,7 +181,10 @@ fn views_bin_equals_views_json() {
 fn writer_reproduces_transformers_files() {
     let out_root = tempfile::tempdir().unwrap();
     let out = AtomicDir::create(&out_root.path().join("model"), false).unwrap();
-    let mut sources = vec![(golden_dir().join("model.safetensors"), "model.safetensors".to_string())];
+    let mut sources = vec![(
+        golden_dir().join("model.safetensors"),
+        "model.safetensors".to_string(),
+    )];
     for i in 1..=3 {
         let name = format!("model-0000{i}-of-00003.safetensors");
         sources.push((torch_fixture("st-sharded-f16").join(&name), name));
@@ -166,7 +195,8 @@ fn writer_reproduces_transformers_files() {
         plan.reverse();
         let mut w = SafetensorsWriter::create(&out.join(name), &plan).unwrap();
         for info in &plan {
-            w.write_tensor(&info.name, &src.read(&info.name).unwrap().data).unwrap();
+            w.write_tensor(&info.name, &src.read(&info.name).unwrap().data)
+                .unwrap();
         }
         w.commit().unwrap();
     }
@@ -174,6 +204,11 @@ fn writer_reproduces_transformers_files() {
     for (path, name) in &sources {
         let ours = std::fs::read(dir.join(name)).unwrap();
         let theirs = std::fs::read(path).unwrap();
-        assert!(ours == theirs, "{name}: {} bytes vs {}", ours.len(), theirs.len());
+        assert!(
+            ours == theirs,
+            "{name}: {} bytes vs {}",
+            ours.len(),
+            theirs.len()
+        );
     }
 }

@@ -170,7 +170,7 @@ impl<'a> Machine<'a> {
         Ok(())
     }
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), String> {
-        if items.len() % 2 != 0 {
+        if items.len() % 2 == 1 {
             return Err(format!(
                 "pickle SETITEMS with an odd item count at byte {}",
                 self.pos

@@ -93,22 +93,20 @@ impl TorchFile {
                 "no `<archive>/data.pkl` entry: not a torch.save checkpoint",
             )
         })?;
-        let entry_bytes = |name: &str, entry: &ZipEntry| -> Result<&[u8]> {
+        let entry_bytes = |name: &str, entry: &ZipEntry| -> Result<&[u8], String> {
             if entry.method != STORED {
-                return Err(Error::format(
-                    &label,
-                    format!(
-                        "zip entry `{name}` is compressed (method {}); torch.save stores entries \
-                         uncompressed, re-save the checkpoint with torch.save",
-                        entry.method
-                    ),
+                return Err(format!(
+                    "zip entry `{name}` is compressed (method {}); torch.save stores entries \
+                     uncompressed, re-save the checkpoint with torch.save",
+                    entry.method
                 ));
             }
             Ok(&bytes[entry.data.clone()])
         };
         let byteorder_name = format!("{prefix}byteorder");
         if let Some(entry) = index.get(&byteorder_name) {
-            let order = entry_bytes(&byteorder_name, entry)?;
+            let order =
+                entry_bytes(&byteorder_name, entry).map_err(|m| Error::format(&label, m))?;
             if order != b"little" {
                 return Err(Error::format(
                     &label,
@@ -120,8 +118,10 @@ impl TorchFile {
             }
         }
         let pickle_name = format!("{prefix}data.pkl");
-        let state = unpickle(entry_bytes(&pickle_name, pickle_entry)?)
-            .map_err(|m| Error::format(&label, format!("{pickle_name}: {m}")))?;
+        let pickle =
+            entry_bytes(&pickle_name, pickle_entry).map_err(|m| Error::format(&label, m))?;
+        let state =
+            unpickle(pickle).map_err(|m| Error::format(&label, format!("{pickle_name}: {m}")))?;
         let Value::Dict(items) = state else {
             return Err(Error::format(
                 &label,
@@ -148,7 +148,8 @@ impl TorchFile {
                     format!("storage entry `{storage_name}` is missing from the archive"),
                 )
             })?;
-            entry_bytes(&storage_name, storage_entry)?;
+            entry_bytes(&storage_name, storage_entry)
+                .map_err(|m| Error::tensor(&label, name, m))?;
             let tensor = resolve(&view, storage_entry.data.clone())
                 .map_err(|m| Error::tensor(&label, name, m))?;
             tensors.insert(name.to_string(), tensor);
