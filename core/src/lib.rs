@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fsutil;
 pub mod peft;
 pub mod pyjson;
 

@@ -3,6 +3,23 @@
 
 use crate::{DType, Result};
 
+mod bytes;
+#[cfg(not(target_arch = "wasm32"))]
+mod open;
+mod pickle;
+pub mod safetensors;
+pub mod safetensors_writer;
+pub mod sharded;
+pub mod torch;
+mod zip_index;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use open::{open_checkpoint, open_file, CHECKPOINT_FILES};
+pub use safetensors::SafetensorsFile;
+pub use safetensors_writer::SafetensorsWriter;
+pub use sharded::{Shard, ShardedCheckpoint};
+pub use torch::{TorchFile, TorchTensorInfo};
+
 /// Name, element type and shape of one tensor of a checkpoint, known without reading its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
@@ -40,4 +57,16 @@ pub trait TensorSource {
     fn read(&self, name: &str) -> Result<RawTensor>;
     /// The file that holds `name` (for messages).
     fn file_of(&self, name: &str) -> Option<String>;
+}
+
+impl<T: TensorSource + ?Sized> TensorSource for Box<T> {
+    fn tensor_infos(&self) -> Vec<TensorInfo> {
+        (**self).tensor_infos()
+    }
+    fn read(&self, name: &str) -> Result<RawTensor> {
+        (**self).read(name)
+    }
+    fn file_of(&self, name: &str) -> Option<String> {
+        (**self).file_of(name)
+    }
 }
