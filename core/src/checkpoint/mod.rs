@@ -10,6 +10,8 @@ mod pickle;
 pub mod safetensors;
 pub mod safetensors_writer;
 pub mod sharded;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod spill;
 pub mod torch;
 mod zip_index;
 
