@@ -11,3 +11,4 @@ pub mod pyjson;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub mod quant;
