@@ -1,6 +1,7 @@
 //! qlora-core: the formats and the math, with no GPU and no OS assumptions beyond `std`
 //! (it builds for `wasm32-unknown-unknown`; file-system helpers are native-only).
 
+pub mod arch;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
