@@ -1,6 +1,7 @@
 //! qlora-core: the formats and the math, with no GPU and no OS assumptions beyond `std`
 //! (it builds for `wasm32-unknown-unknown`; file-system helpers are native-only).
 
+pub mod arch;
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
@@ -8,7 +9,7 @@ pub mod error;
 pub mod fsutil;
 pub mod peft;
 pub mod pyjson;
+pub mod quant;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub mod quant;
