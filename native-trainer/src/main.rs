@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod progress;
 
 #[derive(Parser)]
 #[command(

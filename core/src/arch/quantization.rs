@@ -2,25 +2,8 @@
 //! saved with bitsandbytes (`BitsAndBytesConfig`).
 
 use super::json::Fields;
+pub use crate::quant::QuantType;
 use crate::{DType, Result};
-
-/// The 4-bit data type of bitsandbytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QuantType {
-    /// NormalFloat4, QLoRA's choice.
-    Nf4,
-    /// bitsandbytes' 4-bit float, the transformers default.
-    Fp4,
-}
-
-impl QuantType {
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantType::Nf4 => "nf4",
-            QuantType::Fp4 => "fp4",
-        }
-    }
-}
 
 /// A parsed `quantization_config`; defaults are `BitsAndBytesConfig`'s.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +50,37 @@ impl QuantizationConfig {
             skip_modules: f.opt_str_list("llm_int8_skip_modules")?.unwrap_or_default(),
             raw: block.clone(),
         })
+    }
+
+    /// The block transformers 5 writes for `BitsAndBytesConfig(load_in_4bit=True,
+    /// bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype)`.
+    pub fn bnb_4bit(quant_type: QuantType, use_double_quant: bool, compute_dtype: DType) -> Self {
+        let raw = serde_json::json!({
+            "_load_in_4bit": true,
+            "_load_in_8bit": false,
+            "bnb_4bit_compute_dtype": compute_dtype.torch_name(),
+            "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": quant_type.as_str(),
+            "bnb_4bit_use_double_quant": use_double_quant,
+            "llm_int8_enable_fp32_cpu_offload": false,
+            "llm_int8_has_fp16_weight": false,
+            "llm_int8_skip_modules": null,
+            "llm_int8_threshold": 6.0,
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "quant_method": "bitsandbytes"
+        });
+        QuantizationConfig {
+            quant_method: "bitsandbytes".into(),
+            load_in_4bit: true,
+            load_in_8bit: false,
+            quant_type,
+            use_double_quant,
+            compute_dtype,
+            quant_storage: DType::U8,
+            skip_modules: Vec::new(),
+            raw,
+        }
     }
 
     /// Whether the checkpoint holds bitsandbytes 4-bit weights.

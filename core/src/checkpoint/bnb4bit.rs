@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{RawTensor, TensorInfo, TensorSource};
 use crate::quant::{self, Absmax, DoubleQuant, QuantType, Quantized4};
@@ -333,7 +333,7 @@ impl<S: TensorSource> TensorSource for Dequantizing<S> {
             None => self.inner.read(name),
             Some(&qt) => {
                 let q = deserialize(&self.inner, name, qt)?;
-                let values = quant::dequantize_4bit(&q);
+                let values = quant::dequantize_4bit(&q)?;
                 Ok(RawTensor {
                     dtype: q.dtype,
                     shape: q.shape.clone(),
@@ -355,70 +355,4 @@ fn deserialize_state(source: &dyn TensorSource, name: &str, qt: QuantType) -> Op
     let raw = source.read(&state_name).ok()?;
     let s = parse_quant_state("", &state_name, &raw.data).ok()?;
     Some((s.dtype, s.shape))
-}
-
-/// What `quantization_config` in `config.json` says about a 4-bit checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuantizationConfig {
-    pub quant_type: QuantType,
-    pub double_quant: bool,
-    pub compute_dtype: DType,
-}
-
-impl QuantizationConfig {
-    /// The `quantization_config` object transformers 5 writes for `BitsAndBytesConfig(
-    /// load_in_4bit=True, ...)`.
-    pub fn to_json(self) -> Value {
-        json!({
-            "_load_in_4bit": true,
-            "_load_in_8bit": false,
-            "bnb_4bit_compute_dtype": self.compute_dtype.torch_name(),
-            "bnb_4bit_quant_storage": "uint8",
-            "bnb_4bit_quant_type": self.quant_type.as_str(),
-            "bnb_4bit_use_double_quant": self.double_quant,
-            "llm_int8_enable_fp32_cpu_offload": false,
-            "llm_int8_has_fp16_weight": false,
-            "llm_int8_skip_modules": null,
-            "llm_int8_threshold": 6.0,
-            "load_in_4bit": true,
-            "load_in_8bit": false,
-            "quant_method": "bitsandbytes"
-        })
-    }
-
-    /// Reads `quantization_config` of a parsed `config.json`; `Ok(None)` when there is none.
-    pub fn from_config(file: &str, config: &Value) -> Result<Option<Self>> {
-        let Some(q) = config.get("quantization_config").filter(|v| !v.is_null()) else {
-            return Ok(None);
-        };
-        let bad = |msg: String| Error::format(file, format!("quantization_config: {msg}"));
-        match q.get("quant_method").and_then(Value::as_str) {
-            Some("bitsandbytes") => {}
-            other => return Err(bad(format!("quant_method {other:?} is not supported (only bitsandbytes)"))),
-        }
-        let load_in_4bit = q.get("load_in_4bit").or_else(|| q.get("_load_in_4bit"));
-        if load_in_4bit.and_then(Value::as_bool) != Some(true) {
-            return Err(bad("only load_in_4bit checkpoints are supported".into()));
-        }
-        let quant_type = q
-            .get("bnb_4bit_quant_type")
-            .and_then(Value::as_str)
-            .unwrap_or("fp4")
-            .parse()
-            .map_err(|e: Error| bad(e.to_string()))?;
-        let double_quant = q
-            .get("bnb_4bit_use_double_quant")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let compute_dtype = match q.get("bnb_4bit_compute_dtype").and_then(Value::as_str) {
-            None => DType::F32,
-            Some(name) => DType::parse_float(name)
-                .ok_or_else(|| bad(format!("bnb_4bit_compute_dtype {name:?} is not a float type")))?,
-        };
-        Ok(Some(QuantizationConfig {
-            quant_type,
-            double_quant,
-            compute_dtype,
-        }))
-    }
 }

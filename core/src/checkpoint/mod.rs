@@ -4,6 +4,7 @@
 use crate::{DType, Result};
 
 mod bytes;
+pub mod bnb4bit;
 #[cfg(not(target_arch = "wasm32"))]
 mod open;
 mod pickle;
