@@ -344,3 +344,62 @@ mod tests {
         assert!(!back.targets("model.layers.0.self_attn.qq"));
     }
 }
+
+/// The file names PEFT's `save_pretrained` writes.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Older PEFT versions saved the weights as a torch pickle.
+pub const LEGACY_WEIGHTS_FILE: &str = "adapter_model.bin";
+
+impl LoraAdapter {
+    /// An adapter from the bytes of its two files (the browser hands files over as bytes).
+    pub fn from_bytes(config_json: &str, weights: Vec<u8>) -> Result<Self> {
+        let config = LoraConfig::from_json(CONFIG_FILE, config_json)?;
+        let source = crate::checkpoint::SafetensorsFile::from_bytes(WEIGHTS_FILE, weights)?;
+        LoraAdapter::from_source(config, &source)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl LoraAdapter {
+    /// Reads a PEFT adapter directory (`adapter_model.safetensors`, or `adapter_model.bin`).
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = LoraConfig::from_json(&config_path.display().to_string(), &text)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let legacy = dir.join(LEGACY_WEIGHTS_FILE);
+        let source = if weights.is_file() || !legacy.is_file() {
+            crate::checkpoint::open_file(&weights)?
+        } else {
+            crate::checkpoint::open_file(&legacy)?
+        };
+        LoraAdapter::from_source(config, source.as_ref())
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (which must
+    /// exist), each through a temporary file renamed into place.
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        use std::io::Write;
+        let tensors = self.tensors();
+        let plan: Vec<_> = tensors
+            .iter()
+            .map(|(name, t)| crate::checkpoint::TensorInfo {
+                name: name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let mut writer = crate::checkpoint::SafetensorsWriter::create(&dir.join(WEIGHTS_FILE), &plan)?;
+        for (name, t) in &tensors {
+            writer.write_tensor(name, &t.data)?;
+        }
+        writer.commit()?;
+        let config_path = dir.join(CONFIG_FILE);
+        let mut file = crate::fsutil::AtomicFile::create(&config_path)?;
+        file.write_all(self.config.to_json().as_bytes())
+            .map_err(|e| Error::io(&config_path, e))?;
+        file.commit()
+    }
+}
