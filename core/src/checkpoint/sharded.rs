@@ -37,29 +37,33 @@ impl ShardedCheckpoint {
         })?;
         let mut shard_numbers: BTreeMap<&str, usize> = BTreeMap::new();
         let mut shards = Vec::new();
+        // The tensors of each opened shard, by name, to check the index against.
+        let mut shard_tensors: Vec<BTreeMap<String, TensorInfo>> = Vec::new();
         let mut tensors = BTreeMap::new();
         for (name, shard_name) in &index.weight_map {
             let number = match shard_numbers.get(shard_name.as_str()) {
                 Some(&n) => n,
                 None => {
-                    shards.push(open_shard(shard_name)?);
+                    let shard = open_shard(shard_name)?;
+                    shard_tensors.push(
+                        shard
+                            .tensor_infos()
+                            .into_iter()
+                            .map(|t| (t.name.clone(), t))
+                            .collect(),
+                    );
+                    shards.push(shard);
                     shard_numbers.insert(shard_name, shards.len() - 1);
                     shards.len() - 1
                 }
             };
-            let info = shards[number]
-                .tensor_infos()
-                .into_iter()
-                .find(|t| &t.name == name)
-                .ok_or_else(|| {
-                    Error::tensor(
-                        index_label,
-                        name,
-                        format!(
-                            "the index puts it in shard `{shard_name}`, which does not hold it"
-                        ),
-                    )
-                })?;
+            let info = shard_tensors[number].get(name).cloned().ok_or_else(|| {
+                Error::tensor(
+                    index_label,
+                    name,
+                    format!("the index puts it in shard `{shard_name}`, which does not hold it"),
+                )
+            })?;
             tensors.insert(name.clone(), (number, info));
         }
         Ok(ShardedCheckpoint { shards, tensors })

@@ -205,6 +205,15 @@ fn resolve(view: &TensorRef, entry: Range<usize>) -> Result<TorchTensor, String>
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(too_big)?;
+    // Only zero or overlapping strides (a broadcast view) can need more elements than the
+    // storage has; refusing them keeps the copy made on read no larger than the file.
+    if view_numel > numel {
+        return Err(format!(
+            "view of shape {shape:?} with stride {stride:?} repeats elements of storage `{}` \
+             ({numel} elements); re-save the tensor after .contiguous()",
+            storage.key
+        ));
+    }
     if view_numel > 0 {
         let last = shape
             .iter()
