@@ -3,11 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{RawTensor, TensorInfo, TensorSource};
+use super::{BoxedSource, RawTensor, TensorInfo, TensorSource};
 use crate::{Error, Result};
-
-/// A shard opened by [`ShardedCheckpoint::from_index`]'s caller.
-pub type Shard = Box<dyn TensorSource + Send + Sync>;
 
 #[derive(serde::Deserialize)]
 struct IndexFile {
@@ -16,7 +13,7 @@ struct IndexFile {
 
 /// The tensors of every shard an index names, read from the shard that holds each.
 pub struct ShardedCheckpoint {
-    shards: Vec<Shard>,
+    shards: Vec<BoxedSource>,
     /// Tensor → (shard number, its info).
     tensors: BTreeMap<String, (usize, TensorInfo)>,
 }
@@ -27,7 +24,7 @@ impl ShardedCheckpoint {
     pub fn from_index(
         index_label: &str,
         index_json: &[u8],
-        mut open_shard: impl FnMut(&str) -> Result<Shard>,
+        mut open_shard: impl FnMut(&str) -> Result<BoxedSource>,
     ) -> Result<Self> {
         let index: IndexFile = serde_json::from_slice(index_json).map_err(|e| {
             Error::format(
