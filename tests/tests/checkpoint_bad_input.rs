@@ -1,9 +1,12 @@
 //! Broken checkpoints, made from the good fixtures: each must give an error (never a panic)
 //! that names the file and, where the problem is in one tensor, that tensor.
 
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use qlora_core::checkpoint::{open_checkpoint, open_file};
+use qlora_core::checkpoint::{
+    open_checkpoint, open_file, SafetensorsFile, SafetensorsWriter, TensorSource, TorchFile,
+};
 use qlora_tests::fixtures;
 use tempfile::TempDir;
 
@@ -420,4 +423,55 @@ fn index_json_opened_as_a_file() {
     ))
     .unwrap();
     assert_eq!(src.tensor_infos().len(), 29);
+}
+
+/// Opens and reads every tensor of in-memory bytes, returning whether it worked; a panic fails
+/// the test.
+fn read_all(src: qlora_core::Result<impl TensorSource>) -> bool {
+    src.and_then(|s| {
+        s.tensor_infos()
+            .iter()
+            .try_for_each(|i| s.read(&i.name).map(drop))
+    })
+    .is_ok()
+}
+
+/// Every single-byte change of a torch file and of a safetensors file, and every truncation of the
+/// torch file, gives a result or an error, never a panic.
+#[test]
+fn no_panic_on_any_single_byte_change_or_truncation() {
+    let views = views_bin();
+    for at in 0..views.len() {
+        for byte in [0x00, 0xff, views[at] ^ 0x01] {
+            let mut bad = views.clone();
+            bad[at] = byte;
+            read_all(TorchFile::from_bytes("views.bin", bad));
+        }
+        assert!(!read_all(TorchFile::from_bytes(
+            "views.bin",
+            views[..at].to_vec()
+        )));
+    }
+    // A small safetensors file of mixed dtypes: the tensors of views.bin.
+    let torch = TorchFile::from_bytes("views.bin", views).unwrap();
+    let plan = torch.tensor_infos();
+    let mut writer =
+        SafetensorsWriter::new(Cursor::new(Vec::new()), "views.safetensors", &plan).unwrap();
+    for info in &plan {
+        writer
+            .write_tensor(&info.name, &torch.read(&info.name).unwrap().data)
+            .unwrap();
+    }
+    let st = writer.finish().unwrap().into_inner();
+    assert!(read_all(SafetensorsFile::from_bytes(
+        "views.safetensors",
+        st.clone()
+    )));
+    for at in 0..st.len() {
+        for byte in [0x00, 0xff, st[at] ^ 0x01] {
+            let mut bad = st.clone();
+            bad[at] = byte;
+            read_all(SafetensorsFile::from_bytes("views.safetensors", bad));
+        }
+    }
 }

@@ -212,3 +212,35 @@ fn writer_reproduces_transformers_files() {
         );
     }
 }
+
+/// Every safetensors file among the golden fixtures (f32 models, bitsandbytes 4-bit checkpoints,
+/// PEFT adapters, reference tensors) opens, and each tensor reads with the size its header says.
+#[test]
+fn every_golden_safetensors_file_reads() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|e| e == "safetensors") {
+                found.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&fixtures().join("golden"), &mut files);
+    assert!(files.len() >= 8, "{files:?}");
+    for path in files {
+        let src = open_checkpoint(&path).unwrap();
+        for info in src.tensor_infos() {
+            let t = src.read(&info.name).unwrap();
+            assert_eq!(
+                t.data.len(),
+                info.numel() * info.dtype.size_in_bytes(),
+                "{}: {}",
+                path.display(),
+                info.name
+            );
+        }
+    }
+}

@@ -20,7 +20,7 @@ mod zip_index;
 pub use open::{open_checkpoint, open_file, CHECKPOINT_FILES};
 pub use safetensors::SafetensorsFile;
 pub use safetensors_writer::SafetensorsWriter;
-pub use sharded::{Shard, ShardedCheckpoint};
+pub use sharded::ShardedCheckpoint;
 pub use torch::{TorchFile, TorchTensorInfo};
 
 /// Name, element type and shape of one tensor of a checkpoint, known without reading its data.
@@ -51,6 +51,9 @@ impl RawTensor {
         crate::dtype::to_f32(self.dtype, &self.data)
     }
 }
+
+/// Any checkpoint, as `open_checkpoint` returns it.
+pub type BoxedSource = Box<dyn TensorSource + Send + Sync>;
 
 /// A checkpoint that yields its tensors one at a time.
 pub trait TensorSource {

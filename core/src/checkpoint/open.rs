@@ -4,8 +4,9 @@ use std::path::Path;
 
 use super::bytes::FileBytes;
 use super::safetensors::SafetensorsFile;
-use super::sharded::{Shard, ShardedCheckpoint};
+use super::sharded::ShardedCheckpoint;
 use super::torch::TorchFile;
+use super::BoxedSource;
 use crate::{Error, Result};
 
 /// What a model directory may hold, in order of preference (the order transformers loads).
@@ -18,7 +19,7 @@ pub const CHECKPOINT_FILES: [&str; 4] = [
 
 /// Opens a model directory (the first of [`CHECKPOINT_FILES`] it holds) or a single checkpoint
 /// file (see [`open_file`]).
-pub fn open_checkpoint(path: &Path) -> Result<Shard> {
+pub fn open_checkpoint(path: &Path) -> Result<BoxedSource> {
     if !path.is_dir() {
         return open_file(path);
     }
@@ -41,7 +42,7 @@ pub fn open_checkpoint(path: &Path) -> Result<Shard> {
 /// Opens one file: `*.index.json` as a sharded index, `*.safetensors` as safetensors,
 /// `*.bin`/`*.pt`/`*.pth` as torch.save; any other name by its content (a zip or a pickle is
 /// torch, anything else safetensors).
-pub fn open_file(path: &Path) -> Result<Shard> {
+pub fn open_file(path: &Path) -> Result<BoxedSource> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

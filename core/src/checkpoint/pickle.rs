@@ -3,8 +3,10 @@
 //! a storage reference (`BINPERSID`) or a tensor view (`_rebuild_tensor_v2`) — without touching
 //! any tensor data. Anything else is refused by name.
 //!
-//! Values are copied (not shared) when fetched from the memo; torch state dicts never mutate a
-//! container after fetching it again, so the copy sees the same content.
+//! Values are copied (not shared) into and out of the memo; torch state dicts never mutate a
+//! container after fetching it again, so the copy sees the same content. The copies are charged
+//! to a budget proportional to the pickle's length, so that a hostile pickle that fetches a value
+//! into itself over and over cannot grow memory exponentially.
 
 use std::collections::HashMap;
 
@@ -44,6 +46,28 @@ pub enum Value {
 }
 
 impl Value {
+    /// The cost of copying the value: its nodes plus the bytes of its strings.
+    fn weight(&self) -> usize {
+        match self {
+            Value::Str(s) => 1 + s.len(),
+            Value::Tuple(items) | Value::List(items) => {
+                1 + items.iter().map(Value::weight).sum::<usize>()
+            }
+            Value::Dict(entries) => {
+                1 + entries
+                    .iter()
+                    .map(|(k, v)| k.weight() + v.weight())
+                    .sum::<usize>()
+            }
+            Value::Global { module, name } => 1 + module.len() + name.len(),
+            Value::Storage(s) => 1 + s.type_name.len() + s.key.len(),
+            Value::Tensor(t) => {
+                1 + t.storage.type_name.len() + t.storage.key.len() + t.shape.len() + t.stride.len()
+            }
+            Value::None | Value::Bool(_) | Value::Int(_) => 1,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Value::Global { module, name } => format!("{module}.{name}"),
@@ -66,12 +90,20 @@ impl Value {
     }
 }
 
+/// Memo copies allowed per byte of pickle, on top of a fixed allowance: a legitimate fetch copies
+/// a short string or a global (tens of bytes) for a 2-byte opcode.
+const COPY_BUDGET_PER_BYTE: usize = 64;
+const COPY_BUDGET_BASE: usize = 1 << 20;
+
 /// Runs the pickle program in `bytes` and returns the value it stops with. Errors give the byte
 /// position.
 pub fn unpickle(bytes: &[u8]) -> Result<Value, String> {
     let mut m = Machine {
         bytes,
         pos: 0,
+        copy_budget: COPY_BUDGET_PER_BYTE
+            .saturating_mul(bytes.len())
+            .saturating_add(COPY_BUDGET_BASE),
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
@@ -85,6 +117,8 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// What memo copies may still cost (see [`Value::weight`]).
+    copy_budget: usize,
 }
 
 impl<'a> Machine<'a> {
@@ -156,16 +190,29 @@ impl<'a> Machine<'a> {
         }
         Ok(self.stack.split_off(self.stack.len() - n))
     }
-    fn memo_get(&self, key: u32) -> Result<Value, String> {
-        self.memo.get(&key).cloned().ok_or_else(|| {
+    /// Charges the copy of `v` to the budget.
+    fn charge(&mut self, v: &Value) -> Result<(), String> {
+        self.copy_budget = self.copy_budget.checked_sub(v.weight()).ok_or_else(|| {
             format!(
-                "pickle memo {key} read before it is written (byte {})",
+                "pickle copies too much through its memo (byte {}): not a torch.save pickle",
                 self.pos
             )
-        })
+        })?;
+        Ok(())
+    }
+    fn memo_get(&mut self, key: u32) -> Result<Value, String> {
+        let pos = self.pos;
+        let v = self
+            .memo
+            .get(&key)
+            .ok_or_else(|| format!("pickle memo {key} read before it is written (byte {pos})"))?
+            .clone();
+        self.charge(&v)?;
+        Ok(v)
     }
     fn memo_put(&mut self, key: u32) -> Result<(), String> {
         let v = self.top()?.clone();
+        self.charge(&v)?;
         self.memo.insert(key, v);
         Ok(())
     }
@@ -443,5 +490,37 @@ fn reduce(callable: Value, args: Value) -> Result<Value, String> {
             _ => Err("_rebuild_parameter without a tensor".into()),
         },
         _ => Err(format!("unsupported pickle callable {module}.{name}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_appending_list_hits_the_copy_budget() {
+        // PROTO 2, EMPTY_LIST, BINPUT 0, then (BINGET 0, APPEND, BINPUT 0) doubling the list each
+        // round: 64 rounds would be 2^64 values.
+        let mut program = vec![0x80, 2, b']', b'q', 0];
+        for _ in 0..64 {
+            program.extend_from_slice(&[b'h', 0, b'a', b'q', 0]);
+        }
+        program.push(b'.');
+        let err = unpickle(&program).unwrap_err();
+        assert!(err.contains("copies too much"), "{err}");
+    }
+
+    #[test]
+    fn ordered_dict_with_metadata_state() {
+        // collections.OrderedDict() filled by SETITEMS, then BUILD with a `_metadata` state, as a
+        // module's state_dict() pickles: the state is dropped, the items kept.
+        let mut p = vec![0x80, 2];
+        p.extend_from_slice(b"ccollections\nOrderedDict\nq\x00)Rq\x01(X\x01\x00\x00\x00aK\x07u");
+        p.extend_from_slice(b"}X\x09\x00\x00\x00_metadatah\x00)Rsb.");
+        let v = unpickle(&p).unwrap();
+        assert_eq!(
+            v,
+            Value::Dict(vec![(Value::Str("a".into()), Value::Int(7))])
+        );
     }
 }

@@ -3,11 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{RawTensor, TensorInfo, TensorSource};
+use super::{BoxedSource, RawTensor, TensorInfo, TensorSource};
 use crate::{Error, Result};
-
-/// A shard opened by [`ShardedCheckpoint::from_index`]'s caller.
-pub type Shard = Box<dyn TensorSource + Send + Sync>;
 
 #[derive(serde::Deserialize)]
 struct IndexFile {
@@ -16,7 +13,7 @@ struct IndexFile {
 
 /// The tensors of every shard an index names, read from the shard that holds each.
 pub struct ShardedCheckpoint {
-    shards: Vec<Shard>,
+    shards: Vec<BoxedSource>,
     /// Tensor → (shard number, its info).
     tensors: BTreeMap<String, (usize, TensorInfo)>,
 }
@@ -27,7 +24,7 @@ impl ShardedCheckpoint {
     pub fn from_index(
         index_label: &str,
         index_json: &[u8],
-        mut open_shard: impl FnMut(&str) -> Result<Shard>,
+        mut open_shard: impl FnMut(&str) -> Result<BoxedSource>,
     ) -> Result<Self> {
         let index: IndexFile = serde_json::from_slice(index_json).map_err(|e| {
             Error::format(
@@ -37,29 +34,33 @@ impl ShardedCheckpoint {
         })?;
         let mut shard_numbers: BTreeMap<&str, usize> = BTreeMap::new();
         let mut shards = Vec::new();
+        // The tensors of each opened shard, by name, to check the index against.
+        let mut shard_tensors: Vec<BTreeMap<String, TensorInfo>> = Vec::new();
         let mut tensors = BTreeMap::new();
         for (name, shard_name) in &index.weight_map {
             let number = match shard_numbers.get(shard_name.as_str()) {
                 Some(&n) => n,
                 None => {
-                    shards.push(open_shard(shard_name)?);
+                    let shard = open_shard(shard_name)?;
+                    shard_tensors.push(
+                        shard
+                            .tensor_infos()
+                            .into_iter()
+                            .map(|t| (t.name.clone(), t))
+                            .collect(),
+                    );
+                    shards.push(shard);
                     shard_numbers.insert(shard_name, shards.len() - 1);
                     shards.len() - 1
                 }
             };
-            let info = shards[number]
-                .tensor_infos()
-                .into_iter()
-                .find(|t| &t.name == name)
-                .ok_or_else(|| {
-                    Error::tensor(
-                        index_label,
-                        name,
-                        format!(
-                            "the index puts it in shard `{shard_name}`, which does not hold it"
-                        ),
-                    )
-                })?;
+            let info = shard_tensors[number].get(name).cloned().ok_or_else(|| {
+                Error::tensor(
+                    index_label,
+                    name,
+                    format!("the index puts it in shard `{shard_name}`, which does not hold it"),
+                )
+            })?;
             tensors.insert(name.clone(), (number, info));
         }
         Ok(ShardedCheckpoint { shards, tensors })

@@ -13,11 +13,9 @@ use super::zip_index::{read_index, ZipEntry, STORED};
 use super::{RawTensor, TensorInfo, TensorSource};
 use crate::{DType, Error, Result};
 
-/// The number torch.save's legacy (pre-1.6, non-zip) format pickles first, as a LONG1 after
-/// the protocol-2 header.
-const LEGACY_MAGIC: [u8; 14] = [
-    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
-];
+/// The opcode every pickle of protocol 2 or later begins with. torch.save's legacy (pre-1.6)
+/// format is a bare pickle stream; the current one is a zip archive (`PK`).
+const PICKLE_PROTO: u8 = 0x80;
 
 /// The element type of a torch storage class (`torch.FloatStorage`, ...).
 fn storage_dtype(type_name: &str) -> Option<DType> {
@@ -79,7 +77,7 @@ impl TorchFile {
     }
 
     pub(super) fn parse(label: String, bytes: FileBytes) -> Result<Self> {
-        if bytes.starts_with(&LEGACY_MAGIC) {
+        if bytes.first() == Some(&PICKLE_PROTO) {
             return Err(Error::format(
                 &label,
                 "legacy (pre-1.6, non-zip) torch.save format, which qlora does not read; re-save it \
@@ -205,6 +203,15 @@ fn resolve(view: &TensorRef, entry: Range<usize>) -> Result<TorchTensor, String>
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(too_big)?;
+    // Only zero or overlapping strides (a broadcast view) can need more elements than the
+    // storage has; refusing them keeps the copy made on read no larger than the file.
+    if view_numel > numel {
+        return Err(format!(
+            "view of shape {shape:?} with stride {stride:?} repeats elements of storage `{}` \
+             ({numel} elements); re-save the tensor after .contiguous()",
+            storage.key
+        ));
+    }
     if view_numel > 0 {
         let last = shape
             .iter()
