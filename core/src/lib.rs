@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
+pub mod metrics;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
