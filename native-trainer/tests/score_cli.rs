@@ -40,7 +40,11 @@ fn prints_the_golden_means() {
     // A blank line in the middle is skipped, as the golden script skips it.
     let text = format!("{}\n\n{}\n", lines[..10].join("\n"), lines[10..].join("\n"));
     let out = score(&write(&dir, "predictions.jsonl", &text));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let stdout = String::from_utf8(out.stdout).unwrap();
     let printed: Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
@@ -52,9 +56,17 @@ fn prints_the_golden_means() {
 #[test]
 fn accepts_chatglm_prediction_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(&dir, "generated_predictions.txt", "{\"labels\": \"蕾丝\", \"predict\": \"蕾丝\"}\n");
+    let path = write(
+        &dir,
+        "generated_predictions.txt",
+        "{\"labels\": \"蕾丝\", \"predict\": \"蕾丝\"}\n",
+    );
     let out = score(&path);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     // The golden scores of the pair ("蕾丝", "蕾丝").
     let expected = serde_json::json!({
@@ -74,11 +86,18 @@ fn bad_lines_name_file_and_line() {
     ] {
         let path = write(&dir, name, &format!("{good}\n\n{bad}\n{good}\n"));
         let out = score(&path);
-        assert!(!out.status.success(), "{name}: exit status {:?}", out.status);
+        assert!(
+            !out.status.success(),
+            "{name}: exit status {:?}",
+            out.status
+        );
         assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let location = format!("{}:{line}:", path.display());
-        assert!(stderr.contains(&location), "{name}: stderr {stderr:?} lacks {location}");
+        assert!(
+            stderr.contains(&location),
+            "{name}: stderr {stderr:?} lacks {location}"
+        );
     }
 }
 

@@ -17,7 +17,9 @@ fn pairs(golden: &Value) -> &[Value] {
 }
 
 fn text<'a>(pair: &'a Value, key: &str) -> &'a str {
-    pair[key].as_str().unwrap_or_else(|| panic!("pair has no string `{key}`"))
+    pair[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("pair has no string `{key}`"))
 }
 
 fn words(pair: &Value, key: &str) -> Vec<String> {
@@ -34,7 +36,9 @@ fn segmentation_equals_python_jieba() {
             let ours = scorer.segmenter().cut(text(pair, text_key));
             let expected = words(pair, words_key);
             if ours != expected {
-                mismatches.push(format!("pair {i} {text_key}: ours {ours:?}, jieba {expected:?}"));
+                mismatches.push(format!(
+                    "pair {i} {text_key}: ours {ours:?}, jieba {expected:?}"
+                ));
             }
         }
     }

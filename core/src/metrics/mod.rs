@@ -88,7 +88,8 @@ pub fn mean(scores: &[PairScores]) -> Option<MeanScores> {
         return None;
     }
     let n = scores.len();
-    let mean_of = |score: fn(&PairScores) -> f64| pyfloat::py_sum(scores.iter().map(score)) / n as f64;
+    let mean_of =
+        |score: fn(&PairScores) -> f64| pyfloat::py_sum(scores.iter().map(score)) / n as f64;
     Some(MeanScores {
         scores: PairScores {
             rouge_1: mean_of(|s| s.rouge_1),
@@ -108,7 +109,10 @@ mod tests {
     fn empty_sides_score_zero_rouge() {
         let scorer = AdgenScorer::new();
         let s = scorer.score_pair("", "一款百搭的白色衬衫");
-        assert_eq!((s.rouge_1, s.rouge_2, s.rouge_l, s.bleu_4), (0.0, 0.0, 0.0, 0.0));
+        assert_eq!(
+            (s.rouge_1, s.rouge_2, s.rouge_l, s.bleu_4),
+            (0.0, 0.0, 0.0, 0.0)
+        );
         let s = scorer.score_pair("简约", " ");
         assert_eq!((s.rouge_1, s.rouge_l, s.bleu_4), (0.0, 0.0, 0.0));
     }

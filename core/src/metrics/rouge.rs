@@ -77,7 +77,11 @@ impl BreakRule {
         let mut i = 0;
         while i < text.len() {
             let matches = i + width < text.len()
-                && self.head.iter().zip(&text[i..]).all(|(class, c)| class.contains(c))
+                && self
+                    .head
+                    .iter()
+                    .zip(&text[i..])
+                    .all(|(class, c)| class.contains(c))
                 && !self.tail_excluded.contains(&text[i + width]);
             if matches {
                 out.extend_from_slice(&text[i..i + width]);

@@ -98,8 +98,10 @@ fn duplicate_line_frequency(dict: &str) -> usize {
 
 /// Python jieba's `re_han_default` class: `[\u4E00-\u9FD5a-zA-Z0-9+#&\._%\-]`.
 fn is_han_default(c: char) -> bool {
-    matches!(c, '\u{4E00}'..='\u{9FD5}' | '+' | '#' | '&' | '.' | '_' | '%' | '-')
-        || c.is_ascii_alphanumeric()
+    matches!(
+        c,
+        '\u{4E00}'..='\u{9FD5}' | '+' | '#' | '&' | '.' | '_' | '%' | '-'
+    ) || c.is_ascii_alphanumeric()
 }
 
 /// `re_han_default.split(text)`: maximal runs of Han-class and of other characters, in order.
