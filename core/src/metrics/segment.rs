@@ -192,6 +192,19 @@ mod tests {
     }
 
     #[test]
+    fn matches_python_where_plain_jieba_rs_differs() {
+        // list(jieba.cut(s)) with jieba 0.42.1.
+        let segmenter = Segmenter::new();
+        assert_eq!(
+            segmenter.cut("尺码3-5天发货v1.2.3版本"),
+            ["尺码", "3", "-", "5", "天", "发货", "v1.2", ".", "3", "版本"]
+        );
+        // U+9FD6.. and CJK extension A are outside Python's Han class.
+        assert_eq!(segmenter.cut("中文鿖鿗"), ["中文", "鿖", "鿗"]);
+        assert_eq!(segmenter.cut("㐀㐁丽人"), ["㐀", "㐁", "丽人"]);
+    }
+
+    #[test]
     fn non_han_blocks_keep_crlf_together() {
         let words: Vec<&str> = Segmenter::new().cut("a\r\n\r\n \u{3000}b");
         assert_eq!(words, ["a", "\r\n", "\r\n", " ", "\u{3000}", "b"]);
