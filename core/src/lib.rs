@@ -7,6 +7,7 @@ pub mod dtype;
 pub mod error;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fsutil;
+pub mod metrics;
 pub mod peft;
 pub mod pyjson;
 pub mod quant;

@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Quantize a full-precision HF checkpoint to NF4/FP4, in the layout transformers writes.
     Quantize(commands::quantize::Args),
+    /// ADGEN metrics (ROUGE-1/2/L, BLEU-4) of a JSON-lines file of predictions and labels.
+    Score(commands::score::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quantize(args) => commands::quantize::run(args),
+        Command::Score(args) => commands::score::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
