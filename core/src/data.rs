@@ -60,7 +60,12 @@ fn string_column(file: &str, line: usize, row: &Value, column: &str) -> Result<S
     }
 }
 
-fn history_column(file: &str, line: usize, row: &Value, column: &str) -> Result<Vec<(String, String)>> {
+fn history_column(
+    file: &str,
+    line: usize,
+    row: &Value,
+    column: &str,
+) -> Result<Vec<(String, String)>> {
     let bad = || {
         at_line(
             file,
@@ -112,7 +117,10 @@ pub fn parse_jsonl(file: &str, bytes: &[u8], columns: &Columns) -> Result<Vec<Re
         });
     }
     if records.is_empty() {
-        return Err(Error::format(file, "the file is empty: no JSON lines to train on"));
+        return Err(Error::format(
+            file,
+            "the file is empty: no JSON lines to train on",
+        ));
     }
     Ok(records)
 }
@@ -161,7 +169,9 @@ pub fn tokenize_records(
     options: &ExampleOptions,
 ) -> Result<Examples> {
     let eos = tokenizer.eos_id().ok_or_else(|| {
-        Error::Invalid("the tokenizer has no EOS token, which training appends to every answer".into())
+        Error::Invalid(
+            "the tokenizer has no EOS token, which training appends to every answer".into(),
+        )
     })?;
     if options.max_source_length == 0 || options.max_target_length == 0 {
         return Err(Error::Invalid(
@@ -251,7 +261,11 @@ pub struct Batch {
 /// padding, as the ChatGLM code does with the flag off). Only the padding is affected: a real
 /// answer token equal to `pad_id` (EOS is often the pad token) keeps its label.
 pub fn collate(examples: &[&Example], pad_id: u32, ignore_pad_token_for_loss: bool) -> Batch {
-    let seq_len = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let seq_len = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
     let pad_label = if ignore_pad_token_for_loss {
         IGNORE_INDEX
     } else {
@@ -269,7 +283,9 @@ pub fn collate(examples: &[&Example], pad_id: u32, ignore_pad_token_for_loss: bo
         let pad = seq_len - example.input_ids.len();
         batch.input_ids.extend(&example.input_ids);
         batch.input_ids.extend(std::iter::repeat_n(pad_id, pad));
-        batch.attention_mask.extend(std::iter::repeat_n(1, example.input_ids.len()));
+        batch
+            .attention_mask
+            .extend(std::iter::repeat_n(1, example.input_ids.len()));
         batch.attention_mask.extend(std::iter::repeat_n(0, pad));
         batch.labels.extend(&example.labels);
         batch.labels.extend(std::iter::repeat_n(pad_label, pad));

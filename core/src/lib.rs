@@ -7,7 +7,7 @@ pub mod error;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub mod gguf;
 pub mod data;
+pub mod gguf;
 pub mod prompt;
 pub mod tokenizer;

@@ -51,7 +51,8 @@ pub const YAYI_FORMAT: &str =
 #[derive(Debug, Clone)]
 pub enum PromptTemplate {
     Format(FormatTemplate),
-    Chat(ChatTemplate),
+    /// Boxed: a minijinja environment is several times larger than a format template.
+    Chat(Box<ChatTemplate>),
 }
 
 impl PromptTemplate {
@@ -84,7 +85,7 @@ impl PromptTemplate {
     /// `tokenizer.chat_template` of a GGUF). `bos_token` and `eos_token` are the strings the
     /// template may refer to.
     pub fn chat(source: &str, bos_token: &str, eos_token: &str) -> Result<PromptTemplate> {
-        ChatTemplate::new(source, bos_token, eos_token).map(PromptTemplate::Chat)
+        ChatTemplate::new(source, bos_token, eos_token).map(|c| PromptTemplate::Chat(Box::new(c)))
     }
 
     /// The prompt for generation: the conversation up to where the model starts answering.
@@ -241,12 +242,15 @@ impl ChatTemplate {
                 .map_err(|e| Error::Invalid(format!("chat template syntax: {e}")))?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| Error::Invalid(format!("chat template does not parse: {e}")))?;
         Ok(ChatTemplate {
@@ -345,7 +349,10 @@ mod tests {
             )
         );
         let parts = t.training_parts(&with_history(), "a3").unwrap();
-        assert_eq!((parts.prompt, parts.answer.as_str()), (prompt, "a3\n\n<|End|>"));
+        assert_eq!(
+            (parts.prompt, parts.answer.as_str()),
+            (prompt, "a3\n\n<|End|>")
+        );
     }
 
     #[test]
@@ -353,7 +360,10 @@ mod tests {
         let mut c = Conversation::new("q");
         c.system = Some("Be brief.".into());
         let prompt = PromptTemplate::yayi().prompt(&c).unwrap();
-        assert!(prompt.starts_with("<|System|>:\nBe brief.\n\n<|Human|>:\nq"), "{prompt}");
+        assert!(
+            prompt.starts_with("<|System|>:\nBe brief.\n\n<|Human|>:\nq"),
+            "{prompt}"
+        );
     }
 
     #[test]
@@ -372,7 +382,10 @@ mod tests {
     fn custom_format_repeats_its_turn_part_for_history() {
         let t = PromptTemplate::from_format("S{history}<u>{query}</u><a>{answer}</a>").unwrap();
         let parts = t.training_parts(&with_history(), "a3").unwrap();
-        assert_eq!(parts.prompt, "S<u>q1</u><a>r1</a><u>q2</u><a>r2</a><u>q3</u><a>");
+        assert_eq!(
+            parts.prompt,
+            "S<u>q1</u><a>r1</a><u>q2</u><a>r2</a><u>q3</u><a>"
+        );
         assert_eq!(parts.answer, "a3</a>");
     }
 
@@ -389,7 +402,8 @@ mod tests {
         }
     }
 
-    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + \
+    const CHATML: &str =
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + \
         message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}\
         {{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -397,17 +411,27 @@ mod tests {
     fn chat_template_splits_prompt_and_answer() {
         let t = PromptTemplate::chat(CHATML, "", "<|im_end|>").unwrap();
         let parts = t.training_parts(&with_history(), "a3").unwrap();
-        assert!(parts.prompt.starts_with("<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\nr1"));
-        assert!(parts.prompt.ends_with("<|im_start|>user\nq3<|im_end|>\n<|im_start|>assistant\n"));
+        assert!(parts
+            .prompt
+            .starts_with("<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\nr1"));
+        assert!(parts
+            .prompt
+            .ends_with("<|im_start|>user\nq3<|im_end|>\n<|im_start|>assistant\n"));
         assert_eq!(parts.answer, "a3<|im_end|>\n");
     }
 
     #[test]
     fn chat_template_errors_are_reported() {
-        let msg = PromptTemplate::chat("{% for %}", "", "").unwrap_err().to_string();
+        let msg = PromptTemplate::chat("{% for %}", "", "")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("does not parse"), "{msg}");
-        let raising = PromptTemplate::chat("{{ raise_exception('no system role') }}", "", "").unwrap();
-        let msg = raising.prompt(&Conversation::new("q")).unwrap_err().to_string();
+        let raising =
+            PromptTemplate::chat("{{ raise_exception('no system role') }}", "", "").unwrap();
+        let msg = raising
+            .prompt(&Conversation::new("q"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("no system role"), "{msg}");
         let unsplittable = PromptTemplate::chat("{{ messages | length }}", "", "").unwrap();
         let msg = unsplittable

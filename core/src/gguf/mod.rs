@@ -161,7 +161,10 @@ impl Gguf {
     /// A string value, `None` if the key is absent, an error if it has another type.
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.wrong_type(key, "a string", v))
+            })
             .transpose()
     }
 
@@ -197,7 +200,10 @@ impl Gguf {
     /// A float value (FLOAT32 or FLOAT64).
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
         self.get(key)
-            .map(|v| v.as_float().ok_or_else(|| self.wrong_type(key, "a float", v)))
+            .map(|v| {
+                v.as_float()
+                    .ok_or_else(|| self.wrong_type(key, "a float", v))
+            })
             .transpose()
     }
 

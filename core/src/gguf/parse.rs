@@ -237,7 +237,7 @@ pub fn parse_header(file: &str, bytes: &[u8]) -> Result<GgufHeader> {
                 ggml_type.block_size
             ))
         })?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(bad(format!(
                 "data offset {offset} is not a multiple of the alignment {alignment}"
             )));

@@ -39,9 +39,8 @@ impl Writer {
         self.u32(type_id).u64(offset)
     }
     pub fn pad_to(&mut self, alignment: usize) -> &mut Self {
-        while self.bytes.len() % alignment != 0 {
-            self.bytes.push(0);
-        }
+        self.bytes
+            .resize(self.bytes.len().next_multiple_of(alignment), 0);
         self
     }
 }

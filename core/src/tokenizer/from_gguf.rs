@@ -147,9 +147,7 @@ pub(super) fn build(gguf: &Gguf) -> Result<Built> {
     let add_bos = gguf
         .get_bool("tokenizer.ggml.add_bos_token")?
         .unwrap_or(true);
-    let chat_template = gguf
-        .get_str("tokenizer.chat_template")?
-        .map(str::to_string);
+    let chat_template = gguf.get_str("tokenizer.chat_template")?.map(str::to_string);
     Ok(Built {
         tokenizer,
         special,

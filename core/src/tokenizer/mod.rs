@@ -79,7 +79,10 @@ impl Tokenizer {
                 .as_deref()
                 .map(|t| {
                     inner.token_to_id(t).ok_or_else(|| {
-                        Error::format(&name, format!("special token `{t}` is not in the vocabulary"))
+                        Error::format(
+                            &name,
+                            format!("special token `{t}` is not in the vocabulary"),
+                        )
                     })
                 })
                 .transpose()

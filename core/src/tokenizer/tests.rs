@@ -41,15 +41,21 @@ impl Spec {
         let mut w = Writer::new(3, 0, 7);
         w.key("tokenizer.ggml.model", 8).str(self.model);
         w.key("tokenizer.ggml.pre", 8).str(self.pre);
-        w.key("tokenizer.ggml.tokens", 9).u32(8).u64(TOKENS.len() as u64);
+        w.key("tokenizer.ggml.tokens", 9)
+            .u32(8)
+            .u64(TOKENS.len() as u64);
         for t in TOKENS {
             w.str(t);
         }
-        w.key("tokenizer.ggml.token_type", 9).u32(5).u64(self.token_types.len() as u64);
+        w.key("tokenizer.ggml.token_type", 9)
+            .u32(5)
+            .u64(self.token_types.len() as u64);
         for t in &self.token_types {
             w.raw(&t.to_le_bytes());
         }
-        w.key("tokenizer.ggml.merges", 9).u32(8).u64(self.merges.len() as u64);
+        w.key("tokenizer.ggml.merges", 9)
+            .u32(8)
+            .u64(self.merges.len() as u64);
         for m in &self.merges {
             w.str(m);
         }
@@ -66,7 +72,10 @@ impl Spec {
 #[test]
 fn control_tokens_are_parsed_only_when_asked_and_user_tokens_always() {
     let t = Spec::default().tokenizer().unwrap();
-    assert_eq!(t.encode("hi hi12<|end|>", true).unwrap(), vec![4, 5, 6, 7, END]);
+    assert_eq!(
+        t.encode("hi hi12<|end|>", true).unwrap(),
+        vec![4, 5, 6, 7, END]
+    );
     assert_eq!(
         t.encode("hi<|end|>", false).unwrap(),
         vec![4, 8, 9, 10, 11, 12, 9, 13]
@@ -74,7 +83,10 @@ fn control_tokens_are_parsed_only_when_asked_and_user_tokens_always() {
     assert_eq!(t.encode("<user>hi", false).unwrap(), vec![USER, 4]);
     assert_eq!(t.decode(&[4, 5, END], true).unwrap(), "hi hi<|end|>");
     assert_eq!(t.decode(&[4, 5, END], false).unwrap(), "hi hi");
-    assert_eq!((t.eos_id(), t.bos_id(), t.add_bos()), (Some(END), None, false));
+    assert_eq!(
+        (t.eos_id(), t.bos_id(), t.add_bos()),
+        (Some(END), None, false)
+    );
     assert_eq!(t.vocab_size(), TOKENS.len());
 }
 
@@ -89,7 +101,10 @@ fn tokenizer_json_round_trip_keeps_the_ids() {
     let back = Tokenizer::from_tokenizer_json("tokenizer.json", json.as_bytes(), &names).unwrap();
     for text in ["hi hi12<|end|>", "<user>hi", "hi<|end|>"] {
         for special in [true, false] {
-            assert_eq!(back.encode(text, special).unwrap(), t.encode(text, special).unwrap());
+            assert_eq!(
+                back.encode(text, special).unwrap(),
+                t.encode(text, special).unwrap()
+            );
         }
     }
     assert_eq!(back.eos_id(), Some(END));
@@ -104,7 +119,10 @@ fn tokenizer_json_round_trip_keeps_the_ids() {
     let msg = Tokenizer::from_tokenizer_json("tokenizer.json", b"{}", &names)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("tokenizer.json: not a usable tokenizer.json"), "{msg}");
+    assert!(
+        msg.contains("tokenizer.json: not a usable tokenizer.json"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -155,6 +173,9 @@ fn unsupported_or_inconsistent_metadata_is_an_error_naming_it() {
     ];
     for (spec, expect) in cases {
         let msg = spec.tokenizer().unwrap_err().to_string();
-        assert!(msg.contains("tiny.gguf") && msg.contains(expect), "want `{expect}`: {msg}");
+        assert!(
+            msg.contains("tiny.gguf") && msg.contains(expect),
+            "want `{expect}`: {msg}"
+        );
     }
 }
