@@ -2,6 +2,7 @@
 //! template checked against llama.cpp's own output (tests/fixtures/golden/smollm2). The GGUF comes
 //! from `scripts/fetch-demo-model.sh`; the tests skip, saying why, where it is absent.
 
+use qlora_core::data::{load_examples, Columns, ExampleOptions, IGNORE_INDEX};
 use qlora_core::gguf::{GgmlType, Gguf};
 use qlora_core::prompt::{Conversation, PromptTemplate};
 use qlora_core::tokenizer::{SpecialTokenNames, Tokenizer};
@@ -291,4 +292,144 @@ fn gguf_chat_template_renders_the_reference_prompt() {
     let parts = template.training_parts(&conversation, "Paris.").unwrap();
     assert_eq!(parts.prompt, CHAT_EN);
     assert_eq!(parts.answer, "Paris.<|im_end|>\n");
+}
+
+/// Values from gguf-py 0.19.0 (`gguf.quants.dequantize`, as the golden numpy forward pass used):
+/// name, the first 8 values, (index, value) samples, the f64 sum and sum of squares.
+type DequantRef = (&'static str, [f32; 8], [(usize, f32); 3], f64, f64);
+const DEQUANT_REF: &[DequantRef] = &[
+    (
+        "token_embd.weight", // Q8_0
+        [
+            -0.106544495,
+            0.032978058,
+            0.0481987,
+            -0.022830963,
+            -0.06849289,
+            -0.045661926,
+            0.02029419,
+            -0.12176514,
+        ],
+        [
+            (33, -0.15135956),
+            (1000, 0.007411957),
+            (28311551, -0.04170227),
+        ],
+        -15353.04449415207,
+        520415.71544763993,
+    ),
+    (
+        "blk.0.attn_norm.weight", // F32
+        [
+            0.013977051,
+            0.023803711,
+            -0.01977539,
+            -0.030273438,
+            -0.01965332,
+            -0.03515625,
+            0.022583008,
+            -0.020019531,
+        ],
+        [(33, 0.029174805), (574, 0.050048828), (575, -0.038330078)],
+        0.6129436492919922,
+        0.9180835409024439,
+    ),
+    (
+        "blk.0.attn_q.weight", // Q4_1
+        [
+            -0.09631348,
+            0.15734863,
+            -0.09631348,
+            -0.73046875,
+            1.1719971,
+            -0.09631348,
+            0.030517578,
+            0.66467285,
+        ],
+        [(33, 0.32946777), (1000, -0.13842773), (331775, -0.25585938)],
+        59.22322082519531,
+        26749.573275085306,
+    ),
+    (
+        "blk.29.ffn_down.weight", // Q4_1
+        [
+            -0.27331543,
+            0.1862793,
+            0.1862793,
+            0.04840088,
+            0.1862793,
+            0.1862793,
+            -0.3192749,
+            -0.18139648,
+        ],
+        [
+            (33, -0.016998291),
+            (1000, 0.08392334),
+            (884735, 0.056640625),
+        ],
+        49.83570861816406,
+        29667.074891592143,
+    ),
+];
+
+#[test]
+fn dequantized_tensors_match_gguf_py() {
+    let Some(path) = demo_gguf() else { return };
+    let g = Gguf::open(path).unwrap();
+    for &(name, first, samples, sum, sum_sq) in DEQUANT_REF {
+        let values = g.tensor_f32(name).unwrap();
+        assert_eq!(values[..8], first, "{name}");
+        for (i, v) in samples {
+            assert_eq!(values[i], v, "{name}[{i}]");
+        }
+        // Summation order differs from numpy's pairwise sum, so only to f64 rounding.
+        let ours: f64 = values.iter().map(|&v| f64::from(v)).sum();
+        let ours_sq: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!(
+            (ours - sum).abs() <= 1e-9 * sum_sq,
+            "{name}: sum {ours} vs {sum}"
+        );
+        assert!(
+            (ours_sq - sum_sq).abs() <= 1e-9 * sum_sq,
+            "{name}: {ours_sq} vs {sum_sq}"
+        );
+    }
+    let msg = g.tensor_f32("nope").unwrap_err().to_string();
+    assert!(msg.contains("tensor `nope`"), "{msg}");
+}
+
+#[test]
+fn chat_training_examples_mask_the_37_token_prompt() {
+    let Some(tokenizer) = smollm2_tokenizer() else {
+        return;
+    };
+    let template = PromptTemplate::chat(
+        tokenizer.chat_template().unwrap(),
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.jsonl");
+    std::fs::write(
+        &path,
+        r#"{"content": "What is the capital of France?", "summary": "Paris."}"#,
+    )
+    .unwrap();
+    let options = ExampleOptions {
+        max_source_length: 64,
+        max_target_length: 16,
+        system: None,
+    };
+    let out = load_examples(&path, &Columns::default(), &template, &tokenizer, &options).unwrap();
+    let example = &out.examples[0];
+    let answer = tokenizer.encode("Paris.<|im_end|>\n", true).unwrap();
+    assert_eq!(example.input_ids.len(), 37 + answer.len() + 1);
+    assert_eq!(
+        example.input_ids[..37],
+        tokenizer.encode(CHAT_EN, true).unwrap()[..]
+    );
+    assert!(example.labels[..37].iter().all(|&l| l == IGNORE_INDEX));
+    let learned: Vec<u32> = example.labels[37..].iter().map(|&l| l as u32).collect();
+    assert_eq!(learned, [answer, vec![2]].concat());
 }

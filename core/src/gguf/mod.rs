@@ -2,10 +2,12 @@
 //! tensor's data as a byte range of the file. Works on bytes in memory (wasm) and, natively, on a
 //! memory-mapped file.
 
+mod dequant;
 mod ggml_type;
 mod parse;
 mod value;
 
+pub use dequant::dequantize;
 pub use ggml_type::GgmlType;
 pub use parse::{parse_header, DEFAULT_ALIGNMENT};
 pub use value::Value;
@@ -244,6 +246,18 @@ impl Gguf {
             .tensor(name)
             .ok_or_else(|| Error::tensor(&self.name, name, "no such tensor in the file"))?;
         Ok(&self.bytes[info.data.clone()])
+    }
+
+    /// One tensor's values as f32 (F32, F16, Q4_1 and Q8_0 tensors), in ggml order (`dims[0]`
+    /// fastest), bit-identical to gguf-py's `dequantize`.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| Error::tensor(&self.name, name, "no such tensor in the file"))?;
+        let n_elements = usize::try_from(info.n_elements())
+            .map_err(|_| Error::tensor(&self.name, name, "too many elements for this platform"))?;
+        dequantize(info.ggml_type, &self.bytes[info.data.clone()], n_elements)
+            .map_err(|e| Error::tensor(&self.name, name, e.to_string()))
     }
 
     /// The whole file's bytes.
