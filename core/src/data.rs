@@ -156,8 +156,9 @@ pub struct Examples {
 }
 
 /// Tokenizes records into examples: `input_ids` = prompt ids (BOS first where the tokenizer adds
-/// one, cut to `max_source_length`) + answer ids (cut to `max_target_length - 1`) + EOS, where
-/// the answer is the template's answer part (the response and the template's end-of-turn text).
+/// one and the prompt does not already start with it; cut to `max_source_length`) + answer ids
+/// (cut to `max_target_length - 1`) + EOS, where the answer is the template's answer part (the
+/// response and the template's end-of-turn text).
 /// EOS is not appended a second time when the answer already ends with it. `labels` are
 /// [`IGNORE_INDEX`] on the prompt and the ids themselves on answer and EOS. Special tokens in
 /// the rendered text are parsed (as `transformers` tokenizers do).
@@ -197,8 +198,11 @@ pub fn tokenize_records(
         let parts = template
             .training_parts(&conversation, &record.response)
             .map_err(|e| at_line(file, record.line, e.to_string()))?;
-        let mut prompt_ids: Vec<u32> = bos.into_iter().collect();
-        prompt_ids.extend(tokenizer.encode(&parts.prompt, true)?);
+        let mut prompt_ids = tokenizer.encode(&parts.prompt, true)?;
+        // A chat template may write the BOS token itself (`{{ bos_token }}`).
+        if let Some(bos) = bos.filter(|&b| prompt_ids.first() != Some(&b)) {
+            prompt_ids.insert(0, bos);
+        }
         let mut answer_ids = tokenizer.encode(&parts.answer, true)?;
         let cut = prompt_ids.len() > options.max_source_length
             || answer_ids.len() > options.max_target_length - 1;

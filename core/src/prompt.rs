@@ -88,6 +88,25 @@ impl PromptTemplate {
         ChatTemplate::new(source, bos_token, eos_token).map(|c| PromptTemplate::Chat(Box::new(c)))
     }
 
+    /// The chat template of a tokenizer (from its GGUF or `tokenizer_config.json`), with the
+    /// tokenizer's BOS and EOS strings; an error when it has none.
+    pub fn from_tokenizer(tokenizer: &crate::tokenizer::Tokenizer) -> Result<PromptTemplate> {
+        let source = tokenizer.chat_template().ok_or_else(|| {
+            Error::Invalid(
+                "the tokenizer has no chat template; give a prompt template instead".into(),
+            )
+        })?;
+        let token = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.id_to_token(id))
+                .unwrap_or_default()
+        };
+        PromptTemplate::chat(
+            source,
+            &token(tokenizer.bos_id()),
+            &token(tokenizer.eos_id()),
+        )
+    }
+
     /// The prompt for generation: the conversation up to where the model starts answering.
     pub fn prompt(&self, conversation: &Conversation) -> Result<String> {
         match self {

@@ -13,6 +13,11 @@ const PAD: u32 = 1;
 
 /// A word-level tokenizer with a known id for every word the tests use.
 fn word_tokenizer() -> Tokenizer {
+    word_tokenizer_with(SpecialTokenNames::default())
+}
+
+/// The same with more special-token settings (`eos`, `pad` and `unk` are always set).
+fn word_tokenizer_with(names: SpecialTokenNames) -> Tokenizer {
     let words = [
         "</s>", "<pad>", "<unk>", "Q", ":", "A", "hello", "world", "bye", "one", "two", "three",
         "four", "five", ".",
@@ -37,7 +42,7 @@ fn word_tokenizer() -> Tokenizer {
         eos: Some("</s>".into()),
         pad: Some("<pad>".into()),
         unk: Some("<unk>".into()),
-        ..SpecialTokenNames::default()
+        ..names
     };
     Tokenizer::from_tokenizer_json("words.json", json.to_string().as_bytes(), &names).unwrap()
 }
@@ -84,6 +89,33 @@ fn template_text_after_the_answer_is_learned_and_eos_is_not_doubled() {
     assert_eq!(&out.examples[0].labels[6..], &[8, 14, i64::from(EOS)]);
     let out = examples(ONE, "Q : {query} A : {answer} </s>", &options(64, 64));
     assert_eq!(out.examples[0].input_ids, vec![3, 4, 6, 7, 5, 4, 8, EOS]);
+}
+
+#[test]
+fn bos_is_prepended_once_where_the_tokenizer_adds_it() {
+    // `Q` (id 3) plays the BOS token.
+    let tokenizer = word_tokenizer_with(SpecialTokenNames {
+        bos: Some("Q".into()),
+        add_bos: true,
+        ..SpecialTokenNames::default()
+    });
+    let records = parse_jsonl("d.jsonl", ONE.as_bytes(), &Columns::default()).unwrap();
+    let tokenize = |format: &str| {
+        let template = PromptTemplate::from_format(format).unwrap();
+        tokenize_records("d.jsonl", &records, &template, &tokenizer, &options(8, 8)).unwrap()
+    };
+    assert_eq!(
+        tokenize("{query}").examples[0].input_ids,
+        vec![3, 6, 7, 8, EOS]
+    );
+    assert_eq!(
+        tokenize("Q {query}").examples[0].input_ids,
+        vec![3, 6, 7, 8, EOS]
+    );
+    assert_eq!(
+        tokenize("{query}").examples[0].labels[..3],
+        [IGNORE_INDEX; 3]
+    );
 }
 
 #[test]

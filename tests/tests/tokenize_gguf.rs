@@ -5,7 +5,7 @@
 use qlora_core::data::{load_examples, Columns, ExampleOptions, IGNORE_INDEX};
 use qlora_core::gguf::{GgmlType, Gguf};
 use qlora_core::prompt::{Conversation, PromptTemplate};
-use qlora_core::tokenizer::{SpecialTokenNames, Tokenizer};
+use qlora_core::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -233,17 +233,17 @@ fn saved_as_tokenizer_json_it_still_gives_llama_cpp_ids() {
     let Some(tokenizer) = smollm2_tokenizer() else {
         return;
     };
-    let json = tokenizer.to_tokenizer_json().unwrap();
-    let names = SpecialTokenNames {
-        bos: Some("<|im_start|>".into()),
-        eos: Some("<|im_end|>".into()),
-        pad: Some("<|im_end|>".into()),
-        unk: Some("<|endoftext|>".into()),
-        add_bos: false,
-        chat_template: tokenizer.chat_template().map(str::to_string),
-    };
-    let reloaded =
-        Tokenizer::from_tokenizer_json("tokenizer.json", json.as_bytes(), &names).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, tokenizer.to_tokenizer_json().unwrap()).unwrap();
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "add_bos_token": false,
+        "chat_template": tokenizer.chat_template().unwrap(),
+    });
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let reloaded = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(reloaded.chat_template(), tokenizer.chat_template());
     check_against_llama_cpp(&reloaded);
     assert_eq!(reloaded.special_ids(), tokenizer.special_ids());
 }

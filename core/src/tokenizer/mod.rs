@@ -102,15 +102,21 @@ impl Tokenizer {
         ))
     }
 
-    /// A Hugging Face tokenizer directory: `tokenizer.json`, plus the special tokens and chat
-    /// template of `tokenizer_config.json` and `special_tokens_map.json` where present.
+    /// A `tokenizer.json` file, with the special tokens and chat template of the
+    /// `tokenizer_config.json` and `special_tokens_map.json` beside it where present.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn from_hf_dir(dir: impl AsRef<std::path::Path>) -> Result<Tokenizer> {
-        let dir = dir.as_ref();
-        let path = dir.join("tokenizer.json");
-        let json = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Tokenizer> {
+        let path = path.as_ref();
+        let json = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
         let names = SpecialTokenNames::from_hf_dir(dir)?;
         Tokenizer::from_tokenizer_json(path.display().to_string(), &json, &names)
+    }
+
+    /// A Hugging Face tokenizer directory (its `tokenizer.json`, see [`Tokenizer::from_file`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_hf_dir(dir: impl AsRef<std::path::Path>) -> Result<Tokenizer> {
+        Tokenizer::from_file(dir.as_ref().join("tokenizer.json"))
     }
 
     /// The tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata. Supported:
