@@ -239,3 +239,17 @@ fn open_maps_a_file_and_names_it_in_errors() {
     let msg = Gguf::open(&missing).unwrap_err().to_string();
     assert!(msg.contains("missing.gguf"), "{msg}");
 }
+
+#[test]
+fn corrupting_any_byte_never_panics() {
+    for bytes in [every_value_type().bytes, two_tensors()] {
+        for at in 0..bytes.len() {
+            for value in [0x00, 0x7f, 0xff] {
+                let mut corrupt = bytes.clone();
+                corrupt[at] = value;
+                // Ok or Err are both fine; a panic or a huge allocation fails the test.
+                let _ = parse_header("corrupt.gguf", &corrupt);
+            }
+        }
+    }
+}
