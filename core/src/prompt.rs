@@ -134,8 +134,8 @@ impl PromptTemplate {
 pub struct FormatTemplate {
     /// Text before `{history}` (the whole template when it has none).
     header: String,
-    /// Text from `{history}` on; empty when the template has no `{history}`.
-    turn: String,
+    /// Text from `{history}` on; `None` when the template has no `{history}`.
+    turn: Option<String>,
     /// Used for `{system}` when the conversation has no system message.
     default_system: String,
     /// Written after each earlier turn.
@@ -159,24 +159,31 @@ impl FormatTemplate {
             ));
         }
         let (header, turn) = match format.split_once("{history}") {
-            Some((header, turn)) => (header, turn),
-            None => (format, ""),
+            Some((header, turn)) => (header, Some(turn)),
+            None => (format, None),
         };
-        let turn_part_has = |p: &str| if turn.is_empty() { format } else { turn }.contains(p);
-        if !turn_part_has("{query}") || (format.contains("{answer}") && !turn_part_has("{answer}"))
+        let turn_part = turn.unwrap_or(format);
+        if !turn_part.contains("{query}")
+            || (format.contains("{answer}") && !turn_part.contains("{answer}"))
         {
             return Err(Error::Invalid(
                 "prompt template: `{query}` and `{answer}` must come after `{history}`".into(),
             ));
         }
-        if turn.contains("{system}") {
+        if matches!((format.find("{query}"), format.find("{answer}")), (Some(q), Some(a)) if a < q)
+        {
+            return Err(Error::Invalid(
+                "prompt template: `{answer}` must come after `{query}`".into(),
+            ));
+        }
+        if turn.is_some_and(|t| t.contains("{system}")) {
             return Err(Error::Invalid(
                 "prompt template: `{system}` must come before `{history}`".into(),
             ));
         }
         Ok(FormatTemplate {
             header: header.to_string(),
-            turn: turn.to_string(),
+            turn: turn.map(str::to_string),
             default_system: String::new(),
             turn_separator: String::new(),
         })
@@ -187,7 +194,7 @@ impl FormatTemplate {
             .system
             .as_deref()
             .unwrap_or(&self.default_system);
-        if self.turn.is_empty() {
+        let Some(turn) = &self.turn else {
             if !conversation.history.is_empty() {
                 return Err(Error::Invalid(
                     "prompt template has no `{history}` placeholder, but the conversation has \
@@ -196,13 +203,13 @@ impl FormatTemplate {
                 ));
             }
             return Ok(fill(&self.header, system, &conversation.query, answer));
-        }
+        };
         let mut out = fill(&self.header, system, "", None);
         for (query, response) in &conversation.history {
-            out.push_str(&fill(&self.turn, system, query, Some(response)));
+            out.push_str(&fill(turn, system, query, Some(response)));
             out.push_str(&self.turn_separator);
         }
-        out.push_str(&fill(&self.turn, system, &conversation.query, answer));
+        out.push_str(&fill(turn, system, &conversation.query, answer));
         Ok(out)
     }
 }
@@ -414,6 +421,8 @@ mod tests {
             ("no query here", "`{query}` is missing"),
             ("{query}{query}", "more than once"),
             ("{query}{history}x", "must come after `{history}`"),
+            ("{query}{history}", "must come after `{history}`"),
+            ("{answer} {query}", "`{answer}` must come after `{query}`"),
             ("{history}{query}{system}", "`{system}` must come before"),
         ] {
             let msg = PromptTemplate::from_format(format).unwrap_err().to_string();
