@@ -154,9 +154,14 @@ impl Gguf {
         )
     }
 
-    /// A required key; the error names the file and the key.
-    pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key)
+    /// A required key, read with one of the typed getters (`gguf.require("llama.block_count",
+    /// Gguf::get_u32)`); a missing key is an error naming the file and the key.
+    pub fn require<'a, T>(
+        &'a self,
+        key: &str,
+        get: impl FnOnce(&'a Gguf, &str) -> Result<Option<T>>,
+    ) -> Result<T> {
+        get(self, key)?
             .ok_or_else(|| Error::format(&self.name, format!("metadata `{key}` is missing")))
     }
 

@@ -47,6 +47,9 @@ fn parses_every_value_type_including_nested_arrays() {
     assert_eq!(g.get_f64("f64").unwrap(), Some(0.25));
     assert_eq!(g.get_u32("u16").unwrap(), Some(513));
     assert_eq!(g.get_u32("absent").unwrap(), None);
+    assert_eq!(g.require("u32", Gguf::get_u32).unwrap(), 70000);
+    let msg = g.require("absent", Gguf::get_u32).unwrap_err().to_string();
+    assert_eq!(msg, "t.gguf: metadata `absent` is missing");
     assert_eq!(g.header().alignment, DEFAULT_ALIGNMENT);
     let msg = g.get_u32("i32").unwrap_err().to_string();
     assert!(msg.contains("t.gguf") && msg.contains("`i32`"), "{msg}");

@@ -59,24 +59,17 @@ fn split_merge(file: &str, index: usize, merge: &str) -> Result<(String, String)
 
 pub(super) fn build(gguf: &Gguf) -> Result<Built> {
     let file = gguf.name();
-    let require = |key: &str| Error::format(file, format!("metadata `{key}` is missing"));
-    let model = gguf
-        .get_str("tokenizer.ggml.model")?
-        .ok_or_else(|| require("tokenizer.ggml.model"))?;
+    let model = gguf.require("tokenizer.ggml.model", Gguf::get_str)?;
     if model != "gpt2" {
         return Err(Error::format(
             file,
             format!("unsupported tokenizer.ggml.model `{model}` (supported: gpt2)"),
         ));
     }
-    let pre = gguf
-        .get_str("tokenizer.ggml.pre")?
-        .ok_or_else(|| require("tokenizer.ggml.pre"))?;
+    let pre = gguf.require("tokenizer.ggml.pre", Gguf::get_str)?;
     let pre_tokenizer = pre_tokenizer(file, pre)?;
 
-    let tokens = gguf
-        .get_str_array("tokenizer.ggml.tokens")?
-        .ok_or_else(|| require("tokenizer.ggml.tokens"))?;
+    let tokens = gguf.require("tokenizer.ggml.tokens", Gguf::get_str_array)?;
     let n_tokens = u32::try_from(tokens.len())
         .map_err(|_| Error::format(file, "more tokens than u32 ids can number"))?;
     let token_types = match gguf.get_i32_array("tokenizer.ggml.token_type")? {
@@ -94,8 +87,7 @@ pub(super) fn build(gguf: &Gguf) -> Result<Built> {
         None => vec![1; tokens.len()],
     };
     let merges = gguf
-        .get_str_array("tokenizer.ggml.merges")?
-        .ok_or_else(|| require("tokenizer.ggml.merges"))?
+        .require("tokenizer.ggml.merges", Gguf::get_str_array)?
         .iter()
         .enumerate()
         .map(|(i, m)| split_merge(file, i, m))
