@@ -3,14 +3,18 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod data;
 pub mod dtype;
 pub mod error;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fsutil;
+pub mod gguf;
 pub mod metrics;
 pub mod peft;
+pub mod prompt;
 pub mod pyjson;
 pub mod quant;
+pub mod tokenizer;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
