@@ -107,7 +107,10 @@ impl LoraConfig {
             }
         }
         for k in ["rank_pattern", "alpha_pattern"] {
-            if field(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+            if field(k)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
                 return Err(Error::format(file, format!("`{k}` is not supported")));
             }
         }
@@ -240,7 +243,9 @@ impl LoraAdapter {
             let out_features = b.shape[0];
             if r != config.r || b.shape[1] != r {
                 return Err(Error::tensor(
-                    source.file_of(&format!("{PREFIX}{path}.lora_A.weight")).unwrap_or_default(),
+                    source
+                        .file_of(&format!("{PREFIX}{path}.lora_A.weight"))
+                        .unwrap_or_default(),
                     format!("{PREFIX}{path}"),
                     format!(
                         "lora_A is {:?} and lora_B {:?}, but the config says r = {}",
@@ -365,8 +370,7 @@ impl LoraAdapter {
     /// Reads a PEFT adapter directory (`adapter_model.safetensors`, or `adapter_model.bin`).
     pub fn load(dir: &std::path::Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config = LoraConfig::from_json(&config_path.display().to_string(), &text)?;
         let weights = dir.join(WEIGHTS_FILE);
         let legacy = dir.join(LEGACY_WEIGHTS_FILE);
@@ -391,7 +395,8 @@ impl LoraAdapter {
                 shape: t.shape.clone(),
             })
             .collect();
-        let mut writer = crate::checkpoint::SafetensorsWriter::create(&dir.join(WEIGHTS_FILE), &plan)?;
+        let mut writer =
+            crate::checkpoint::SafetensorsWriter::create(&dir.join(WEIGHTS_FILE), &plan)?;
         for (name, t) in &tensors {
             writer.write_tensor(name, &t.data)?;
         }

@@ -6,7 +6,11 @@ mod commands;
 mod progress;
 
 #[derive(Parser)]
-#[command(name = "qlora", version, about = "QLoRA fine-tuning and 4-bit inference")]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA fine-tuning and 4-bit inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -45,7 +45,12 @@ fn stderr(o: &Output) -> String {
 fn assert_same_tensors(ours: &Path, theirs: &Path) {
     let a = open_checkpoint(ours).unwrap();
     let b = open_checkpoint(theirs).unwrap();
-    let names = |s: &dyn TensorSource| s.tensor_infos().into_iter().map(|i| i.name).collect::<Vec<_>>();
+    let names = |s: &dyn TensorSource| {
+        s.tensor_infos()
+            .into_iter()
+            .map(|i| i.name)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(names(a.as_ref()), names(b.as_ref()), "tensor names differ");
     for name in names(a.as_ref()) {
         let (x, y) = (a.read(&name).unwrap(), b.read(&name).unwrap());
@@ -67,18 +72,32 @@ fn check_against_golden(model: &str, golden_4bit: &str, extra: &[&str]) {
     let o = quantize(&golden(model), &out, extra);
     assert!(o.status.success(), "quantize failed: {}", stderr(&o));
     assert_same_tensors(&out, &golden(golden_4bit));
-    assert_eq!(quantization_config(&out), quantization_config(&golden(golden_4bit)));
-    assert!(out.join("generation_config.json").is_file(), "companion files are copied");
+    assert_eq!(
+        quantization_config(&out),
+        quantization_config(&golden(golden_4bit))
+    );
+    assert!(
+        out.join("generation_config.json").is_file(),
+        "companion files are copied"
+    );
 }
 
 #[test]
 fn tiny_bloom_nf4_matches_transformers() {
-    check_against_golden("tiny-bloom", "tiny-bloom-nf4", &["--quan", "nf4", "--double_quant"]);
+    check_against_golden(
+        "tiny-bloom",
+        "tiny-bloom-nf4",
+        &["--quan", "nf4", "--double_quant"],
+    );
 }
 
 #[test]
 fn tiny_bloom_fp4_matches_transformers() {
-    check_against_golden("tiny-bloom", "tiny-bloom-fp4", &["--quan", "fp4", "--double_quant"]);
+    check_against_golden(
+        "tiny-bloom",
+        "tiny-bloom-fp4",
+        &["--quan", "fp4", "--double_quant"],
+    );
 }
 
 #[test]
@@ -92,7 +111,11 @@ fn tiny_llama_nf4_matches_transformers() {
 
 #[test]
 fn tiny_llama_fp4_matches_transformers() {
-    check_against_golden("llama/tiny-llama", "llama/tiny-llama-fp4", &["--quan", "fp4"]);
+    check_against_golden(
+        "llama/tiny-llama",
+        "llama/tiny-llama-fp4",
+        &["--quan", "fp4"],
+    );
 }
 
 #[test]
@@ -106,7 +129,11 @@ fn tiny_qwen2_nf4_matches_transformers() {
 
 #[test]
 fn tiny_qwen2_fp4_matches_transformers() {
-    check_against_golden("llama/tiny-qwen2", "llama/tiny-qwen2-fp4", &["--quan", "fp4"]);
+    check_against_golden(
+        "llama/tiny-qwen2",
+        "llama/tiny-qwen2-fp4",
+        &["--quan", "fp4"],
+    );
 }
 
 #[test]
@@ -126,7 +153,11 @@ fn pytorch_bin_input_gives_the_same_checkpoint() {
 fn sharded_bf16_input_quantizes_from_bf16() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("q");
-    let o = quantize(&fixtures().join("torch/bin-sharded-bf16"), &out, &["--double_quant"]);
+    let o = quantize(
+        &fixtures().join("torch/bin-sharded-bf16"),
+        &out,
+        &["--double_quant"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let q = Dequantizing::new(open_checkpoint(&out).unwrap());
     let w = "transformer.h.1.self_attention.query_key_value.weight";
@@ -143,8 +174,14 @@ fn sharded_bf16_input_quantizes_from_bf16() {
         .unwrap();
     let back = q.read(w).unwrap().to_f32().unwrap();
     let max = original.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = original.iter().zip(&back).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err > 0.0 && err < 0.2 * max, "max error {err} vs max |w| {max}");
+    let err = original
+        .iter()
+        .zip(&back)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err > 0.0 && err < 0.2 * max,
+        "max error {err} vs max |w| {max}"
+    );
 }
 
 /// A failing run exits non-zero, says `needle`, and leaves nothing at the output path nor a
@@ -155,7 +192,10 @@ fn assert_fails_cleanly(model: &Path, needle: &str, extra: &[&str]) {
     let o = quantize(model, &out, extra);
     assert!(!o.status.success(), "expected a failure");
     let err = stderr(&o);
-    assert!(err.contains(needle), "error should mention {needle:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "error should mention {needle:?}: {err}"
+    );
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "output left behind: {left:?}");
 }
@@ -187,7 +227,11 @@ fn shapes_that_disagree_with_config_are_named() {
     copy_model(&golden("tiny-bloom"), &model);
     let cfg = model.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("\"vocab_size\": 512", "\"vocab_size\": 500")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"vocab_size\": 512", "\"vocab_size\": 500"),
+    )
+    .unwrap();
     assert_fails_cleanly(&model, "transformer.word_embeddings.weight", &[]);
 }
 
@@ -202,7 +246,11 @@ fn missing_shard_is_named() {
 
 #[test]
 fn a_quantized_input_is_refused() {
-    assert_fails_cleanly(&golden("tiny-bloom-nf4"), "already a quantized checkpoint", &[]);
+    assert_fails_cleanly(
+        &golden("tiny-bloom-nf4"),
+        "already a quantized checkpoint",
+        &[],
+    );
 }
 
 #[test]
@@ -252,7 +300,10 @@ fn a_non_empty_output_is_kept_unless_overwrite() {
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
     let o = quantize(&golden("tiny-bloom"), &out, &[]);
     assert!(!o.status.success());
-    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
     let o = quantize(&golden("tiny-bloom"), &out, &["--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!out.join("keep.txt").exists());

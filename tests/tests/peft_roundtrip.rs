@@ -63,10 +63,19 @@ fn a_missing_half_is_named() {
     let source = qlora_core::checkpoint::open_file(&src.join(WEIGHTS_FILE)).unwrap();
     let name = "base_model.model.transformer.h.0.self_attention.query_key_value.lora_A.weight";
     let t = source.read(name).unwrap();
-    let info = qlora_core::checkpoint::TensorInfo { name: name.into(), dtype: t.dtype, shape: t.shape.clone() };
-    let mut w = qlora_core::checkpoint::SafetensorsWriter::create(&dir.path().join(WEIGHTS_FILE), &[info]).unwrap();
+    let info = qlora_core::checkpoint::TensorInfo {
+        name: name.into(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+    };
+    let mut w =
+        qlora_core::checkpoint::SafetensorsWriter::create(&dir.path().join(WEIGHTS_FILE), &[info])
+            .unwrap();
     w.write_tensor(name, &t.data).unwrap();
     w.commit().unwrap();
     let err = LoraAdapter::load(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("query_key_value.lora_B.weight") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("query_key_value.lora_B.weight") && err.contains("missing"),
+        "{err}"
+    );
 }

@@ -294,7 +294,10 @@ mod tests {
         let c = llama_config(QWEN2);
         assert_eq!(c.arch, Architecture::Qwen2);
         assert_eq!((c.head_dim, c.kv_group_size()), (16, 2));
-        assert_eq!((c.qkv_bias, c.o_proj_bias, c.mlp_bias), (true, false, false));
+        assert_eq!(
+            (c.qkv_bias, c.o_proj_bias, c.mlp_bias),
+            (true, false, false)
+        );
         assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 10000.0));
         let description = c.describe();
         let tensors = description.tensors();

@@ -76,7 +76,10 @@ pub fn serialize(name: &str, q: &Quantized4) -> Vec<(String, RawTensor)> {
                 format!("{name}.absmax"),
                 u8_tensor(d.quantized.clone(), vec![d.quantized.len()]),
             ));
-            out.push((format!("{name}.nested_absmax"), f32_tensor(&d.nested_absmax)));
+            out.push((
+                format!("{name}.nested_absmax"),
+                f32_tensor(&d.nested_absmax),
+            ));
             out.push((
                 format!("{name}.nested_quant_map"),
                 f32_tensor(&quant::dynamic_map_signed()),
@@ -118,12 +121,16 @@ fn parse_quant_state(file: &str, tensor: &str, bytes: &[u8]) -> Result<QuantStat
         .map_err(|e: Error| bad(e.to_string()))?;
     let blocksize = field("blocksize")
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad("quant_state has no integer `blocksize`".into()))? as usize;
+        .ok_or_else(|| bad("quant_state has no integer `blocksize`".into()))?
+        as usize;
     let dtype_name = field("dtype")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("quant_state has no `dtype`".into()))?;
-    let dtype = DType::parse_float(dtype_name)
-        .ok_or_else(|| bad(format!("quant_state dtype {dtype_name:?} is not a float type")))?;
+    let dtype = DType::parse_float(dtype_name).ok_or_else(|| {
+        bad(format!(
+            "quant_state dtype {dtype_name:?} is not a float type"
+        ))
+    })?;
     let shape = field("shape")
         .and_then(Value::as_array)
         .and_then(|a| {
@@ -171,7 +178,11 @@ fn expect(file: &str, name: &str, t: &RawTensor, dtype: DType, numel: usize) -> 
 
 /// Reads the quantized weight `name` (the packed tensor's name) from `source`, checking every
 /// piece against the quant state.
-pub fn deserialize(source: &dyn TensorSource, name: &str, quant_type: QuantType) -> Result<Quantized4> {
+pub fn deserialize(
+    source: &dyn TensorSource,
+    name: &str,
+    quant_type: QuantType,
+) -> Result<Quantized4> {
     let state_name = format!("{name}{STATE_SUFFIX}{}", quant_type.as_str());
     let file = source.file_of(&state_name).unwrap_or_default();
     let state_raw = source.read(&state_name)?;
@@ -180,7 +191,11 @@ pub fn deserialize(source: &dyn TensorSource, name: &str, quant_type: QuantType)
         return Err(Error::tensor(
             &file,
             &state_name,
-            format!("names {} but its JSON says {}", quant_type.as_str(), state.quant_type.as_str()),
+            format!(
+                "names {} but its JSON says {}",
+                quant_type.as_str(),
+                state.quant_type.as_str()
+            ),
         ));
     }
     let numel: usize = state.shape.iter().product();
@@ -217,7 +232,13 @@ pub fn deserialize(source: &dyn TensorSource, name: &str, quant_type: QuantType)
             }
             let nested_name = format!("{name}.nested_absmax");
             let nested = source.read(&nested_name)?;
-            expect(&file, &nested_name, &nested, DType::F32, blocks.div_ceil(nested_blocksize))?;
+            expect(
+                &file,
+                &nested_name,
+                &nested,
+                DType::F32,
+                blocks.div_ceil(nested_blocksize),
+            )?;
             let map_name = format!("{name}.nested_quant_map");
             let map = source.read(&map_name)?;
             expect(&file, &map_name, &map, DType::F32, 256)?;
@@ -350,7 +371,11 @@ impl<S: TensorSource> TensorSource for Dequantizing<S> {
 
 /// dtype and shape from a weight's quant state, or `None` if it cannot be read (the error then
 /// surfaces, with its message, when the tensor itself is read).
-fn deserialize_state(source: &dyn TensorSource, name: &str, qt: QuantType) -> Option<(DType, Vec<usize>)> {
+fn deserialize_state(
+    source: &dyn TensorSource,
+    name: &str,
+    qt: QuantType,
+) -> Option<(DType, Vec<usize>)> {
     let state_name = format!("{name}{STATE_SUFFIX}{}", qt.as_str());
     let raw = source.read(&state_name).ok()?;
     let s = parse_quant_state("", &state_name, &raw.data).ok()?;

@@ -3,8 +3,8 @@
 
 use crate::{DType, Result};
 
-mod bytes;
 pub mod bnb4bit;
+mod bytes;
 #[cfg(not(target_arch = "wasm32"))]
 mod open;
 mod pickle;

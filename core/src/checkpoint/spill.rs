@@ -96,7 +96,10 @@ mod tests {
         let b = RawTensor {
             dtype: DType::F32,
             shape: vec![2],
-            data: [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data: [1.5f32, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         };
         spill.push("z.small".into(), &a).unwrap();
         spill.push("a.float".into(), &b).unwrap();

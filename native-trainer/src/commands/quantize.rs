@@ -67,7 +67,10 @@ fn parse_blocksize(s: &str) -> Result<usize, String> {
     if quant::BLOCKSIZES.contains(&n) {
         Ok(n)
     } else {
-        Err(format!("blocksize {n} is not one of {:?}", quant::BLOCKSIZES))
+        Err(format!(
+            "blocksize {n} is not one of {:?}",
+            quant::BLOCKSIZES
+        ))
     }
 }
 
@@ -193,11 +196,14 @@ fn plan(
             unknown.join(", ")
         );
     }
-    let present: std::collections::BTreeSet<&str> = plan.iter().map(|(n, _, _)| n.as_str()).collect();
+    let present: std::collections::BTreeSet<&str> =
+        plan.iter().map(|(n, _, _)| n.as_str()).collect();
     if let Some(missing) = specs.keys().find(|n| !present.contains(n.as_str())) {
         bail!(
             "{}: tensor `{missing}` that {} calls for is missing",
-            source.file_of(missing).unwrap_or_else(|| "the checkpoint".into()),
+            source
+                .file_of(missing)
+                .unwrap_or_else(|| "the checkpoint".into()),
             config_path.display()
         );
     }
