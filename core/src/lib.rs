@@ -4,6 +4,8 @@
 pub mod arch;
 pub mod checkpoint;
 pub mod data;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod demo;
 pub mod dtype;
 pub mod error;
 #[cfg(not(target_arch = "wasm32"))]

@@ -18,3 +18,20 @@ pub fn shared_golden() -> Option<PathBuf> {
         None
     }
 }
+
+/// The demo GGUF (see `qlora_core::demo`), or `None` with the reason printed where it is absent.
+pub fn demo_gguf() -> Option<PathBuf> {
+    let Some(path) = qlora_core::demo::demo_gguf_path() else {
+        eprintln!("skipped: neither QLORA_DEMO_GGUF, QLORA_CACHE nor HOME is set");
+        return None;
+    };
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (run scripts/fetch-demo-model.sh)",
+            path.display()
+        );
+        None
+    }
+}

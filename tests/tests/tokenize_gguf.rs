@@ -7,40 +7,8 @@ use qlora_core::gguf::{GgmlType, Gguf};
 use qlora_core::prompt::{Conversation, PromptTemplate};
 use qlora_core::tokenizer::Tokenizer;
 use serde_json::Value;
-use std::path::PathBuf;
 
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `$QLORA_DEMO_GGUF`, else `${QLORA_CACHE:-$HOME/.cache/qlora}/SmolLM2-135M-Instruct.Q4_1.gguf`;
-/// `None` (with the reason printed) where the file is not there.
-fn demo_gguf() -> Option<PathBuf> {
-    let path = match std::env::var_os("QLORA_DEMO_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("QLORA_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qlora"))
-                });
-            match cache {
-                Some(dir) => dir.join(GGUF_NAME),
-                None => {
-                    eprintln!("skipped: neither QLORA_DEMO_GGUF, QLORA_CACHE nor HOME is set");
-                    return None;
-                }
-            }
-        }
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is absent (run scripts/fetch-demo-model.sh)",
-            path.display()
-        );
-        None
-    }
-}
+use qlora_tests::demo_gguf;
 
 fn golden(name: &str) -> Value {
     let path = qlora_tests::fixtures().join("golden/smollm2").join(name);
@@ -146,7 +114,11 @@ fn header_matches_the_gguf_py_dump() {
         49152 * 576 / 32 * 34
     );
     // The same file parsed from memory (the wasm path) gives the same header.
-    let from_bytes = Gguf::from_bytes(GGUF_NAME, std::fs::read(&path).unwrap()).unwrap();
+    let from_bytes = Gguf::from_bytes(
+        qlora_core::demo::DEMO_GGUF_NAME,
+        std::fs::read(&path).unwrap(),
+    )
+    .unwrap();
     assert_eq!(from_bytes.header(), g.header());
 }
 

@@ -4,11 +4,13 @@
 
 mod dequant;
 mod ggml_type;
+mod model;
 mod parse;
 mod value;
 
 pub use dequant::dequantize;
 pub use ggml_type::GgmlType;
+pub use model::GgufCheckpoint;
 pub use parse::{parse_header, DEFAULT_ALIGNMENT};
 pub use value::Value;
 
