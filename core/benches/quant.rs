@@ -1,12 +1,14 @@
 //! Throughput of NF4 quantization with double quant (QLoRA's setting) of a bf16 weight of
 //! 4096 x 4096 (16.8 M parameters, one attention projection of a 7B model), and of its
-//! dequantization. `cargo bench -p qlora-core --bench quant`.
+//! dequantization (into a fresh vector, and into a reused buffer). `cargo bench -p qlora-core --bench quant`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
-use qlora_core::quant::{dequantize_4bit, quantize_4bit, FloatSlice, QuantType};
+use qlora_core::quant::{
+    dequantize_4bit, dequantize_4bit_into, quantize_4bit, FloatSlice, QuantType,
+};
 
 const ROWS: usize = 4096;
 const COLS: usize = 4096;
@@ -46,6 +48,10 @@ fn bench(c: &mut Criterion) {
     let q = quantize_4bit(FloatSlice::BF16(&w), &shape, QuantType::Nf4, 64, true).unwrap();
     group.bench_function("dequantize", |b| {
         b.iter(|| dequantize_4bit(black_box(&q)).unwrap())
+    });
+    let mut out = vec![0.0f32; ROWS * COLS];
+    group.bench_function("dequantize_into", |b| {
+        b.iter(|| dequantize_4bit_into(black_box(&q), &mut out).unwrap())
     });
     group.finish();
 }

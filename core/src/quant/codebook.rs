@@ -27,6 +27,7 @@ const NF4_CODE: [f32; 16] = [
 
 /// The FP4 magnitudes of the kernel's `dDequantizeFP4Tree` for bits 2..0 (bit 3 is the sign):
 /// e2m1 with bias 3 scaled by 1/12. Not `create_fp8_map`, whose subnormal differs.
+#[allow(clippy::excessive_precision)] // the kernel's literals, verbatim
 const FP4_MAGNITUDE: [f32; 8] = [
     0.0,
     5.208333333e-03,
@@ -62,6 +63,7 @@ const FP4_DECODE: [f32; 16] = {
 /// The 15 decision thresholds of `dQuantizeNF4`, ascending, as the kernel's `f` literals.
 /// Its tree compares with strict `>`, and since the thresholds are sorted the code it reaches
 /// is the number of thresholds the value exceeds; NaN exceeds none and gets code 0.
+#[allow(clippy::excessive_precision)] // the kernel's literals, verbatim
 const NF4_THRESHOLDS: [f32; 15] = [
     -0.8480964004993439,
     -0.6106329262256622,
@@ -82,6 +84,7 @@ const NF4_THRESHOLDS: [f32; 15] = [
 
 /// The 7 thresholds of `dQuantizeFP4` on |x|, ascending, as the kernel's `f` literals.
 /// Exceeding k of them selects the k-th magnitude in ascending order.
+#[allow(clippy::excessive_precision)] // the kernel's literals, verbatim
 const FP4_THRESHOLDS: [f32; 7] = [
     0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333,
 ];
@@ -106,6 +109,9 @@ pub(crate) fn decode_table(quant_type: QuantType) -> &'static [f32; 16] {
 /// Branchless, so that a loop over a block vectorizes.
 pub(crate) trait Encode4 {
     fn encode(x: f32) -> u8;
+    /// `encode` of a group at once, written threshold by threshold over fixed-size arrays so
+    /// that the compiler vectorizes it across the group.
+    fn encode_group<const N: usize>(x: &[f32; N], codes: &mut [u8; N]);
 }
 
 pub(crate) struct Nf4;
@@ -114,7 +120,20 @@ pub(crate) struct Fp4;
 impl Encode4 for Nf4 {
     #[inline(always)]
     fn encode(x: f32) -> u8 {
-        NF4_THRESHOLDS.iter().map(|&t| (x > t) as u8).sum()
+        NF4_THRESHOLDS.iter().map(|&t| (x > t) as u32).sum::<u32>() as u8
+    }
+
+    #[inline(always)]
+    fn encode_group<const N: usize>(x: &[f32; N], codes: &mut [u8; N]) {
+        let mut rank = [0u32; N];
+        for t in NF4_THRESHOLDS {
+            for (r, &v) in rank.iter_mut().zip(x) {
+                *r += (v > t) as u32;
+            }
+        }
+        for (code, r) in codes.iter_mut().zip(rank) {
+            *code = r as u8;
+        }
     }
 }
 
@@ -123,10 +142,29 @@ impl Encode4 for Fp4 {
     fn encode(x: f32) -> u8 {
         let sign = ((x < 0.0) as u8) << 3;
         let a = x.abs();
-        let rank: u8 = FP4_THRESHOLDS.iter().map(|&t| (a > t) as u8).sum();
-        // Ascending magnitudes are at codes 0,1,6,7,4,5,2,3: bit 2 flips with bit 1.
-        (rank ^ ((rank & 0b010) << 1)) | sign
+        let rank = FP4_THRESHOLDS.iter().map(|&t| (a > t) as u32).sum::<u32>() as u8;
+        fp4_code(rank) | sign
     }
+
+    #[inline(always)]
+    fn encode_group<const N: usize>(x: &[f32; N], codes: &mut [u8; N]) {
+        let mut rank = [0u32; N];
+        for t in FP4_THRESHOLDS {
+            for (r, &v) in rank.iter_mut().zip(x) {
+                *r += (v.abs() > t) as u32;
+            }
+        }
+        for ((code, r), &v) in codes.iter_mut().zip(rank).zip(x) {
+            *code = fp4_code(r as u8) | (((v < 0.0) as u8) << 3);
+        }
+    }
+}
+
+/// The FP4 magnitude code of the value ranked `rank` (0..8) in ascending order: magnitudes
+/// ascend at codes 0,1,6,7,4,5,2,3, i.e. bit 2 flips with bit 1.
+#[inline(always)]
+fn fp4_code(rank: u8) -> u8 {
+    rank ^ ((rank & 0b010) << 1)
 }
 
 #[cfg(test)]
@@ -164,10 +202,20 @@ mod tests {
     }
 
     #[test]
+    fn group_encoding_agrees_with_single_values() {
+        let x: [f32; 64] = std::array::from_fn(|i| (i as f32 - 31.5) / 31.0);
+        let mut codes = [0u8; 64];
+        Nf4::encode_group(&x, &mut codes);
+        assert!(x.iter().zip(&codes).all(|(&v, &c)| Nf4::encode(v) == c));
+        Fp4::encode_group(&x, &mut codes);
+        assert!(x.iter().zip(&codes).all(|(&v, &c)| Fp4::encode(v) == c));
+    }
+
+    #[test]
     fn fp4_rank_maps_to_the_kernel_codes() {
         let mut prev = -1.0;
         for rank in 0..8u8 {
-            let code = rank ^ ((rank & 0b010) << 1);
+            let code = fp4_code(rank);
             assert!(FP4_MAGNITUDE[code as usize] > prev, "rank {rank}");
             prev = FP4_MAGNITUDE[code as usize];
         }

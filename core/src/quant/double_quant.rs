@@ -37,16 +37,17 @@ impl DoubleQuant {
             .par_chunks(NESTED_BLOCKSIZE)
             .map(|block| block_absmax(block, block.len() < NESTED_BLOCKSIZE))
             .collect();
-        let quantized = absmax
-            .par_chunks(NESTED_BLOCKSIZE)
+        let mut quantized = vec![0u8; absmax.len()];
+        quantized
+            .par_chunks_mut(NESTED_BLOCKSIZE)
+            .zip(absmax.par_chunks(NESTED_BLOCKSIZE))
             .zip(&nested_absmax)
-            .flat_map_iter(|(block, &nested)| {
+            .for_each(|((codes, block), &nested)| {
                 let scale = fast_reciprocal(nested);
-                block
-                    .iter()
-                    .map(move |&v| quantize_8bit(&map, mul_ftz(v, scale)))
-            })
-            .collect();
+                for (code, &v) in codes.iter_mut().zip(block) {
+                    *code = quantize_8bit(&map, mul_ftz(v, scale));
+                }
+            });
         DoubleQuant {
             quantized,
             nested_absmax,

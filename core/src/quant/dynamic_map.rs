@@ -47,6 +47,10 @@ fn torch_linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
 /// `dQuantize<0>`: the binary search of the 8-bit kernel over a sorted 256-entry map, then the
 /// nearest of the two neighbours by midpoint. Above the found value a tie goes to the lower
 /// code, below it to the found (upper) one, exactly as the kernel's comparisons fall.
+///
+/// Written with selects instead of branches (the data decides every step, so branches would
+/// mostly mispredict).
+#[inline]
 pub(crate) fn quantize_8bit(code: &[f32; 256], x: f32) -> u8 {
     let mut pivot = 127usize;
     let mut upper_pivot = 255usize;
@@ -56,15 +60,12 @@ pub(crate) fn quantize_8bit(code: &[f32; 256], x: f32) -> u8 {
     let mut val = code[pivot];
     let mut step = 64;
     while step > 0 {
-        if x > val {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
-        }
+        let above = x > val;
+        lower_pivot = if above { pivot } else { lower_pivot };
+        lower = if above { val } else { lower };
+        upper_pivot = if above { upper_pivot } else { pivot };
+        upper = if above { upper } else { val };
+        pivot = if above { pivot + step } else { pivot - step };
         val = code[pivot];
         step >>= 1;
     }

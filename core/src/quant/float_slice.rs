@@ -67,7 +67,7 @@ impl<'a> FloatData<'a> {
     /// count that is not a whole number of elements.
     pub fn from_le_bytes(dtype: DType, bytes: &'a [u8]) -> Result<Self> {
         let size = dtype.size_in_bytes();
-        if bytes.len() % size != 0 {
+        if !bytes.chunks_exact(size).remainder().is_empty() {
             return Err(Error::Invalid(format!(
                 "{} bytes are not a whole number of {dtype} elements",
                 bytes.len()

@@ -223,17 +223,26 @@ pub fn quantize_4bit(
 /// `code[q] * absmax` rounded to `q.dtype`. Errors when `q`'s fields disagree.
 pub fn dequantize_4bit(q: &Quantized4) -> Result<Vec<f32>> {
     q.validate()?;
-    let absmax = q.absmax.to_f32()?;
     let mut out = vec![0.0f32; q.numel()];
-    blockwise::dequantize(
-        &q.packed,
-        &absmax,
-        q.quant_type,
-        q.blocksize,
-        q.dtype,
-        &mut out,
-    );
+    dequantize_4bit_into(q, &mut out)?;
     Ok(out)
+}
+
+/// `dequantize_4bit` into a caller's buffer of `q.numel()` values (one that is reused avoids
+/// the page faults of fresh memory, a quarter of the time for a large tensor).
+pub fn dequantize_4bit_into(q: &Quantized4, out: &mut [f32]) -> Result<()> {
+    q.validate()?;
+    if out.len() != q.numel() {
+        return Err(Error::Invalid(format!(
+            "dequantizing {} values of shape {:?} into a buffer of {}",
+            q.numel(),
+            q.shape,
+            out.len()
+        )));
+    }
+    let absmax = q.absmax.to_f32()?;
+    blockwise::dequantize(&q.packed, &absmax, q.quant_type, q.blocksize, q.dtype, out);
+    Ok(())
 }
 
 /// Converts f32 values to the given input dtype's slice storage, for callers (tests,
@@ -302,6 +311,7 @@ mod tests {
         q.absmax = Absmax::Plain(vec![1.0; 3]);
         assert!(dequantize_4bit(&q).is_err());
         q.absmax = Absmax::Plain(vec![1.0; 4]);
+        assert!(dequantize_4bit_into(&q, &mut [0.0; 255]).is_err());
         q.dtype = DType::I32;
         assert!(dequantize_4bit(&q).is_err());
     }
