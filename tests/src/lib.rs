@@ -1,4 +1,5 @@
-//! Shared helpers of the cross-crate tests: where the fixtures and the golden data live.
+//! Shared helpers of the cross-crate tests: where the fixtures, the golden data and the demo model
+//! live.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,40 @@ pub fn shared_golden() -> Option<PathBuf> {
         Some(p)
     } else {
         eprintln!("skipped: {} is absent", p.display());
+        None
+    }
+}
+
+/// The file name of the demo base model, as `scripts/fetch-demo-model.sh` stores it.
+pub const DEMO_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$QLORA_DEMO_GGUF`, else `${QLORA_CACHE:-$HOME/.cache/qlora}/SmolLM2-135M-Instruct.Q4_1.gguf`;
+/// `None` (with the reason printed) where the file is not there.
+pub fn demo_gguf() -> Option<PathBuf> {
+    let path = match std::env::var_os("QLORA_DEMO_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let cache = std::env::var_os("QLORA_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qlora"))
+                });
+            match cache {
+                Some(dir) => dir.join(DEMO_GGUF_NAME),
+                None => {
+                    eprintln!("skipped: neither QLORA_DEMO_GGUF, QLORA_CACHE nor HOME is set");
+                    return None;
+                }
+            }
+        }
+    };
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (run scripts/fetch-demo-model.sh)",
+            path.display()
+        );
         None
     }
 }

@@ -6,41 +6,8 @@ use qlora_core::data::{load_examples, Columns, ExampleOptions, IGNORE_INDEX};
 use qlora_core::gguf::{GgmlType, Gguf};
 use qlora_core::prompt::{Conversation, PromptTemplate};
 use qlora_core::tokenizer::Tokenizer;
+use qlora_tests::{demo_gguf, DEMO_GGUF_NAME as GGUF_NAME};
 use serde_json::Value;
-use std::path::PathBuf;
-
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `$QLORA_DEMO_GGUF`, else `${QLORA_CACHE:-$HOME/.cache/qlora}/SmolLM2-135M-Instruct.Q4_1.gguf`;
-/// `None` (with the reason printed) where the file is not there.
-fn demo_gguf() -> Option<PathBuf> {
-    let path = match std::env::var_os("QLORA_DEMO_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("QLORA_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qlora"))
-                });
-            match cache {
-                Some(dir) => dir.join(GGUF_NAME),
-                None => {
-                    eprintln!("skipped: neither QLORA_DEMO_GGUF, QLORA_CACHE nor HOME is set");
-                    return None;
-                }
-            }
-        }
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is absent (run scripts/fetch-demo-model.sh)",
-            path.display()
-        );
-        None
-    }
-}
 
 fn golden(name: &str) -> Value {
     let path = qlora_tests::fixtures().join("golden/smollm2").join(name);
