@@ -146,7 +146,13 @@ fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap();
-    let scale: f32 = reference.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let scale: f32 = reference
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     diff / scale
 }
 
@@ -279,7 +285,10 @@ impl Case {
                 worst = worst.max(error);
             }
         }
-        println!("{}: worst LoRA gradient rel. error {worst:.3e}", self.model_dir);
+        println!(
+            "{}: worst LoRA gradient rel. error {worst:.3e}",
+            self.model_dir
+        );
     }
 }
 
@@ -346,7 +355,15 @@ fn random_lora_init_leaves_the_model_unchanged() {
     assert_eq!(model.lora_adapters().len(), 14);
     let a = model.lora_adapters()[0].a.as_tensor().abs().unwrap();
     let bound = 1.0 / 64f32.sqrt();
-    let max_a: f32 = a.max_keepdim(1).unwrap().max(0).unwrap().squeeze(0).unwrap().to_scalar().unwrap();
+    let max_a: f32 = a
+        .max_keepdim(1)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(max_a > 0.0 && max_a <= bound, "{max_a}");
     let (ids, mask, _) = QWEN2.inputs(&reference);
     let logits = model.forward(&ids, mask.as_ref(), &mut Mode::Eval).unwrap();
@@ -374,7 +391,10 @@ fn lora_dropout_only_in_training_and_seeded() {
     let (ids, _, labels) = BLOOM.inputs(&reference);
     let loss = |mode: &mut Mode<'_>| -> f32 {
         let logits = model.forward(&ids, None, mode).unwrap();
-        causal_lm_loss(&logits, &labels).unwrap().to_scalar().unwrap()
+        causal_lm_loss(&logits, &labels)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     };
     let eval = loss(&mut Mode::Eval);
     assert!((eval / reference.f32("lora_loss").to_vec1::<f32>().unwrap()[0] - 1.0).abs() < 1e-5);
@@ -445,11 +465,50 @@ fn wrong_tensor_shape_names_file_and_tensor() {
         panic!()
     };
     bloom.vocab_size = 500;
-    let err = Model::load(&config, &BLOOM.weights(), None).err().unwrap().to_string();
+    let err = Model::load(&config, &BLOOM.weights(), None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("model.safetensors")
             && err.contains("transformer.word_embeddings.weight")
             && err.contains("expected [500, 64]"),
         "{err}"
     );
+}
+
+/// BLOOM with padding, as transformers applies it: ALiBi positions count only real tokens and
+/// padding keys are masked, so a left- or right-padded row gives the unpadded row's logits at its
+/// real tokens.
+#[test]
+fn bloom_padding_leaves_real_tokens_unchanged() {
+    let model = Model::load(&BLOOM.config(), &BLOOM.weights(), None).unwrap();
+    let dev = &Device::Cpu;
+    let real = [1u32, 17, 99, 250, 44];
+    let unpadded = Tensor::new(&[real], dev).unwrap();
+    let expected = model
+        .forward(&unpadded, None, &mut Mode::Eval)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let pad = 3u32;
+    let ids = Tensor::new(
+        &[
+            [pad, pad, real[0], real[1], real[2], real[3], real[4]],
+            [real[0], real[1], real[2], real[3], real[4], pad, pad],
+        ],
+        dev,
+    )
+    .unwrap();
+    let mask = Tensor::new(&[[0u8, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], dev).unwrap();
+    let logits = model.forward(&ids, Some(&mask), &mut Mode::Eval).unwrap();
+    for (row, start) in [(0, 2), (1, 0)] {
+        let got = logits
+            .get(row)
+            .unwrap()
+            .narrow(0, start, real.len())
+            .unwrap();
+        let error = relative_error(&got, &expected);
+        assert!(error <= LOGITS_TOLERANCE, "row {row}: {error}");
+    }
 }

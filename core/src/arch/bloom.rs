@@ -49,7 +49,7 @@ impl BloomConfig {
             attention_dropout: f.opt_probability("attention_dropout")?.unwrap_or(0.0),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(true),
         };
-        if config.hidden_size % config.n_head != 0 {
+        if !config.hidden_size.is_multiple_of(config.n_head) {
             return Err(f.error(format!(
                 "hidden_size {} is not a multiple of n_head {}",
                 config.hidden_size, config.n_head
@@ -211,7 +211,10 @@ mod tests {
             .iter()
             .find(|t| t.name == "transformer.h.1.self_attention.query_key_value.weight")
             .unwrap();
-        assert_eq!((qkv.shape.clone(), qkv.role), (vec![192, 64], TensorRole::LinearWeight));
+        assert_eq!(
+            (qkv.shape.clone(), qkv.role),
+            (vec![192, 64], TensorRole::LinearWeight)
+        );
         let linears = description.linears();
         assert_eq!(linears.len(), 8);
         assert_eq!(linears[3].module, "transformer.h.0.mlp.dense_4h_to_h");
@@ -251,7 +254,10 @@ mod tests {
     fn rejects_indivisible_heads() {
         let text = TINY.replace("\"n_head\": 4", "\"n_head\": 5");
         let err = ModelConfig::parse(&text, "config.json").unwrap_err();
-        assert!(err.to_string().contains("not a multiple of n_head 5"), "{err}");
+        assert!(
+            err.to_string().contains("not a multiple of n_head 5"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -34,12 +34,16 @@ impl<'a> Fields<'a> {
         let v = self
             .get(key)
             .ok_or_else(|| self.error(format!("missing `{key}`")))?;
-        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str()
+            .ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.wrong_type(key, "a string", v))
+            })
             .transpose()
     }
 
@@ -88,7 +92,10 @@ impl<'a> Fields<'a> {
 
     pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.wrong_type(key, "a boolean", v)))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.wrong_type(key, "a boolean", v))
+            })
             .transpose()
     }
 

@@ -205,7 +205,10 @@ mod tests {
         lora.use_rslora = true;
         assert_eq!(lora.scale(), 8.0);
         let err = lora.targets(&d).unwrap_err();
-        assert!(err.to_string().contains("match no linear projection"), "{err}");
+        assert!(
+            err.to_string().contains("match no linear projection"),
+            "{err}"
+        );
         lora.target_modules = TargetModules::AllLinear;
         assert_eq!(lora.targets(&d).unwrap().len(), 14);
         lora.r = 0;

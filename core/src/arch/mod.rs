@@ -367,12 +367,18 @@ mod tests {
     fn rejects_unknown_model_type_naming_the_file() {
         let err = ModelConfig::parse(r#"{"model_type": "gpt2"}"#, "x/config.json").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("x/config.json") && msg.contains("gpt2"), "{msg}");
+        assert!(
+            msg.contains("x/config.json") && msg.contains("gpt2"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn rejects_bad_json() {
         let err = ModelConfig::parse("{", "c.json").unwrap_err();
-        assert!(err.to_string().starts_with("c.json: not valid JSON"), "{err}");
+        assert!(
+            err.to_string().starts_with("c.json: not valid JSON"),
+            "{err}"
+        );
     }
 }

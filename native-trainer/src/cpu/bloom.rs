@@ -64,9 +64,12 @@ impl Bloom {
             LmHead::TiedToEmbedding => word_embeddings.clone(),
             LmHead::Separate(spec) => weights.embedding(spec)?,
         };
-        let alibi_slopes =
-            Tensor::from_vec(config.alibi_slopes(), (1, config.n_head, 1, 1), &Device::Cpu)
-                .map_err(super::compute_error)?;
+        let alibi_slopes = Tensor::from_vec(
+            config.alibi_slopes(),
+            (1, config.n_head, 1, 1),
+            &Device::Cpu,
+        )
+        .map_err(super::compute_error)?;
         Ok(Bloom {
             config: config.clone(),
             word_embeddings,
@@ -85,13 +88,24 @@ impl Bloom {
     pub(crate) fn lora_adapters(&self) -> Vec<&LoraAdapter> {
         self.blocks
             .iter()
-            .flat_map(|b| [&b.query_key_value, &b.dense, &b.dense_h_to_4h, &b.dense_4h_to_h])
+            .flat_map(|b| {
+                [
+                    &b.query_key_value,
+                    &b.dense,
+                    &b.dense_h_to_4h,
+                    &b.dense_4h_to_h,
+                ]
+            })
             .filter_map(Linear::lora)
             .collect()
     }
 
     /// Logits `[B, T, V]`.
-    pub(crate) fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        batch: &Batch,
+        mode: &mut Mode<'_>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = (batch.batch_size, batch.seq_len);
         let embedded = batch.embed(&self.word_embeddings)?; // [B, T, H]
         let mut hidden = self.word_embeddings_layernorm.forward(&embedded)?;
@@ -101,7 +115,10 @@ impl Bloom {
             hidden = block.forward(&hidden, &alibi, &mask, &self.config, mode)?;
         }
         let hidden = self.ln_f.forward(&hidden)?; // [B, T, H]
-        let logits = frozen_matmul(&hidden.reshape((b * t, self.config.hidden_size))?, &self.lm_head)?;
+        let logits = frozen_matmul(
+            &hidden.reshape((b * t, self.config.hidden_size))?,
+            &self.lm_head,
+        )?;
         logits.reshape((b, t, self.config.vocab_size))
     }
 
@@ -146,7 +163,11 @@ impl Block {
             .reshape((b, t, nh, 3, hd))?;
         let head = |i: usize| -> candle_core::Result<Tensor> {
             // [B, T, nh, hd] -> [B, nh, T, hd]
-            fused.narrow(3, i, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous()
+            fused
+                .narrow(3, i, 1)?
+                .squeeze(3)?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let (q, k, v) = (head(0)?, head(1)?, head(2)?);
 

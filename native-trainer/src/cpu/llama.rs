@@ -105,7 +105,11 @@ impl Llama {
 
     /// Logits `[B, T, V]`. Positions are `0..T` in every row (transformers' default
     /// `position_ids`), so padding belongs on the right.
-    pub(crate) fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        batch: &Batch,
+        mode: &mut Mode<'_>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = (batch.batch_size, batch.seq_len);
         let mut hidden = batch.embed(&self.embed_tokens)?; // [B, T, H]
         let rope = Rope::new(&self.config, t)?;
@@ -114,7 +118,10 @@ impl Llama {
             hidden = block.forward(&hidden, &rope, &mask, &self.config, mode)?;
         }
         let hidden = self.norm.forward(&hidden)?;
-        let logits = frozen_matmul(&hidden.reshape((b * t, self.config.hidden_size))?, &self.lm_head)?;
+        let logits = frozen_matmul(
+            &hidden.reshape((b * t, self.config.hidden_size))?,
+            &self.lm_head,
+        )?;
         logits.reshape((b, t, self.config.vocab_size))
     }
 }

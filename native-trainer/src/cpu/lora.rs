@@ -60,7 +60,7 @@ pub(crate) struct AdapterFactory<'a> {
 }
 
 enum AdapterSource<'a> {
-    Random(StdRng),
+    Random(Box<StdRng>),
     Checkpoint {
         source: &'a dyn TensorSource,
         naming: &'a PeftNaming,
@@ -75,7 +75,9 @@ impl<'a> AdapterFactory<'a> {
     ) -> Result<AdapterFactory<'a>> {
         setup.config.targets(description)?;
         let source = match &setup.init {
-            LoraInit::Random { seed } => AdapterSource::Random(StdRng::seed_from_u64(*seed)),
+            LoraInit::Random { seed } => {
+                AdapterSource::Random(Box::new(StdRng::seed_from_u64(*seed)))
+            }
             LoraInit::FromSource { source, naming } => AdapterSource::Checkpoint {
                 source: *source,
                 naming,

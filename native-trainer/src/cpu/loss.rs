@@ -73,7 +73,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let targets = Tensor::from_vec(targets, (rows, 1), &Device::Cpu)?;
         let picked = log_probs.gather(&targets, 1)?.reshape(rows)?; // [N]
         let weights = Tensor::from_vec(weights, rows, &Device::Cpu)?;
-        (picked * weights)?.sum_all()?.affine(-1.0 / count as f64, 0.0)
+        (picked * weights)?
+            .sum_all()?
+            .affine(-1.0 / count as f64, 0.0)
     };
     compute().map_err(super::compute_error)
 }

@@ -17,8 +17,8 @@
 
 pub mod bloom;
 pub mod llama;
-mod loss;
 pub mod lora;
+mod loss;
 mod ops;
 mod weights;
 
@@ -29,8 +29,8 @@ use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
 use rand::rngs::StdRng;
 
-pub use loss::causal_lm_loss;
 pub use lora::{LoraAdapter, LoraInit, LoraSetup};
+pub use loss::causal_lm_loss;
 
 /// Evaluation (no dropout) or a training step, whose dropout masks come from the given RNG.
 pub enum Mode<'r> {

@@ -39,7 +39,10 @@ impl Batch {
                 .map_err(super::compute_error)?,
             other => return Err(invalid(format!("dtype {other:?} is not an integer type"))),
         };
-        if let Some(&bad) = ids.iter().find(|&&id| id < 0 || id as u64 >= vocab_size as u64) {
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&id| id < 0 || id as u64 >= vocab_size as u64)
+        {
             return Err(invalid(format!(
                 "token id {bad} is outside the vocabulary of {vocab_size}"
             )));
@@ -84,9 +87,11 @@ impl Batch {
     /// Rows of `table` `[V, H]` for the ids: `[B, T, H]`.
     pub(crate) fn embed(&self, table: &Tensor) -> candle_core::Result<Tensor> {
         let hidden = table.dim(1)?;
-        table
-            .index_select(&self.ids.flatten_all()?, 0)?
-            .reshape((self.batch_size, self.seq_len, hidden))
+        table.index_select(&self.ids.flatten_all()?, 0)?.reshape((
+            self.batch_size,
+            self.seq_len,
+            hidden,
+        ))
     }
 
     /// The additive attention mask `[B, 1, T, T]` transformers builds from a 2D padding mask:
@@ -178,7 +183,13 @@ impl Mode<'_> {
                 let keep = 1.0 - p;
                 let scale = (1.0 / keep) as f32;
                 let mask: Vec<f32> = (0..x.elem_count())
-                    .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+                    .map(|_| {
+                        if rng.random::<f64>() < keep {
+                            scale
+                        } else {
+                            0.0
+                        }
+                    })
                     .collect();
                 x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
             }
@@ -206,7 +217,11 @@ impl CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = x_layout.shape().dims2()?;
         let (n, weight_k) = self.weight.dims2()?;
         if k != weight_k {
@@ -222,7 +237,12 @@ impl CustomOp1 for FrozenMatmul {
         Ok((y, Shape::from((m, n))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         // dL/dx [m, k] = dL/dy [m, n] W [n, k]
         Ok(Some(grad_y.matmul(&self.weight)?))
     }
@@ -236,17 +256,38 @@ mod tests {
     #[test]
     fn frozen_matmul_matches_matmul_and_its_input_gradient() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::arange(0f32, 12., &dev).unwrap().reshape((3, 4)).unwrap())
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 12., &dev)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::arange(-5f32, 3., &dev)
+            .unwrap()
+            .reshape((2, 4))
             .unwrap();
-        let w = Tensor::arange(-5f32, 3., &dev).unwrap().reshape((2, 4)).unwrap();
         let y = frozen_matmul(x.as_tensor(), &w).unwrap();
         let expected = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        assert_eq!(y.to_vec2::<f32>().unwrap(), expected.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            expected.to_vec2::<f32>().unwrap()
+        );
         let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
-        let expected_grads = expected.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let expected_grads = expected
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert_eq!(
             grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
-            expected_grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
+            expected_grads
+                .get(x.as_tensor())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
         );
         assert!(grads.get(&w).is_none());
     }

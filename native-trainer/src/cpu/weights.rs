@@ -57,7 +57,10 @@ pub(crate) fn read_f32(source: &dyn TensorSource, name: &str, shape: &[usize]) -
         return Err(Error::tensor(
             file(),
             name,
-            format!("holds {} values, shape {shape:?} needs {expected}", values.len()),
+            format!(
+                "holds {} values, shape {shape:?} needs {expected}",
+                values.len()
+            ),
         ));
     }
     Tensor::from_vec(values, shape, &Device::Cpu).map_err(super::compute_error)
