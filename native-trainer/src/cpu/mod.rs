@@ -73,7 +73,7 @@ impl Model {
         let mut adapters = lora
             .map(|setup| lora::AdapterFactory::new(setup, &description))
             .transpose()?;
-        let weights = weights::Weights::new(checkpoint);
+        let weights = weights::Weights::new(checkpoint, &description);
         Ok(match &config.arch {
             ArchConfig::Bloom(c) => {
                 Model::Bloom(bloom::Bloom::load(c, &weights, adapters.as_mut())?)

@@ -2,22 +2,40 @@
 
 use super::ops::Norm;
 use candle_core::{Device, Tensor};
-use qlora_core::arch::{EmbeddingSpec, NormSpec};
+use qlora_core::arch::{ArchDescription, EmbeddingSpec, NormSpec};
 use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
 
 pub(crate) struct Weights<'a> {
     source: &'a dyn TensorSource,
+    /// The base-model prefix (`transformer.`) to drop from every name, for a checkpoint saved
+    /// without it.
+    strip_prefix: Option<&'static str>,
 }
 
 impl<'a> Weights<'a> {
-    pub(crate) fn new(source: &'a dyn TensorSource) -> Weights<'a> {
-        Weights { source }
+    /// Reads the tensors of `description` from `source`, under their `*ForCausalLM` names or, when
+    /// the token embedding is only found without it, without the base-model prefix.
+    pub(crate) fn new(source: &'a dyn TensorSource, description: &ArchDescription) -> Weights<'a> {
+        let prefix = description.architecture().base_model_prefix();
+        let embedding = &description.token_embedding().name;
+        let stripped_only = source.file_of(embedding).is_none()
+            && embedding
+                .strip_prefix(prefix)
+                .is_some_and(|bare| source.file_of(bare).is_some());
+        Weights {
+            source,
+            strip_prefix: stripped_only.then_some(prefix),
+        }
     }
 
     /// The tensor `name` as f32, which must have `shape`. Errors name the file and the tensor.
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        read_f32(self.source, name, shape)
+        let stored = self
+            .strip_prefix
+            .and_then(|prefix| name.strip_prefix(prefix))
+            .unwrap_or(name);
+        read_f32(self.source, stored, shape)
     }
 
     pub(crate) fn embedding(&self, spec: &EmbeddingSpec) -> Result<Tensor> {
