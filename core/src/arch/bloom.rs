@@ -49,7 +49,7 @@ impl BloomConfig {
             attention_dropout: f.opt_probability("attention_dropout")?.unwrap_or(0.0),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(true),
         };
-        if config.hidden_size % config.n_head != 0 {
+        if !config.hidden_size.is_multiple_of(config.n_head) {
             return Err(f.error(format!(
                 "hidden_size {} is not a multiple of n_head {}",
                 config.hidden_size, config.n_head

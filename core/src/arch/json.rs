@@ -17,10 +17,6 @@ impl<'a> Fields<'a> {
         Ok(Fields { object, origin })
     }
 
-    pub(crate) fn origin(&self) -> &'a str {
-        self.origin
-    }
-
     /// The field, treating an explicit `null` as absent (transformers writes `null` defaults).
     pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.object.get(key).filter(|v| !v.is_null())

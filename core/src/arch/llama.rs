@@ -63,7 +63,7 @@ impl LlamaConfig {
         let num_key_value_heads = f
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
-        if num_attention_heads % num_key_value_heads != 0 {
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(f.error(format!(
                 "num_attention_heads {num_attention_heads} is not a multiple of \
                  num_key_value_heads {num_key_value_heads}"
@@ -71,7 +71,9 @@ impl LlamaConfig {
         }
         let head_dim = match f.opt_usize("head_dim")? {
             Some(d) => d,
-            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None if hidden_size.is_multiple_of(num_attention_heads) => {
+                hidden_size / num_attention_heads
+            }
             None => {
                 return Err(f.error(format!(
                     "hidden_size {hidden_size} is not a multiple of num_attention_heads \
@@ -79,7 +81,7 @@ impl LlamaConfig {
                 )))
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(f.error(format!("head_dim {head_dim} is odd: RoPE needs pairs")));
         }
         let hidden_act = f.opt_str("hidden_act")?.unwrap_or("silu");

@@ -48,6 +48,16 @@ impl Architecture {
         }
     }
 
+    /// The prefix of the base model's tensors in a `*ForCausalLM` checkpoint. Checkpoints saved
+    /// from the bare base model (e.g. `bigscience/bloom-7b1`) lack it, and transformers accepts
+    /// both.
+    pub fn base_model_prefix(self) -> &'static str {
+        match self {
+            Architecture::Bloom => "transformer.",
+            Architecture::Llama | Architecture::Qwen2 => "model.",
+        }
+    }
+
     /// The modules PEFT adapts when none are named: BLOOM's fused attention input, and every
     /// linear projection of a LLaMA-family layer (the QLoRA paper's choice).
     pub fn default_lora_targets(self) -> &'static [&'static str] {
@@ -334,6 +344,14 @@ impl ArchDescription {
         match self {
             ArchDescription::Bloom(_) => Architecture::Bloom,
             ArchDescription::Llama(d) => d.config.arch,
+        }
+    }
+
+    /// The token embedding `[V, H]`.
+    pub fn token_embedding(&self) -> &EmbeddingSpec {
+        match self {
+            ArchDescription::Bloom(d) => &d.word_embeddings,
+            ArchDescription::Llama(d) => &d.embed_tokens,
         }
     }
 

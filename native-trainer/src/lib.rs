@@ -1,0 +1,6 @@
+//! qlora-trainer as a library: the compute paths the `qlora` binary drives.
+//!
+//! - [`cpu`]: the CPU reference implementation of the models, LoRA and the causal-LM loss
+//!   (candle-core), which the GPU paths are checked against.
+
+pub mod cpu;
