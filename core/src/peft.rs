@@ -9,35 +9,27 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::arch::{
+    parse_peft_tensor_name, peft_tensor_name, LoraConfig, LoraMatrix, PeftNaming, TargetModules,
+};
 use crate::checkpoint::{RawTensor, TensorSource};
 use crate::{DType, Error, Result};
 
-/// The PEFT prefix of every adapter tensor name.
-const PREFIX: &str = "base_model.model.";
-
-/// The parts of `adapter_config.json` qlora acts on, plus the whole JSON object as read.
+/// `adapter_config.json`: the LoRA hyper-parameters qlora acts on, plus the whole JSON object
+/// as read (or as PEFT 0.21 writes it, for a config made here).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoraConfig {
-    pub r: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub use_rslora: bool,
-    /// Module names (last path component, e.g. `query_key_value`) the adapter targets.
-    pub target_modules: Vec<String>,
-    /// Every key of the file, so writing it back loses nothing.
+pub struct AdapterConfig {
+    pub lora: LoraConfig,
     raw: Map<String, Value>,
 }
 
-impl LoraConfig {
-    /// A config with PEFT 0.21's keys and defaults for a causal LM.
-    pub fn new(
-        r: usize,
-        lora_alpha: f64,
-        lora_dropout: f64,
-        use_rslora: bool,
-        target_modules: Vec<String>,
-        base_model_name_or_path: Option<String>,
-    ) -> Self {
+impl AdapterConfig {
+    /// The config PEFT 0.21 writes for `lora` on a causal LM, every key with its default.
+    pub fn new(lora: LoraConfig, base_model_name_or_path: Option<String>) -> Self {
+        let targets = match &lora.target_modules {
+            TargetModules::Names(names) => json!(names),
+            TargetModules::AllLinear => json!("all-linear"),
+        };
         let raw = json!({
             "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null,
             "auto_mapping": null, "base_model_name_or_path": base_model_name_or_path,
@@ -45,27 +37,20 @@ impl LoraConfig {
             "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false,
             "inference_mode": true, "init_lora_weights": true, "kasa_config": null,
             "layer_replication": null, "layers_pattern": null, "layers_to_transform": null,
-            "loftq_config": {}, "lora_alpha": number(lora_alpha), "lora_bias": false,
-            "lora_dropout": lora_dropout, "lora_ga_config": null, "megatron_config": null,
+            "loftq_config": {}, "lora_alpha": number(lora.alpha), "lora_bias": false,
+            "lora_dropout": lora.dropout, "lora_ga_config": null, "megatron_config": null,
             "megatron_core": "megatron.core", "modules_to_save": null,
             "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2",
-            "qalora_group_size": 16, "r": r, "rank_pattern": {}, "revision": null,
-            "target_modules": target_modules, "target_parameters": null,
+            "qalora_group_size": 16, "r": lora.r, "rank_pattern": {}, "revision": null,
+            "target_modules": targets, "target_parameters": null,
             "task_type": "CAUSAL_LM", "trainable_token_indices": null, "use_bdlora": null,
-            "use_dora": false, "use_qalora": false, "use_rslora": use_rslora,
+            "use_dora": false, "use_qalora": false, "use_rslora": lora.use_rslora,
             "velora_config": null
         });
         let Value::Object(raw) = raw else {
             unreachable!("json! of an object literal")
         };
-        LoraConfig {
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            target_modules,
-            raw,
-        }
+        AdapterConfig { lora, raw }
     }
 
     /// Parses `adapter_config.json`; `file` names it in errors. Features qlora does not
@@ -92,12 +77,11 @@ impl LoraConfig {
             .filter(|&r| r > 0)
             .ok_or_else(|| Error::format(file, "`r` must be a positive integer"))?
             as usize;
-        let lora_alpha = field("lora_alpha")
+        let alpha = field("lora_alpha")
             .and_then(Value::as_f64)
             .ok_or_else(|| Error::format(file, "`lora_alpha` must be a number"))?;
-        let lora_dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+        let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
         let flag = |k: &str| field(k).and_then(Value::as_bool).unwrap_or(false);
-        let use_rslora = flag("use_rslora");
         for unsupported in ["use_dora", "fan_in_fan_out", "lora_bias"] {
             if flag(unsupported) {
                 return Err(Error::format(
@@ -126,22 +110,30 @@ impl LoraConfig {
             }
         }
         let target_modules = match field("target_modules") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| Error::format(file, "`target_modules` must hold strings"))?,
-            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => TargetModules::Names(
+                items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| Error::format(file, "`target_modules` must hold strings"))?,
+            ),
+            Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
+            Some(Value::String(s)) => {
+                return Err(Error::format(
+                    file,
+                    format!("`target_modules` as a regular expression ({s:?}) is not supported"),
+                ))
+            }
             _ => return Err(Error::format(file, "`target_modules` is missing")),
         };
-        Ok(LoraConfig {
+        let lora = LoraConfig {
             r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
+            alpha,
+            dropout,
+            use_rslora: flag("use_rslora"),
             target_modules,
-            raw,
-        })
+        };
+        Ok(AdapterConfig { lora, raw })
     }
 
     /// The JSON text PEFT writes: keys sorted, two-space indent, no trailing newline.
@@ -150,23 +142,6 @@ impl LoraConfig {
         // exactly as Python's `json.dumps(sort_keys=True)` sorts them.
         serde_json::to_string_pretty(&Value::Object(self.raw.clone()))
             .expect("a JSON map always serializes")
-    }
-
-    /// The factor LoRA's update is multiplied by: alpha/r, or alpha/sqrt(r) with rsLoRA.
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
-    }
-
-    /// Whether the module at `path` (e.g. `transformer.h.0.self_attention.query_key_value`)
-    /// is targeted: PEFT matches a list entry against the whole path or its last components.
-    pub fn targets(&self, path: &str) -> bool {
-        self.target_modules
-            .iter()
-            .any(|t| path == t || path.ends_with(&format!(".{t}")))
     }
 }
 
@@ -194,7 +169,7 @@ pub struct LoraPair {
 /// A whole adapter: its config and one A/B pair per adapted module path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraAdapter {
-    pub config: LoraConfig,
+    pub config: AdapterConfig,
     /// Keyed by module path without PEFT's prefix, e.g. `transformer.h.0.self_attention.query_key_value`.
     pub modules: BTreeMap<String, LoraPair>,
     /// The element type the tensors were stored in (written back the same way).
@@ -203,13 +178,17 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// Reads the pairs from `source` (an opened `adapter_model.safetensors` or `.bin`).
-    pub fn from_source(config: LoraConfig, source: &dyn TensorSource) -> Result<Self> {
+    pub fn from_source(config: AdapterConfig, source: &dyn TensorSource) -> Result<Self> {
         let mut halves: BTreeMap<String, [Option<RawTensor>; 2]> = BTreeMap::new();
         let mut dtype = None;
         for info in source.tensor_infos() {
             let file = source.file_of(&info.name).unwrap_or_default();
-            let (path, which) = split_peft_name(&info.name)
+            let (path, matrix) = parse_peft_tensor_name(&info.name)
                 .ok_or_else(|| Error::tensor(&file, &info.name, "not a PEFT LoRA tensor name"))?;
+            let which = match matrix {
+                LoraMatrix::A => 0,
+                LoraMatrix::B => 1,
+            };
             let tensor = source.read(&info.name)?;
             if !tensor.dtype.is_float() {
                 return Err(Error::tensor(
@@ -230,26 +209,25 @@ impl LoraAdapter {
         }
         let mut modules = BTreeMap::new();
         for (path, [a, b]) in halves {
-            let missing = |half: &str| {
+            let missing = |matrix| {
                 Error::tensor(
                     "adapter_model",
-                    format!("{PREFIX}{path}.{half}.weight"),
+                    peft_tensor_name(&path, matrix, &PeftNaming::Saved),
                     "missing: every adapted module needs lora_A and lora_B",
                 )
             };
-            let a = a.ok_or_else(|| missing("lora_A"))?;
-            let b = b.ok_or_else(|| missing("lora_B"))?;
+            let a = a.ok_or_else(|| missing(LoraMatrix::A))?;
+            let b = b.ok_or_else(|| missing(LoraMatrix::B))?;
             let (r, in_features) = (a.shape[0], a.shape[1]);
             let out_features = b.shape[0];
-            if r != config.r || b.shape[1] != r {
+            if r != config.lora.r || b.shape[1] != r {
+                let a_name = peft_tensor_name(&path, LoraMatrix::A, &PeftNaming::Saved);
                 return Err(Error::tensor(
-                    source
-                        .file_of(&format!("{PREFIX}{path}.lora_A.weight"))
-                        .unwrap_or_default(),
-                    format!("{PREFIX}{path}"),
+                    source.file_of(&a_name).unwrap_or_default(),
+                    a_name,
                     format!(
                         "lora_A is {:?} and lora_B {:?}, but the config says r = {}",
-                        a.shape, b.shape, config.r
+                        a.shape, b.shape, config.lora.r
                     ),
                 ));
             }
@@ -277,7 +255,7 @@ impl LoraAdapter {
         let mut out = Vec::with_capacity(self.modules.len() * 2);
         for (path, pair) in &self.modules {
             out.push((
-                format!("{PREFIX}{path}.lora_A.weight"),
+                peft_tensor_name(path, LoraMatrix::A, &PeftNaming::Saved),
                 RawTensor {
                     dtype: self.dtype,
                     shape: vec![pair.r, pair.in_features],
@@ -285,7 +263,7 @@ impl LoraAdapter {
                 },
             ));
             out.push((
-                format!("{PREFIX}{path}.lora_B.weight"),
+                peft_tensor_name(path, LoraMatrix::B, &PeftNaming::Saved),
                 RawTensor {
                     dtype: self.dtype,
                     shape: vec![pair.out_features, pair.r],
@@ -302,51 +280,30 @@ impl LoraAdapter {
     }
 }
 
-/// `base_model.model.<path>.lora_A.weight` → (`<path>`, 0); `lora_B` → 1. Also accepts the
-/// in-memory names with an adapter name (`lora_A.default.weight`).
-fn split_peft_name(name: &str) -> Option<(&str, usize)> {
-    let rest = name.strip_prefix(PREFIX)?;
-    let rest = rest.strip_suffix(".weight")?;
-    let rest = rest.strip_suffix(".default").unwrap_or(rest);
-    if let Some(path) = rest.strip_suffix(".lora_A") {
-        Some((path, 0))
-    } else {
-        rest.strip_suffix(".lora_B").map(|path| (path, 1))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn splits_peft_names() {
-        assert_eq!(
-            split_peft_name("base_model.model.a.b.q_proj.lora_A.weight"),
-            Some(("a.b.q_proj", 0))
-        );
-        assert_eq!(
-            split_peft_name("base_model.model.a.q_proj.lora_B.default.weight"),
-            Some(("a.q_proj", 1))
-        );
-        assert_eq!(split_peft_name("model.a.q_proj.lora_A.weight"), None);
-        assert_eq!(split_peft_name("base_model.model.a.q_proj.weight"), None);
-    }
-
-    #[test]
     fn config_refuses_dora_and_keeps_unknown_keys() {
-        let c = LoraConfig::new(16, 32.0, 0.05, false, vec!["q".into()], None);
+        let lora = LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            use_rslora: false,
+            target_modules: TargetModules::Names(vec!["q".into()]),
+        };
+        let c = AdapterConfig::new(lora.clone(), None);
         let mut v: Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(v["lora_alpha"], json!(32));
         v["use_dora"] = json!(true);
-        let err = LoraConfig::from_json("adapter_config.json", &v.to_string()).unwrap_err();
+        let err = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap_err();
         assert!(err.to_string().contains("use_dora"), "{err}");
         v["use_dora"] = json!(false);
         v["some_future_key"] = json!([1, 2]);
-        let back = LoraConfig::from_json("adapter_config.json", &v.to_string()).unwrap();
+        let back = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap();
         assert!(back.to_json().contains("\"some_future_key\""));
-        assert_eq!(back.scale(), 2.0);
-        assert!(back.targets("model.layers.0.self_attn.q"));
-        assert!(!back.targets("model.layers.0.self_attn.qq"));
+        assert_eq!(back.lora, lora);
     }
 }
 
@@ -359,7 +316,7 @@ pub const LEGACY_WEIGHTS_FILE: &str = "adapter_model.bin";
 impl LoraAdapter {
     /// An adapter from the bytes of its two files (the browser hands files over as bytes).
     pub fn from_bytes(config_json: &str, weights: Vec<u8>) -> Result<Self> {
-        let config = LoraConfig::from_json(CONFIG_FILE, config_json)?;
+        let config = AdapterConfig::from_json(CONFIG_FILE, config_json)?;
         let source = crate::checkpoint::SafetensorsFile::from_bytes(WEIGHTS_FILE, weights)?;
         LoraAdapter::from_source(config, &source)
     }
@@ -371,7 +328,7 @@ impl LoraAdapter {
     pub fn load(dir: &std::path::Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config = LoraConfig::from_json(&config_path.display().to_string(), &text)?;
+        let config = AdapterConfig::from_json(&config_path.display().to_string(), &text)?;
         let weights = dir.join(WEIGHTS_FILE);
         let legacy = dir.join(LEGACY_WEIGHTS_FILE);
         let source = if weights.is_file() || !legacy.is_file() {

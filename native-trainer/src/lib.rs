@@ -4,3 +4,5 @@
 //!   (candle-core), which the GPU paths are checked against.
 
 pub mod cpu;
+pub mod load;
+pub mod progress;

@@ -155,6 +155,25 @@ pub fn peft_tensor_name(module: &str, matrix: LoraMatrix, naming: &PeftNaming) -
     }
 }
 
+/// The module path and matrix of a PEFT tensor name, saved (`base_model.model.<module>.lora_A.weight`)
+/// or live (`...lora_A.<adapter>.weight`); `None` for any other name. The inverse of
+/// [`peft_tensor_name`].
+pub fn parse_peft_tensor_name(name: &str) -> Option<(&str, LoraMatrix)> {
+    let rest = name
+        .strip_prefix("base_model.model.")?
+        .strip_suffix(".weight")?;
+    for (marker, matrix) in [(".lora_A", LoraMatrix::A), (".lora_B", LoraMatrix::B)] {
+        if let Some(at) = rest.rfind(marker) {
+            let after = &rest[at + marker.len()..];
+            // Nothing after the marker (saved) or `.<adapter name>` without dots (live).
+            if after.is_empty() || (after.starts_with('.') && !after[1..].contains('.')) {
+                return Some((&rest[..at], matrix));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +244,18 @@ mod tests {
         assert_eq!(
             peft_tensor_name(m, LoraMatrix::B, &PeftNaming::Live("default".into())),
             "base_model.model.transformer.h.0.self_attention.query_key_value.lora_B.default.weight"
+        );
+        for (matrix, naming) in [
+            (LoraMatrix::A, PeftNaming::Saved),
+            (LoraMatrix::B, PeftNaming::Live("default".into())),
+        ] {
+            let name = peft_tensor_name(m, matrix, &naming);
+            assert_eq!(parse_peft_tensor_name(&name), Some((m, matrix)));
+        }
+        assert_eq!(parse_peft_tensor_name("model.a.q_proj.lora_A.weight"), None);
+        assert_eq!(
+            parse_peft_tensor_name("base_model.model.a.q_proj.weight"),
+            None
         );
     }
 }

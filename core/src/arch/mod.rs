@@ -18,7 +18,9 @@ use crate::{Error, Result};
 
 pub use bloom::{BloomConfig, BloomDescription, BloomLayer};
 pub use llama::{LlamaConfig, LlamaDescription, LlamaLayer, RopeLayout};
-pub use lora::{peft_tensor_name, LoraConfig, LoraMatrix, PeftNaming, TargetModules};
+pub use lora::{
+    parse_peft_tensor_name, peft_tensor_name, LoraConfig, LoraMatrix, PeftNaming, TargetModules,
+};
 pub use quantization::{QuantType, QuantizationConfig};
 
 /// The `model_type` of a `config.json` that qlora can run.

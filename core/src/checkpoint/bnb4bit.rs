@@ -381,3 +381,77 @@ fn deserialize_state(
     let s = parse_quant_state("", &state_name, &raw.data).ok()?;
     Some((s.dtype, s.shape))
 }
+
+/// A full-precision checkpoint whose linear weights read as bitsandbytes would hold them in a
+/// 4-bit model: `dequantize(quantize(w))`, rounded to `w`'s dtype. This is the frozen base of
+/// QLoRA training on a full-precision checkpoint (`--quan` on load): the model sees exactly the
+/// weights it would see after `qlora quantize`, without writing them out.
+pub struct QuantizeOnRead<S> {
+    inner: S,
+    /// Names of the weights to quantize (the linear projections).
+    linear: BTreeSet<String>,
+    quant_type: QuantType,
+    blocksize: usize,
+    double_quant: bool,
+}
+
+impl<S: TensorSource> QuantizeOnRead<S> {
+    pub fn new(
+        inner: S,
+        linear_weights: impl IntoIterator<Item = String>,
+        quant_type: QuantType,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
+        if !quant::BLOCKSIZES.contains(&blocksize) {
+            return Err(Error::Invalid(format!(
+                "blocksize {blocksize} is not one of {:?}",
+                quant::BLOCKSIZES
+            )));
+        }
+        Ok(QuantizeOnRead {
+            inner,
+            linear: linear_weights.into_iter().collect(),
+            quant_type,
+            blocksize,
+            double_quant,
+        })
+    }
+}
+
+impl<S: TensorSource> TensorSource for QuantizeOnRead<S> {
+    fn tensor_infos(&self) -> Vec<TensorInfo> {
+        self.inner.tensor_infos()
+    }
+
+    fn read(&self, name: &str) -> Result<RawTensor> {
+        let raw = self.inner.read(name)?;
+        if !self.linear.contains(name) {
+            return Ok(raw);
+        }
+        let data = quant::FloatData::from_le_bytes(raw.dtype, &raw.data).map_err(|e| {
+            Error::tensor(
+                self.inner.file_of(name).unwrap_or_default(),
+                name,
+                e.to_string(),
+            )
+        })?;
+        let q = quant::quantize_4bit(
+            data.as_slice(),
+            &raw.shape,
+            self.quant_type,
+            self.blocksize,
+            self.double_quant,
+        )?;
+        let values = quant::dequantize_4bit(&q)?;
+        Ok(RawTensor {
+            dtype: raw.dtype,
+            shape: raw.shape,
+            data: crate::dtype::from_f32(raw.dtype, &values),
+        })
+    }
+
+    fn file_of(&self, name: &str) -> Option<String> {
+        self.inner.file_of(name)
+    }
+}

@@ -14,7 +14,7 @@ use qlora_core::fsutil::AtomicDir;
 use qlora_core::quant::{self, FloatData, QuantType};
 use qlora_core::DType;
 
-use crate::progress;
+use qlora_trainer::progress;
 
 /// Files of a model directory that are not weights and travel with it unchanged.
 const COMPANION_FILES: [&str; 10] = [
