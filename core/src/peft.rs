@@ -280,33 +280,6 @@ impl LoraAdapter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_refuses_dora_and_keeps_unknown_keys() {
-        let lora = LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.05,
-            use_rslora: false,
-            target_modules: TargetModules::Names(vec!["q".into()]),
-        };
-        let c = AdapterConfig::new(lora.clone(), None);
-        let mut v: Value = serde_json::from_str(&c.to_json()).unwrap();
-        assert_eq!(v["lora_alpha"], json!(32));
-        v["use_dora"] = json!(true);
-        let err = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap_err();
-        assert!(err.to_string().contains("use_dora"), "{err}");
-        v["use_dora"] = json!(false);
-        v["some_future_key"] = json!([1, 2]);
-        let back = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap();
-        assert!(back.to_json().contains("\"some_future_key\""));
-        assert_eq!(back.lora, lora);
-    }
-}
-
 /// The file names PEFT's `save_pretrained` writes.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -363,5 +336,32 @@ impl LoraAdapter {
         file.write_all(self.config.to_json().as_bytes())
             .map_err(|e| Error::io(&config_path, e))?;
         file.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_refuses_dora_and_keeps_unknown_keys() {
+        let lora = LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            use_rslora: false,
+            target_modules: TargetModules::Names(vec!["q".into()]),
+        };
+        let c = AdapterConfig::new(lora.clone(), None);
+        let mut v: Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(v["lora_alpha"], json!(32));
+        v["use_dora"] = json!(true);
+        let err = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap_err();
+        assert!(err.to_string().contains("use_dora"), "{err}");
+        v["use_dora"] = json!(false);
+        v["some_future_key"] = json!([1, 2]);
+        let back = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap();
+        assert!(back.to_json().contains("\"some_future_key\""));
+        assert_eq!(back.lora, lora);
     }
 }

@@ -198,7 +198,7 @@ impl TensorSource for GgufCheckpoint {
             None
         };
         if let Some(n_head) = heads {
-            if shape.len() != 2 || shape[0] % (2 * n_head) != 0 {
+            if shape.len() != 2 || !shape[0].is_multiple_of(2 * n_head) {
                 return Err(Error::tensor(
                     self.gguf.name(),
                     g,
