@@ -167,13 +167,6 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
-/// `x - log(sum(exp(x)))` over the last dimension, computed from the shifted values.
-pub(crate) fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&log_sum)
-}
-
 impl Mode<'_> {
     /// Inverted dropout as `torch.nn.functional.dropout`: in training, each element is zeroed with
     /// probability `p` and the others scaled by `1 / (1 - p)`; the identity in evaluation.
