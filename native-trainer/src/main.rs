@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 #[derive(Parser)]
-#[command(name = "qlora", version, about = "QLoRA fine-tuning and 4-bit inference")]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA fine-tuning and 4-bit inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
