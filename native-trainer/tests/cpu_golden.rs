@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use qlora_core::arch::{ArchConfig, LoraConfig, ModelConfig, PeftNaming, TargetModules};
-use qlora_core::checkpoint::{RawTensor, TensorInfo, TensorSource};
+use qlora_core::checkpoint::{RawTensor, SafetensorsFile, TensorInfo, TensorSource};
 use qlora_trainer::cpu::{backward, causal_lm_loss, LoraInit, LoraSetup, Mode, Model};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -21,25 +21,19 @@ fn golden(path: &str) -> PathBuf {
         .join(path)
 }
 
-/// Test-only reader of one safetensors file (the real checkpoint readers live elsewhere).
-struct SafetensorsFile {
-    name: String,
-    bytes: Vec<u8>,
+/// Opens a golden safetensors file with the real reader.
+fn open_golden(path: &str) -> SafetensorsFile {
+    let path = golden(path);
+    SafetensorsFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-impl SafetensorsFile {
-    fn open(path: &str) -> SafetensorsFile {
-        let path = golden(path);
-        SafetensorsFile {
-            name: path.display().to_string(),
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
-    }
+/// Golden tensors as candle tensors.
+trait GoldenTensors {
+    fn f32(&self, name: &str) -> Tensor;
+    fn i64(&self, name: &str) -> Tensor;
+}
 
-    fn parsed(&self) -> safetensors::SafeTensors<'_> {
-        safetensors::SafeTensors::deserialize(&self.bytes).expect("a valid safetensors file")
-    }
-
+impl GoldenTensors for SafetensorsFile {
     fn f32(&self, name: &str) -> Tensor {
         let raw = self.read(name).unwrap();
         Tensor::from_vec(raw.to_f32().unwrap(), raw.shape, &Device::Cpu).unwrap()
@@ -54,55 +48,6 @@ impl SafetensorsFile {
             .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
             .collect();
         Tensor::from_vec(values, raw.shape, &Device::Cpu).unwrap()
-    }
-}
-
-fn dtype_of(dtype: safetensors::Dtype) -> qlora_core::DType {
-    use qlora_core::DType as Q;
-    match dtype {
-        safetensors::Dtype::F32 => Q::F32,
-        safetensors::Dtype::F16 => Q::F16,
-        safetensors::Dtype::BF16 => Q::BF16,
-        safetensors::Dtype::I64 => Q::I64,
-        safetensors::Dtype::I32 => Q::I32,
-        safetensors::Dtype::U8 => Q::U8,
-        other => panic!("dtype {other:?} is not used by the golden files"),
-    }
-}
-
-impl TensorSource for SafetensorsFile {
-    fn tensor_infos(&self) -> Vec<TensorInfo> {
-        let mut infos: Vec<_> = self
-            .parsed()
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| TensorInfo {
-                name,
-                dtype: dtype_of(view.dtype()),
-                shape: view.shape().to_vec(),
-            })
-            .collect();
-        infos.sort_by(|a, b| a.name.cmp(&b.name));
-        infos
-    }
-
-    fn read(&self, name: &str) -> qlora_core::Result<RawTensor> {
-        let view = self
-            .parsed()
-            .tensor(name)
-            .map_err(|e| qlora_core::Error::tensor(&self.name, name, e.to_string()))?;
-        Ok(RawTensor {
-            dtype: dtype_of(view.dtype()),
-            shape: view.shape().to_vec(),
-            data: view.data().to_vec(),
-        })
-    }
-
-    fn file_of(&self, name: &str) -> Option<String> {
-        self.parsed()
-            .tensor(name)
-            .is_ok()
-            .then(|| self.name.clone())
     }
 }
 
@@ -203,7 +148,7 @@ impl Case {
     }
 
     fn weights(&self) -> SafetensorsFile {
-        SafetensorsFile::open(&format!("{}/model.safetensors", self.model_dir))
+        open_golden(&format!("{}/model.safetensors", self.model_dir))
     }
 
     /// The golden LoRA: r = 4, alpha = 8, dropout 0.
@@ -226,7 +171,7 @@ impl Case {
 
     /// Base model, eval mode: logits and loss against transformers.
     fn check_logits_and_loss(&self) {
-        let reference = SafetensorsFile::open(self.reference);
+        let reference = open_golden(self.reference);
         let model = Model::load(&self.config(), &self.weights(), None).unwrap();
         let (ids, mask, labels) = self.inputs(&reference);
         let logits = model.forward(&ids, mask.as_ref(), &mut Mode::Eval).unwrap();
@@ -243,7 +188,7 @@ impl Case {
 
     /// LoRA with the reference's adapter values: loss and every A/B gradient against PEFT.
     fn check_lora_loss_and_gradients(&self) {
-        let reference = SafetensorsFile::open(self.reference);
+        let reference = open_golden(self.reference);
         let init_values = Prefixed {
             inner: &reference,
             prefix: "lora_init.",
@@ -326,8 +271,8 @@ fn qwen2_lora_loss_and_gradients_match_peft() {
 /// `lora_init` values: a model built from it gives the reference LoRA loss.
 #[test]
 fn saved_peft_adapter_loads_under_its_names() {
-    let reference = SafetensorsFile::open(BLOOM.reference);
-    let adapter = SafetensorsFile::open("tiny-bloom-lora/adapter_model.safetensors");
+    let reference = open_golden(BLOOM.reference);
+    let adapter = open_golden("tiny-bloom-lora/adapter_model.safetensors");
     let setup = LoraSetup {
         config: BLOOM.lora_config(),
         init: LoraInit::FromSource {
@@ -346,7 +291,7 @@ fn saved_peft_adapter_loads_under_its_names() {
 /// PEFT's initialization has B = 0: the adapted model starts as the base model.
 #[test]
 fn random_lora_init_leaves_the_model_unchanged() {
-    let reference = SafetensorsFile::open(QWEN2.reference);
+    let reference = open_golden(QWEN2.reference);
     let setup = LoraSetup {
         config: QWEN2.lora_config(),
         init: LoraInit::Random { seed: 1 },
@@ -372,7 +317,7 @@ fn random_lora_init_leaves_the_model_unchanged() {
 /// LoRA dropout acts in training mode only, reproducibly from the seed.
 #[test]
 fn lora_dropout_only_in_training_and_seeded() {
-    let reference = SafetensorsFile::open(BLOOM.reference);
+    let reference = open_golden(BLOOM.reference);
     let init_values = Prefixed {
         inner: &reference,
         prefix: "lora_init.",
@@ -438,7 +383,7 @@ fn adjacent_pair_rope_runs_gguf_permuted_weights() {
             self.inner.file_of(name)
         }
     }
-    let reference = SafetensorsFile::open(QWEN2.reference);
+    let reference = open_golden(QWEN2.reference);
     let mut config = QWEN2.config();
     let ArchConfig::Llama(llama) = &mut config.arch else {
         panic!("qwen2 is a llama-family model")
@@ -515,7 +460,7 @@ fn bloom_padding_leaves_real_tokens_unchanged() {
 /// A checkpoint saved from the bare base model has no `transformer.` prefix; it loads the same.
 #[test]
 fn checkpoint_without_base_model_prefix_loads() {
-    let reference = SafetensorsFile::open(BLOOM.reference);
+    let reference = open_golden(BLOOM.reference);
     let weights = BLOOM.weights();
     // Reading `name` from this view reads `transformer.<name>`: a checkpoint whose names lack
     // the prefix.
