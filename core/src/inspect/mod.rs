@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::quant::QuantType;
 
 pub use histogram::Histogram;
-pub use model::{summarize_tensor, ConfigTotal, HeatMap, LinearLocation, ModelReport, TensorSummary};
+pub use model::{
+    summarize_tensor, ConfigTotal, HeatMap, LinearLocation, ModelReport, TensorSummary,
+};
 pub use stats::{ErrorSummary, Quantiles, Sqnr};
 pub use tensor::{inspect_tensor, ConfigDetail, TensorReport, WeightStats};
 

@@ -117,7 +117,11 @@ impl ModelReport {
                 ConfigTotal {
                     config,
                     numel,
-                    mse: if numel == 0 { 0.0 } else { noise / numel as f64 },
+                    mse: if numel == 0 {
+                        0.0
+                    } else {
+                        noise / numel as f64
+                    },
                     sqnr: Sqnr::from_sums(signal, noise),
                 }
             })

@@ -79,15 +79,24 @@ fn gaussian_nf4_beats_fp4_and_the_figures_agree() {
             // NF4's levels are the normal quantiles; FP4 wastes a level on its tiny subnormal
             // and spaces the large ones coarsely: about 2.5 dB apart on Gaussian weights
             // (measured 2.45, 2.58, 2.70 dB at blocks of 64, 128, 256).
-            assert!((2.0..3.2).contains(&(nf4 - fp4)), "bs{bs} dq {dq}: {nf4} vs {fp4}");
+            assert!(
+                (2.0..3.2).contains(&(nf4 - fp4)),
+                "bs{bs} dq {dq}: {nf4} vs {fp4}"
+            );
             // NF4 on Gaussian blocks of 64..256: roughly 19–21 dB.
             assert!((18.0..22.0).contains(&nf4), "bs{bs} dq {dq}: NF4 {nf4}");
         }
         for qt in [QuantType::Nf4, QuantType::Fp4] {
             let plain = summary(&report, config(qt, bs, false)).sqnr.db();
             let double = summary(&report, config(qt, bs, true)).sqnr.db();
-            println!("{qt} bs{bs}: double quant changes SQNR by {:.5} dB", double - plain);
-            assert!((double - plain).abs() < 0.05, "{qt} bs{bs}: {plain} vs {double}");
+            println!(
+                "{qt} bs{bs}: double quant changes SQNR by {:.5} dB",
+                double - plain
+            );
+            assert!(
+                (double - plain).abs() < 0.05,
+                "{qt} bs{bs}: {plain} vs {double}"
+            );
         }
     }
     // A larger block has a larger absmax, hence coarser levels for the bulk of the weights.
@@ -116,7 +125,11 @@ fn relative_error_of_outlier_blocks() {
     let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
     for qt in [QuantType::Nf4, QuantType::Fp4] {
         let c = config(qt, 64, false);
-        let (s, rel) = measure(&w, &reconstruct(FloatSlice::F32(&w), &GAUSS_SHAPE, c).unwrap(), c);
+        let (s, rel) = measure(
+            &w,
+            &reconstruct(FloatSlice::F32(&w), &GAUSS_SHAPE, c).unwrap(),
+            c,
+        );
         let q = s.block_rel_error.unwrap();
         let mut by_error: Vec<usize> = (0..rel.len()).collect();
         by_error.sort_by(|&a, &b| rel[b].total_cmp(&rel[a]));
@@ -127,7 +140,11 @@ fn relative_error_of_outlier_blocks() {
             .iter()
             .map(|&b| {
                 let block = &w[b * 64..(b + 1) * 64];
-                let rest: Vec<f32> = block.iter().copied().filter(|x| x.abs() < 40.0 * GAUSS_STD).collect();
+                let rest: Vec<f32> = block
+                    .iter()
+                    .copied()
+                    .filter(|x| x.abs() < 40.0 * GAUSS_STD)
+                    .collect();
                 rel[b] / (norm(&rest) / norm(block))
             })
             .collect();
@@ -170,12 +187,21 @@ fn all_zero_blocks_are_counted_apart() {
         assert_eq!((s.blocks, s.zero_blocks), (4, 1), "{}", s.config.label());
         assert_eq!(d.block_rel_error_histogram.total(), 3);
         let deq = dequantize_4bit(
-            &quantize_4bit(FloatSlice::F32(&w), &[256], s.config.quant_type, 64, s.config.double_quant)
-                .unwrap(),
+            &quantize_4bit(
+                FloatSlice::F32(&w),
+                &[256],
+                s.config.quant_type,
+                64,
+                s.config.double_quant,
+            )
+            .unwrap(),
         )
         .unwrap();
         let zero_block_error = deq[128..192].iter().map(|d| d.abs()).fold(0.0f32, f32::max);
-        println!("{}: |ŵ| in the zero block up to {zero_block_error:e}", s.config.label());
+        println!(
+            "{}: |ŵ| in the zero block up to {zero_block_error:e}",
+            s.config.label()
+        );
         // The kernel gives an all-zero block absmax 0 and code 0: exact without double quant.
         // With double quant that absmax comes back as (nearly) 0 plus the nested offset's
         // rounding, and NF4's code 0 is -1: the zero block then reconstructs to -absmax'.
@@ -184,10 +210,18 @@ fn all_zero_blocks_are_counted_apart() {
         }
     }
     let zeros = vec![0.0f32; 128];
-    let s = summarize_tensor("zeros", FloatSlice::F32(&zeros), &[128], &[config(QuantType::Nf4, 64, false)])
-        .unwrap();
+    let s = summarize_tensor(
+        "zeros",
+        FloatSlice::F32(&zeros),
+        &[128],
+        &[config(QuantType::Nf4, 64, false)],
+    )
+    .unwrap();
     let s = &s.configs[0];
-    assert_eq!((s.sqnr, s.zero_blocks, s.block_rel_error), (Sqnr::NoSignal, 2, None));
+    assert_eq!(
+        (s.sqnr, s.zero_blocks, s.block_rel_error),
+        (Sqnr::NoSignal, 2, None)
+    );
     assert_eq!((s.mse, s.max_abs_error), (0.0, 0.0));
 }
 
@@ -208,17 +242,30 @@ fn tiny_case_by_hand() {
         0.7229568362236023,
         0.33791524171829224,
     ];
-    let errors: Vec<f64> = w.iter().zip(codes).map(|(&w, c)| w as f64 - c as f32 as f64).collect();
+    let errors: Vec<f64> = w
+        .iter()
+        .zip(codes)
+        .map(|(&w, c)| w as f64 - c as f32 as f64)
+        .collect();
     let mse = errors.iter().map(|e| e * e).sum::<f64>() / 8.0;
     let max = errors.iter().map(|e| e.abs()).fold(0.0, f64::max);
     // By hand: errors 0, .0251, .0039, .0204, 0, 0, -.0230, -.0379 → max .0379 (at 0.3),
     // MSE (.0251² + .0039² + .0204² + .0230² + .0379²) / 8 ≈ 3.78e-4.
-    assert!((max - 0.0379).abs() < 1e-4 && (mse - 3.78e-4).abs() < 0.01e-4, "{max} {mse}");
+    assert!(
+        (max - 0.0379).abs() < 1e-4 && (mse - 3.78e-4).abs() < 0.01e-4,
+        "{max} {mse}"
+    );
 
     let c = config(QuantType::Nf4, 32, false);
-    let deq = dequantize_4bit(&quantize_4bit(FloatSlice::F32(&w), &[8], c.quant_type, 32, false).unwrap())
-        .unwrap();
-    assert_eq!(deq, codes.map(|c| c as f32), "dequantize_4bit takes the nearest codes");
+    let deq = dequantize_4bit(
+        &quantize_4bit(FloatSlice::F32(&w), &[8], c.quant_type, 32, false).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        deq,
+        codes.map(|c| c as f32),
+        "dequantize_4bit takes the nearest codes"
+    );
     let report = inspect_tensor("tiny", FloatSlice::F32(&w), &[8], &[c], 5).unwrap();
     let d = &report.configs[0];
     let s = &d.summary;
@@ -240,7 +287,8 @@ fn tiny_case_by_hand() {
 fn non_finite_input_and_bad_shapes_are_errors() {
     let mut w = vec![0.5f32; 64];
     w[9] = f32::NAN;
-    let err = inspect_tensor("x", FloatSlice::F32(&w), &[64], &quant_configs(&[64]), 10).unwrap_err();
+    let err =
+        inspect_tensor("x", FloatSlice::F32(&w), &[64], &quant_configs(&[64]), 10).unwrap_err();
     assert!(err.to_string().contains("index 9"), "{err}");
     let ok = vec![0.5f32; 64];
     assert!(summarize_tensor("x", FloatSlice::F32(&ok), &[65], &quant_configs(&[64])).is_err());
@@ -273,7 +321,10 @@ fn model_report_heat_maps_and_json() {
     let report = ModelReport::new(configs.clone(), tensors.clone());
     let map = &report.heat_maps[1];
     assert_eq!(map.config, configs[1]);
-    assert_eq!((map.layers.clone(), map.modules.clone()), (vec![0, 1], vec!["q_proj".into(), "up_proj".into()]));
+    assert_eq!(
+        (map.layers.clone(), map.modules.clone()),
+        (vec![0, 1], vec!["q_proj".into(), "up_proj".into()])
+    );
     assert_eq!(map.sqnr[1][0], Some(tensors[2].configs[1].sqnr));
     assert_eq!(map.sqnr[1][1], None);
     // Totals weigh each tensor by its size: between the best and worst tensor.
