@@ -171,11 +171,18 @@ pub fn heat_maps_svg(title: &str, panels: &[(&str, &HeatMap)]) -> String {
             );
             for (c, cell) in row.iter().enumerate() {
                 let x = x0 + c as f64 * CELL.0;
-                let (fill, label) = match cell {
-                    None => ("#eeeeee".to_string(), "–".to_string()),
-                    Some(Sqnr::Db(db)) => (scale_color((db - lo) / (hi - lo)), format!("{db:.2}")),
-                    Some(Sqnr::Lossless) => (scale_color(1.0), "∞".to_string()),
-                    Some(Sqnr::NoSignal) => ("#bbbbbb".to_string(), "n/a".to_string()),
+                // Position on the colour scale, for the fill and a readable text colour.
+                let (t, label) = match cell {
+                    None => (None, "–".to_string()),
+                    Some(Sqnr::Db(db)) => (Some((db - lo) / (hi - lo)), format!("{db:.2}")),
+                    Some(Sqnr::Lossless) => (Some(1.0), "∞".to_string()),
+                    Some(Sqnr::NoSignal) => (None, "n/a".to_string()),
+                };
+                let fill = t.map_or_else(|| "#dddddd".to_string(), scale_color);
+                let ink = if t.is_some_and(|t| t < 0.5) {
+                    "fill=\"#fff\""
+                } else {
+                    "fill=\"#000\""
                 };
                 svg.rect(x, y, CELL.0, CELL.1, &fill);
                 svg.text(
@@ -184,7 +191,7 @@ pub fn heat_maps_svg(title: &str, panels: &[(&str, &HeatMap)]) -> String {
                     &label,
                     "middle",
                     10.0,
-                    "fill=\"#000\"",
+                    ink,
                 );
             }
         }
@@ -252,14 +259,10 @@ impl Frame {
     fn draw_axes(&self, svg: &mut Svg, title: &str, x_label: &str, y_label: &str) {
         let (left, right) = (MARGIN.0, WIDTH - MARGIN.1);
         let (top, bottom) = (MARGIN.2, HEIGHT - MARGIN.3);
-        svg.text(
-            WIDTH / 2.0,
-            26.0,
-            title,
-            "middle",
-            15.0,
-            "font-weight=\"bold\"",
-        );
+        // Shrunk to fit long tensor names (bold sans-serif is about 0.56 em a character).
+        let size = 15f64.min((WIDTH - 16.0) / (0.56 * title.chars().count() as f64));
+        let bold = "font-weight=\"bold\"";
+        svg.text(WIDTH / 2.0, 26.0, title, "middle", size.floor(), bold);
         writeln!(
             svg.body,
             r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="none" stroke="#333"/>"##,

@@ -76,6 +76,10 @@ pub fn quant_configs(blocksizes: &[usize]) -> Vec<QuantConfig> {
 }
 
 /// The document `qlora inspect` writes: one tensor in full, or a whole model's summaries.
+/// In JSON, `{"kind": "tensor", ...TensorReport fields}` or `{"kind": "model", ...ModelReport
+/// fields}`; a configuration is `{"quant_type": "nf4", "blocksize": 64, "double_quant": true}`,
+/// an SQNR `{"db": 20.7}`, `"lossless"` or `"no_signal"`, a histogram `{"lo", "hi", "counts",
+/// "outside"}` with equal-width bins.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InspectReport {

@@ -207,6 +207,9 @@ fn all_zero_blocks_are_counted_apart() {
         // rounding, and NF4's code 0 is -1: the zero block then reconstructs to -absmax'.
         if !s.config.double_quant || s.config.quant_type == QuantType::Fp4 {
             assert_eq!(zero_block_error, 0.0, "{}", s.config.label());
+        } else {
+            let block = &deq[128..192];
+            assert!(block.iter().all(|&d| d == block[0] && d < 0.0), "{block:?}");
         }
     }
     let zeros = vec![0.0f32; 128];

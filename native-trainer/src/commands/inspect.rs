@@ -79,13 +79,10 @@ pub fn run(args: Args) -> Result<()> {
         Some(path) => Some(AtomicDir::create(path, args.overwrite)?),
         None => None,
     };
-    println!(
-        "{:<48} {:<12} {:>12} {:>12} {:>9}",
-        "tensor", "config", "MSE", "max|err|", "SQNR dB"
-    );
     let (report, plots) = match &args.tensor {
         Some(name) => {
             let report = inspect_one(source.as_ref(), dir, name, &configs, args.bins)?;
+            print_header();
             print_table(
                 report.name.as_str(),
                 report.configs.iter().map(|d| &d.summary),
@@ -95,6 +92,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             let report = inspect_model(source.as_ref(), dir, configs)?;
+            print_header();
             for t in &report.tensors {
                 print_table(&t.name, t.configs.iter());
             }
@@ -130,15 +128,15 @@ fn read_floats<R>(
     name: &str,
     use_values: impl FnOnce(FloatData<'_>, &[usize]) -> qlora_core::Result<R>,
 ) -> Result<R> {
-    let where_ = || {
+    let location = || {
         let file = source
             .file_of(name)
             .unwrap_or_else(|| dir.display().to_string());
         format!("{file}: tensor `{name}`")
     };
     let tensor = source.read(name)?;
-    let data = FloatData::from_le_bytes(tensor.dtype, &tensor.data).with_context(where_)?;
-    use_values(data, &tensor.shape).with_context(where_)
+    let data = FloatData::from_le_bytes(tensor.dtype, &tensor.data).with_context(location)?;
+    use_values(data, &tensor.shape).with_context(location)
 }
 
 fn inspect_one(
@@ -184,6 +182,13 @@ fn inspect_model(
 ) -> Result<ModelReport> {
     let config_path = dir.join("config.json");
     let config = ModelConfig::load(&config_path)?;
+    if config.quantization.is_some() {
+        bail!(
+            "{}: already a quantized checkpoint (it has a quantization_config); inspect the \
+             full-precision one",
+            config_path.display()
+        );
+    }
     let present: BTreeSet<String> = source.tensor_infos().into_iter().map(|i| i.name).collect();
     let specs: Vec<_> = config
         .describe()
@@ -215,6 +220,13 @@ fn inspect_model(
     }
     bar.finish_and_clear();
     Ok(ModelReport::new(configs, tensors))
+}
+
+fn print_header() {
+    println!(
+        "{:<48} {:<12} {:>12} {:>12} {:>9}",
+        "tensor", "config", "MSE", "max|err|", "SQNR dB"
+    );
 }
 
 fn print_table<'a>(tensor: &str, summaries: impl Iterator<Item = &'a ErrorSummary>) {
