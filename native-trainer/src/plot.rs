@@ -74,11 +74,8 @@ pub fn histogram_svg(chart: &HistogramChart) -> String {
     for s in &chart.series {
         let h = s.histogram;
         let mut points = format!("{:.2},{:.2}", frame.px(h.lo), frame.py(0.0));
-        for (i, &c) in h.counts.iter().enumerate() {
-            let (x0, x1) = (
-                h.lo + i as f64 * h.bin_width(),
-                h.lo + (i + 1) as f64 * h.bin_width(),
-            );
+        for (&c, edges) in h.counts.iter().zip(h.edges().windows(2)) {
+            let (x0, x1) = (edges[0], edges[1]);
             let y = frame.py(c as f64);
             write!(
                 points,
