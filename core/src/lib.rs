@@ -11,6 +11,7 @@ pub mod error;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fsutil;
 pub mod gguf;
+pub mod inspect;
 pub mod metrics;
 pub mod peft;
 pub mod prompt;

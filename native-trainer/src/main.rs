@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod plot;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,8 @@ enum Command {
     Quantize(commands::quantize::Args),
     /// ADGEN metrics (ROUGE-1/2/L, BLEU-4) of a JSON-lines file of predictions and labels.
     Score(commands::score::Args),
+    /// Quantization error of NF4/FP4 on a checkpoint's weights: a table, stats.json, SVG plots.
+    Inspect(commands::inspect::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Score(args) => commands::score::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
