@@ -1,2 +1,3 @@
 pub mod quantize;
 pub mod score;
+pub mod train;
