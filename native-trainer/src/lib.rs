@@ -6,3 +6,4 @@
 pub mod cpu;
 pub mod load;
 pub mod progress;
+pub mod train;

@@ -24,6 +24,8 @@ enum Command {
     Score(commands::score::Args),
     /// Quantization error of NF4/FP4 on a checkpoint's weights: a table, stats.json, SVG plots.
     Inspect(commands::inspect::Args),
+    /// QLoRA fine-tuning on the CPU (no arguments: the demo on SmolLM2-135M).
+    Train(commands::train::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Train(args) => commands::train::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
 pub mod inspect;
 pub mod quantize;
 pub mod score;
+pub mod train;

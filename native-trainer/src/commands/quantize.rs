@@ -62,7 +62,7 @@ pub struct Args {
     pub overwrite: bool,
 }
 
-fn parse_blocksize(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_blocksize(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("`{s}`: {e}"))?;
     if quant::BLOCKSIZES.contains(&n) {
         Ok(n)

@@ -1,0 +1,471 @@
+//! `qlora train`: QLoRA fine-tuning on the CPU. A frozen (4-bit) base model, LoRA adapters on
+//! its projections, AdamW on the adapters; the adapters come out as PEFT directories.
+//!
+//! Without any argument it runs the demo: SmolLM2-135M-Instruct (Q4_1 GGUF) on the built-in
+//! ADGEN-style data, sized to finish in a few minutes on two CPU cores.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::HumanCount;
+use qlora_core::arch::{LoraConfig, TargetModules};
+use qlora_core::data::{parse_jsonl, tokenize_records, Columns, ExampleOptions, Examples};
+use qlora_core::peft::AdapterConfig;
+use qlora_core::prompt::PromptTemplate;
+use qlora_core::quant::QuantType;
+use qlora_core::tokenizer::Tokenizer;
+use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
+use qlora_trainer::load::{load_base, QuantOnLoad};
+use qlora_trainer::progress;
+use qlora_trainer::train::log::StepRecord;
+use qlora_trainer::train::optimizer::AdamWParams;
+use qlora_trainer::train::schedule::ScheduleKind;
+use qlora_trainer::train::trainer::{BEST_DIR, FINAL_DIR, LOG_FILE};
+use qlora_trainer::train::{train, Summary, TrainOptions};
+
+/// The demo data, built into the binary so that `qlora train` works from any directory.
+const DEMO_TRAIN: DataFile = DataFile::Embedded {
+    name: "data/demo/train.jsonl (built in)",
+    text: include_str!("../../../data/demo/train.jsonl"),
+};
+const DEMO_VALIDATION: DataFile = DataFile::Embedded {
+    name: "data/demo/dev.jsonl (built in)",
+    text: include_str!("../../../data/demo/dev.jsonl"),
+};
+
+/// Flags keep the seed project's snake_case spelling. Options marked "demo:" take that value
+/// when `qlora train` runs the demo (no `--model_name_or_path` and no `--train_file`).
+#[derive(clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct Args {
+    /// Base model: an HF directory (full precision or 4-bit) or a LLaMA-family `.gguf` file.
+    /// Leave it and --train_file out to run the demo.
+    #[arg(long)]
+    pub model_name_or_path: Option<PathBuf>,
+    /// JSON-lines training data.
+    #[arg(long)]
+    pub train_file: Option<PathBuf>,
+    /// JSON-lines validation data: its loss is computed every --eval_steps and at the end, and
+    /// the adapter with the lowest one is kept as `best_model/`.
+    #[arg(long)]
+    pub validation_file: Option<PathBuf>,
+    #[arg(long, default_value = "content")]
+    pub prompt_column: String,
+    #[arg(long, default_value = "summary")]
+    pub response_column: String,
+    /// Column of earlier turns, a list of [query, response] pairs.
+    #[arg(long)]
+    pub history_column: Option<String>,
+    /// Give padding no loss (`false`: padding is learned as the pad token).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    pub ignore_pad_token_for_loss: bool,
+    /// Prompt tokens kept per example [default: 64; demo: 128].
+    #[arg(long)]
+    pub max_source_length: Option<usize>,
+    /// Answer tokens kept per example, EOS included [default: 128].
+    #[arg(long)]
+    pub max_target_length: Option<usize>,
+    /// Prompt format overriding the model's own (placeholders {system}, {history}, {query},
+    /// {answer}).
+    #[arg(long)]
+    pub prompt_template: Option<String>,
+    /// 4-bit type a full-precision base is quantized to on load (QLoRA's frozen base); `none`
+    /// trains on the full-precision weights. A 4-bit checkpoint or a GGUF is used as it is.
+    #[arg(long, value_enum, default_value = "nf4")]
+    pub quan: BaseQuant,
+    /// Quantize the per-block absmax too (QLoRA's double quantization).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    pub double_quant: bool,
+    /// Weights per absmax block of the 4-bit base.
+    #[arg(long, default_value_t = 64, value_parser = super::quantize::parse_blocksize)]
+    pub blocksize: usize,
+    /// LoRA rank [default: 16; demo: 8].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha (scale = alpha / r) [default: 32; demo: 16].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Modules to adapt, comma-separated names or `all-linear` [default: the architecture's
+    /// choice: query_key_value for BLOOM, every projection for LLaMA/Qwen2].
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    /// rsLoRA scaling: alpha / sqrt(r).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Passes over the training data [default: 1].
+    #[arg(long)]
+    pub epoch: Option<usize>,
+    /// Optimizer steps to take, overriding --epoch [demo: 75].
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch [default: 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches accumulated (averaged) into one optimizer step [default: 1].
+    #[arg(long)]
+    pub gradient_steps: Option<usize>,
+    /// Peak learning rate [default: 2e-4; demo: 1e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, value_enum, default_value = "linear")]
+    pub lr_scheduler: ScheduleKind,
+    /// Steps of linear warmup from 0 [default: 0; demo: 5].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping), as transformers' Trainer does.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Validate every this many steps (and at the end) [demo: 25].
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Write the adapter to `checkpoint-<step>/` every this many steps.
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Seeds the adapters' initial values, the shuffle and the dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    /// Output directory: train_log.jsonl, best_model/, final/ [default: output; demo: runs/demo].
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Train into a non-empty --out_dir, replacing what the run writes there.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BaseQuant {
+    Nf4,
+    Fp4,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// The settings a run without the flag gets: the seed project's, or the demo's.
+struct Defaults {
+    max_source_length: usize,
+    max_target_length: usize,
+    lora_r: usize,
+    lora_alpha: f64,
+    epoch: usize,
+    max_steps: Option<usize>,
+    batch_size: usize,
+    gradient_steps: usize,
+    lr: f64,
+    warmup_steps: usize,
+    eval_steps: Option<usize>,
+    out_dir: &'static str,
+}
+
+const SEED_DEFAULTS: Defaults = Defaults {
+    max_source_length: 64,
+    max_target_length: 128,
+    lora_r: 16,
+    lora_alpha: 32.0,
+    epoch: 1,
+    max_steps: None,
+    batch_size: 4,
+    gradient_steps: 1,
+    lr: 2e-4,
+    warmup_steps: 0,
+    eval_steps: None,
+    out_dir: "output",
+};
+
+/// Sized (on two CPU cores) to take about five minutes with a clearly falling loss.
+const DEMO_DEFAULTS: Defaults = Defaults {
+    // Above every demo example (all are under 128 tokens with SmolLM2's chat template).
+    max_source_length: 128,
+    max_target_length: 128,
+    lora_r: 8,
+    lora_alpha: 16.0,
+    epoch: 1,
+    max_steps: Some(75),
+    batch_size: 4,
+    gradient_steps: 1,
+    lr: 1e-3,
+    warmup_steps: 5,
+    eval_steps: Some(25),
+    out_dir: "runs/demo",
+};
+
+/// A JSON-lines data file on disk or built into the binary.
+enum DataFile {
+    Path(PathBuf),
+    Embedded {
+        name: &'static str,
+        text: &'static str,
+    },
+}
+
+impl DataFile {
+    fn examples(
+        &self,
+        columns: &Columns,
+        template: &PromptTemplate,
+        tokenizer: &Tokenizer,
+        options: &ExampleOptions,
+    ) -> Result<Examples> {
+        let (name, bytes) = match self {
+            DataFile::Path(path) => (
+                path.display().to_string(),
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            ),
+            DataFile::Embedded { name, text } => (name.to_string(), text.as_bytes().to_vec()),
+        };
+        let records = parse_jsonl(&name, &bytes, columns)?;
+        let examples = tokenize_records(&name, &records, template, tokenizer, options)?;
+        tracing::info!(
+            "{name}: {} examples ({} cut to the maximum length, {} skipped as empty)",
+            examples.examples.len(),
+            examples.truncated,
+            examples.skipped_empty
+        );
+        Ok(examples)
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.device == Device::Cuda {
+        bail!("the CUDA trainer is not built yet: train with --device cpu");
+    }
+    let demo = args.model_name_or_path.is_none() && args.train_file.is_none();
+    let (model_path, train_file, validation_file, defaults) = if demo {
+        let path = qlora_core::demo::demo_gguf_path()
+            .filter(|p| p.is_file())
+            .context("the demo model is missing: run scripts/fetch-demo-model.sh first")?;
+        tracing::info!(
+            "no model or data given: running the demo on {}",
+            path.display()
+        );
+        let validation = args.validation_file.clone().map(DataFile::Path);
+        (
+            path,
+            DEMO_TRAIN,
+            validation.or(Some(DEMO_VALIDATION)),
+            DEMO_DEFAULTS,
+        )
+    } else {
+        let (Some(model), Some(train)) = (&args.model_name_or_path, &args.train_file) else {
+            bail!("give both --model_name_or_path and --train_file (or neither, for the demo)");
+        };
+        let validation = args.validation_file.clone().map(DataFile::Path);
+        (
+            model.clone(),
+            DataFile::Path(train.clone()),
+            validation,
+            SEED_DEFAULTS,
+        )
+    };
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(defaults.out_dir));
+    // The demo's own directory is rewritten by every demo run.
+    let overwrite = args.overwrite || (demo && args.out_dir.is_none());
+    prepare_out_dir(&out_dir, overwrite)?;
+
+    let is_gguf = model_path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let quant_type = match args.quan {
+        BaseQuant::Nf4 => Some(QuantType::Nf4),
+        BaseQuant::Fp4 => Some(QuantType::Fp4),
+        BaseQuant::None => None,
+    };
+    if is_gguf && quant_type.is_some() {
+        tracing::info!(
+            "{}: a GGUF base is used as stored (--quan applies to full-precision HF checkpoints)",
+            model_path.display()
+        );
+    }
+    let quant = quant_type
+        .filter(|_| !is_gguf)
+        .map(|quant_type| QuantOnLoad {
+            quant_type,
+            double_quant: args.double_quant,
+            blocksize: args.blocksize,
+        });
+    let base = load_base(&model_path, quant, args.prompt_template.as_deref())?;
+    tracing::info!(
+        "base: {} ({:?} weights)",
+        model_path.display(),
+        base.base_weights
+    );
+
+    let columns = Columns {
+        prompt: args.prompt_column.clone(),
+        response: args.response_column.clone(),
+        history: args.history_column.clone(),
+    };
+    let example_options = ExampleOptions {
+        max_source_length: args.max_source_length.unwrap_or(defaults.max_source_length),
+        max_target_length: args.max_target_length.unwrap_or(defaults.max_target_length),
+        system: None,
+    };
+    let train_examples =
+        train_file.examples(&columns, &base.template, &base.tokenizer, &example_options)?;
+    let validation_examples = validation_file
+        .map(|f| f.examples(&columns, &base.template, &base.tokenizer, &example_options))
+        .transpose()?;
+
+    let target_modules = match args.target_modules.as_slice() {
+        [] => TargetModules::Names(
+            base.config
+                .architecture()
+                .default_lora_targets()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
+        [all] if all == "all-linear" => TargetModules::AllLinear,
+        names => TargetModules::Names(names.to_vec()),
+    };
+    let lora = LoraConfig {
+        r: args.lora_r.unwrap_or(defaults.lora_r),
+        alpha: args.lora_alpha.unwrap_or(defaults.lora_alpha),
+        dropout: args.lora_dropout,
+        use_rslora: args.use_rslora,
+        target_modules,
+    };
+    let adapter_config = AdapterConfig::new(lora.clone(), Some(model_path.display().to_string()));
+    let setup = LoraSetup {
+        config: lora,
+        init: LoraInit::Random { seed: args.seed },
+    };
+    let model = Model::load(&base.config, &*base.weights, Some(&setup))?;
+
+    let pad_id = base
+        .tokenizer
+        .pad_id()
+        .or(base.tokenizer.eos_id())
+        .context("the tokenizer has neither a pad nor an EOS token to pad batches with")?;
+    let options = TrainOptions {
+        epochs: args.epoch.unwrap_or(defaults.epoch),
+        max_steps: args.max_steps.or(defaults.max_steps),
+        batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+        gradient_steps: args.gradient_steps.unwrap_or(defaults.gradient_steps),
+        schedule: args.lr_scheduler,
+        lr: args.lr.unwrap_or(defaults.lr),
+        warmup_steps: args.warmup_steps.unwrap_or(defaults.warmup_steps),
+        adamw: AdamWParams::with_weight_decay(args.weight_decay),
+        max_grad_norm: args.max_grad_norm,
+        eval_steps: args.eval_steps.or(defaults.eval_steps),
+        save_steps: args.save_steps,
+        seed: args.seed,
+        pad_id,
+        ignore_pad_token_for_loss: args.ignore_pad_token_for_loss,
+    };
+    let total_steps = options.total_steps(train_examples.examples.len());
+    let bar = progress::steps_bar(total_steps as u64, "training");
+    let report_every = total_steps.div_ceil(20).max(1);
+    let mut on_step = |r: &StepRecord| {
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            r.loss, r.lr, r.tokens_per_s
+        ));
+        if let Some(v) = r.val_loss {
+            bar.suspend(|| tracing::info!("step {}: validation loss {v:.4}", r.step));
+        } else if bar.is_hidden() && (r.step % report_every == 0 || r.step == 1) {
+            tracing::info!(
+                "step {}/{total_steps}: loss {:.4}, lr {:.2e}, {:.0} tok/s",
+                r.step,
+                r.loss,
+                r.lr,
+                r.tokens_per_s
+            );
+        }
+    };
+    let summary = train(
+        &model,
+        &train_examples.examples,
+        validation_examples.as_ref().map(|v| v.examples.as_slice()),
+        &options,
+        &adapter_config,
+        &out_dir,
+        &mut on_step,
+    );
+    bar.finish_and_clear();
+    let summary = summary?;
+    print_summary(&summary, &out_dir);
+    if demo {
+        let adapter = if summary.best.is_some() {
+            BEST_DIR
+        } else {
+            FINAL_DIR
+        };
+        after_demo_training(&out_dir.join(adapter))?;
+    }
+    Ok(())
+}
+
+/// Creates the output directory; a non-empty one only with `overwrite`, so that a run never mixes
+/// its log and adapters with another's by accident.
+fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    if dir.is_dir() && !overwrite && std::fs::read_dir(dir)?.next().is_some() {
+        bail!(
+            "{}: exists and is not empty (pass --overwrite to train into it anyway)",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+fn print_summary(summary: &Summary, out_dir: &Path) {
+    println!(
+        "trainable parameters: {}",
+        HumanCount(summary.trainable_params as u64)
+    );
+    println!(
+        "steps: {} ({:.2} epochs, {} tokens) in {:.1} s",
+        summary.steps,
+        summary.epochs,
+        HumanCount(summary.tokens as u64),
+        summary.seconds
+    );
+    println!(
+        "training loss: {:.4} (first step) -> {:.4} (last step)",
+        summary.first_loss, summary.last_loss
+    );
+    match summary.best {
+        Some(best) => println!(
+            "best validation loss: {:.4} at step {} -> {}",
+            best.val_loss,
+            best.step,
+            out_dir.join(BEST_DIR).display()
+        ),
+        None => println!("no validation data: no best_model/"),
+    }
+    println!("final adapter: {}", out_dir.join(FINAL_DIR).display());
+    println!("log: {}", out_dir.join(LOG_FILE).display());
+}
+
+/// The demo's step after training, given the trained adapter directory. Evaluation before vs
+/// after and a generated example belong here once `qlora eval` / `qlora predict` exist; until
+/// then it tells how to use the adapter.
+fn after_demo_training(adapter_dir: &Path) -> Result<()> {
+    let adapter = qlora_core::peft::LoraAdapter::load(adapter_dir)?;
+    println!(
+        "demo adapter: {} ({} modules, r = {}); load it with PEFT's \
+         PeftModel.from_pretrained(base, \"{}\")",
+        adapter_dir.display(),
+        adapter.modules.len(),
+        adapter.config.lora.r,
+        adapter_dir.display()
+    );
+    Ok(())
+}

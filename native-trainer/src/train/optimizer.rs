@@ -1,0 +1,153 @@
+//! AdamW on flat f32 parameter buffers, with PyTorch's semantics (`torch.optim.AdamW`): decoupled
+//! weight decay applied before the Adam update, bias-corrected moments, `eps` added to the
+//! bias-corrected root of the second moment.
+
+/// The hyper-parameters besides the learning rate (which the schedule sets at every step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWParams {
+    /// PyTorch's defaults (betas 0.9 / 0.999, eps 1e-8) with the given decoupled weight decay.
+    pub fn with_weight_decay(weight_decay: f64) -> AdamWParams {
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
+/// AdamW's state for a list of parameter buffers (one pair of moments per buffer).
+pub struct AdamW {
+    params: AdamWParams,
+    /// Optimizer steps taken so far.
+    step: u64,
+    first_moments: Vec<Vec<f32>>,
+    second_moments: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    /// State for buffers of the given lengths, moments at zero.
+    pub fn new(params: AdamWParams, lengths: &[usize]) -> AdamW {
+        AdamW {
+            params,
+            step: 0,
+            first_moments: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+            second_moments: lengths.iter().map(|&n| vec![0.0; n]).collect(),
+        }
+    }
+
+    /// One update of every buffer with its gradient, at learning rate `lr`. Buffers and
+    /// gradients come in the order (and lengths) given to [`AdamW::new`].
+    pub fn step(&mut self, buffers: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64) {
+        assert_eq!(
+            buffers.len(),
+            self.first_moments.len(),
+            "one buffer per state"
+        );
+        assert_eq!(
+            grads.len(),
+            self.first_moments.len(),
+            "one gradient per state"
+        );
+        self.step += 1;
+        let AdamWParams {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.params;
+        let t = self.step as i32;
+        let bias_correction1 = 1.0 - beta1.powi(t);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        let step_size = (lr / bias_correction1) as f32;
+        let decay = (1.0 - lr * weight_decay) as f32;
+        let (beta1, beta2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
+        let bias_correction2_sqrt = bias_correction2_sqrt as f32;
+        let states = self.first_moments.iter_mut().zip(&mut self.second_moments);
+        for ((buffer, grad), (m, v)) in buffers.iter_mut().zip(grads).zip(states) {
+            assert_eq!(buffer.len(), m.len(), "buffer length changed");
+            assert_eq!(
+                grad.len(),
+                m.len(),
+                "gradient length differs from its buffer"
+            );
+            for (((p, &g), m), v) in buffer.iter_mut().zip(grad).zip(m).zip(v) {
+                *p *= decay;
+                *m = beta1 * *m + (1.0 - beta1) * g;
+                *v = beta2 * *v + (1.0 - beta2) * g * g;
+                let denom = v.sqrt() / bias_correction2_sqrt + eps;
+                *p -= step_size * *m / denom;
+            }
+        }
+    }
+}
+
+/// Scales the gradients so that their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` does (factor `max_norm / (norm + 1e-6)`, never above 1).
+/// Returns the norm before clipping. `max_norm <= 0` only measures.
+pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
+    let norm = grads
+        .iter()
+        .flatten()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
+    if max_norm > 0.0 {
+        let factor = (max_norm / (norm + 1e-6)).min(1.0);
+        if factor < 1.0 {
+            let factor = factor as f32;
+            grads.iter_mut().flatten().for_each(|g| *g *= factor);
+        }
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_step_moves_by_lr_times_sign_after_decay() {
+        // Step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps).
+        let mut opt = AdamW::new(AdamWParams::with_weight_decay(0.1), &[3]);
+        let mut buffers = vec![vec![1.0f32, -2.0, 0.5]];
+        opt.step(&mut buffers, &[vec![0.3, -4.0, 0.0]], 0.01);
+        let decay = 1.0 - 0.01 * 0.1;
+        let expected = [1.0 * decay - 0.01, -2.0 * decay + 0.01, 0.5 * decay];
+        for (got, want) in buffers[0].iter().zip(expected) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn second_step_uses_bias_corrected_moments() {
+        let params = AdamWParams::with_weight_decay(0.0);
+        let mut opt = AdamW::new(params, &[1]);
+        let mut buffers = vec![vec![0.0f32]];
+        opt.step(&mut buffers, &[vec![1.0]], 0.1);
+        opt.step(&mut buffers, &[vec![3.0]], 0.1);
+        // By hand: m = 0.9*0.1 + 0.1*3 = 0.39, v = 0.999*0.001 + 0.001*9 = 0.009999.
+        let m_hat = 0.39 / (1.0 - 0.81);
+        let v_hat = 0.009999 / (1.0 - 0.998001);
+        let want = -0.1 - 0.1 * m_hat / (f64::sqrt(v_hat) + 1e-8);
+        assert!((f64::from(buffers[0][0]) - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let mut grads = vec![vec![3.0f32], vec![4.0]];
+        assert_eq!(clip_grad_norm(&mut grads, 1.0), 5.0);
+        let norm: f32 = grads.iter().flatten().map(|g| g * g).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+        let mut small = vec![vec![0.3f32]];
+        clip_grad_norm(&mut small, 1.0);
+        assert_eq!(small[0][0], 0.3);
+    }
+}
