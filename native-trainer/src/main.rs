@@ -21,6 +21,10 @@ enum Command {
     Quantize(commands::quantize::Args),
     /// ADGEN metrics (ROUGE-1/2/L, BLEU-4) of a JSON-lines file of predictions and labels.
     Score(commands::score::Args),
+    /// Generate with a base model and an optional adapter: one prompt, a file, or a chat.
+    Predict(commands::predict::Args),
+    /// Generate for a validation file and report ROUGE-1/2/L and BLEU-4.
+    Eval(commands::eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +39,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Score(args) => commands::score::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,2 +1,4 @@
 pub mod quantize;
 pub mod score;
+pub mod eval;
+pub mod predict;
