@@ -2,8 +2,10 @@
 //!
 //! - [`cpu`]: the CPU reference implementation of the models, LoRA and the causal-LM loss
 //!   (candle-core), which the GPU paths are checked against.
+//! - [`generate`]: decoding with a KV cache, sampling, streaming and the ADGEN evaluation.
 
 pub mod cpu;
+pub mod generate;
 pub mod load;
 pub mod progress;
 pub mod train;

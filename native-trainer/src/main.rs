@@ -26,6 +26,10 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// QLoRA fine-tuning on the CPU (no arguments: the demo on SmolLM2-135M).
     Train(commands::train::Args),
+    /// Generate with a base model and an optional adapter: one prompt, a file, or a chat.
+    Predict(commands::predict::Args),
+    /// Generate for a validation file and report ROUGE-1/2/L and BLEU-4.
+    Eval(commands::eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +46,8 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => commands::score::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,4 +1,6 @@
+pub mod eval;
 pub mod inspect;
+pub mod predict;
 pub mod quantize;
 pub mod score;
 pub mod train;

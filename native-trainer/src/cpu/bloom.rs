@@ -2,6 +2,7 @@
 //!
 //! Shapes: `B` batch, `T` sequence, `H` hidden, `nh` heads of `hd = H / nh`, `V` vocabulary.
 
+use super::kv_cache::{LayerCache, Step};
 use super::lora::{AdapterFactory, Linear, LoraAdapter};
 use super::ops::{frozen_matmul, softmax_last_dim, Batch, Norm};
 use super::weights::Weights;
@@ -106,13 +107,38 @@ impl Bloom {
         batch: &Batch,
         mode: &mut Mode<'_>,
     ) -> candle_core::Result<Tensor> {
+        let alibi = self.alibi(&batch.key_mask, batch.batch_size)?; // [B, nh, 1, T]
+        let mask = batch.causal_mask()?; // [B, 1, T, T]
+        self.layers_and_head(batch, &alibi, &mask, None, mode)
+    }
+
+    /// Logits `[B, T, V]` of the new tokens of `batch`, attending to the cached ones too.
+    pub(crate) fn forward_cached(
+        &self,
+        batch: &Batch,
+        step: &Step,
+        layers: &mut [LayerCache],
+    ) -> candle_core::Result<Tensor> {
+        let alibi = self.alibi(&step.key_mask, batch.batch_size)?; // [B, nh, 1, S]
+        self.layers_and_head(batch, &alibi, &step.causal_mask, Some(layers), &mut Mode::Eval)
+    }
+
+    /// The blocks and the head: `alibi` `[B, nh, 1, S]`, `mask` `[B, 1, T, S]`, where `S = T`
+    /// without a cache.
+    fn layers_and_head(
+        &self,
+        batch: &Batch,
+        alibi: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut [LayerCache]>,
+        mode: &mut Mode<'_>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = (batch.batch_size, batch.seq_len);
         let embedded = batch.embed(&self.word_embeddings)?; // [B, T, H]
         let mut hidden = self.word_embeddings_layernorm.forward(&embedded)?;
-        let alibi = self.alibi(batch)?; // [B, nh, 1, T]
-        let mask = batch.causal_mask()?; // [B, 1, T, T]
-        for block in &self.blocks {
-            hidden = block.forward(&hidden, &alibi, &mask, &self.config, mode)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|layers| &mut layers[i]);
+            hidden = block.forward(&hidden, alibi, mask, layer_cache, &self.config, mode)?;
         }
         let hidden = self.ln_f.forward(&hidden)?; // [B, T, H]
         let logits = frozen_matmul(
@@ -122,21 +148,25 @@ impl Bloom {
         logits.reshape((b, t, self.config.vocab_size))
     }
 
-    /// The ALiBi bias `[B, nh, 1, T]`: `slope[h] * position[b, j]` for key `j`, where a key's
-    /// position counts the real tokens before it and padding keys get 0 (transformers'
-    /// `(attention_mask.cumsum(-1) - 1) * attention_mask`).
-    fn alibi(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        let (b, t) = (batch.batch_size, batch.seq_len);
-        let mut positions = Vec::with_capacity(b * t);
-        for row in batch.key_mask.chunks_exact(t) {
+    /// The ALiBi bias `[B, nh, 1, S]` for the keys of `key_mask` `[B * S]`: `slope[h] *
+    /// position[b, j]` for key `j`, where a key's position counts the real tokens before it and
+    /// padding keys get 0 (transformers' `(attention_mask.cumsum(-1) - 1) * attention_mask`).
+    fn alibi(&self, key_mask: &[f32], b: usize) -> candle_core::Result<Tensor> {
+        let s = key_mask.len() / b;
+        let mut positions = Vec::with_capacity(b * s);
+        for row in key_mask.chunks_exact(s) {
             let mut real_tokens = 0f32;
             for &is_real in row {
                 real_tokens += is_real;
                 positions.push((real_tokens - 1.0) * is_real);
             }
         }
-        let positions = Tensor::from_vec(positions, (b, 1, 1, t), &Device::Cpu)?;
+        let positions = Tensor::from_vec(positions, (b, 1, 1, s), &Device::Cpu)?;
         positions.broadcast_mul(&self.alibi_slopes)
+    }
+
+    pub(crate) fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 }
 
@@ -147,6 +177,7 @@ impl Block {
         hidden: &Tensor,
         alibi: &Tensor,
         mask: &Tensor,
+        cache: Option<&mut LayerCache>,
         config: &BloomConfig,
         mode: &mut Mode<'_>,
     ) -> candle_core::Result<Tensor> {
@@ -170,8 +201,13 @@ impl Block {
                 .contiguous()
         };
         let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        // With a cache, the keys and values of every token so far: [B, nh, S, hd].
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(k, v)?,
+            None => (k, v),
+        };
 
-        // scores = alibi + (q k^T) / sqrt(hd) + mask: [B, nh, T, T]
+        // scores = alibi + (q k^T) / sqrt(hd) + mask: [B, nh, T, S]
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
             .broadcast_add(alibi)?
             .broadcast_add(mask)?;

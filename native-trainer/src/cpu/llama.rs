@@ -4,6 +4,7 @@
 //! Shapes: `B` batch, `T` sequence, `H` hidden, `nq` query heads and `nkv` key/value heads of
 //! `d` channels, `g = nq / nkv` query heads per key/value head, `V` vocabulary.
 
+use super::kv_cache::{LayerCache, Step};
 use super::lora::{AdapterFactory, Linear, LoraAdapter};
 use super::ops::{frozen_matmul, softmax_last_dim, Batch, Norm};
 use super::weights::Weights;
@@ -110,12 +111,37 @@ impl Llama {
         batch: &Batch,
         mode: &mut Mode<'_>,
     ) -> candle_core::Result<Tensor> {
+        let rope = Rope::new(&self.config, batch.seq_len)?;
+        let mask = batch.causal_mask()?; // [B, 1, T, T]
+        self.layers_and_head(batch, &rope, &mask, None, mode)
+    }
+
+    /// Logits `[B, T, V]` of the new tokens of `batch`, attending to the cached ones too, at the
+    /// positions of `step` (padding-aware).
+    pub(crate) fn forward_cached(
+        &self,
+        batch: &Batch,
+        step: &Step,
+        layers: &mut [LayerCache],
+    ) -> candle_core::Result<Tensor> {
+        let rope = Rope::at_positions(&self.config, &step.positions, batch.batch_size)?;
+        self.layers_and_head(batch, &rope, &step.causal_mask, Some(layers), &mut Mode::Eval)
+    }
+
+    /// The blocks and the head; `mask` `[B, 1, T, S]`, where `S = T` without a cache.
+    fn layers_and_head(
+        &self,
+        batch: &Batch,
+        rope: &Rope,
+        mask: &Tensor,
+        mut cache: Option<&mut [LayerCache]>,
+        mode: &mut Mode<'_>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = (batch.batch_size, batch.seq_len);
         let mut hidden = batch.embed(&self.embed_tokens)?; // [B, T, H]
-        let rope = Rope::new(&self.config, t)?;
-        let mask = batch.causal_mask()?; // [B, 1, T, T]
-        for block in &self.blocks {
-            hidden = block.forward(&hidden, &rope, &mask, &self.config, mode)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|layers| &mut layers[i]);
+            hidden = block.forward(&hidden, rope, mask, layer_cache, &self.config, mode)?;
         }
         let hidden = self.norm.forward(&hidden)?;
         let logits = frozen_matmul(
@@ -123,6 +149,10 @@ impl Llama {
             &self.lm_head,
         )?;
         logits.reshape((b, t, self.config.vocab_size))
+    }
+
+    pub(crate) fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 }
 
@@ -133,6 +163,7 @@ impl Block {
         hidden: &Tensor,
         rope: &Rope,
         mask: &Tensor,
+        cache: Option<&mut LayerCache>,
         config: &LlamaConfig,
         mode: &mut Mode<'_>,
     ) -> candle_core::Result<Tensor> {
@@ -150,18 +181,24 @@ impl Block {
         let q = rope.apply(&heads(self.q_proj.forward(&normed, mode)?, nq)?)?;
         let k = rope.apply(&heads(self.k_proj.forward(&normed, mode)?, nkv)?)?;
         let v = heads(self.v_proj.forward(&normed, mode)?, nkv)?;
+        // With a cache, the keys and values of every token so far: [B, nkv, S, d].
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(k, v)?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
 
         // Grouped-query attention without copying k and v: query head h uses key/value head
         // h / g, so the g query heads of one group are stacked along the rows:
         // q [B, nq, T, d] = [B, nkv, g * T, d].
         let q = q.reshape((b, nkv, g * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))? // [B, nkv, g * T, T]
-            .reshape((b, nq, t, t))?
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))? // [B, nkv, g * T, S]
+            .reshape((b, nq, t, s))?
             .broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;
         let probs = mode.dropout(&probs, config.attention_dropout)?;
         let context = probs
-            .reshape((b, nkv, g * t, t))?
+            .reshape((b, nkv, g * t, s))?
             .matmul(&v)? // [B, nkv, g * T, d]
             .reshape((b, nq, t, d))?
             .transpose(1, 2)?
@@ -175,23 +212,40 @@ impl Block {
     }
 }
 
-/// Rotary position embedding for positions `0..T`: `x * cos + rotate(x) * sin`, where
-/// `rotate` maps each rotated pair `(x1, x2)` to `(-x2, x1)`.
+/// Rotary position embedding: `x * cos + rotate(x) * sin`, where `rotate` maps each rotated
+/// pair `(x1, x2)` to `(-x2, x1)`.
 struct Rope {
     layout: RopeLayout,
-    /// `[T, d]`: `cos(t * inv_freq[j])` at both channels of pair `j`.
+    /// `[T, d]` (positions `0..T`) or `[B, 1, T, d]` (per-row positions): `cos(p * inv_freq[j])`
+    /// at both channels of pair `j`.
     cos: Tensor,
-    /// `[T, d]`
+    /// Same shape as `cos`.
     sin: Tensor,
 }
 
 impl Rope {
+    /// Positions `0..T` in every row.
     fn new(config: &LlamaConfig, seq_len: usize) -> candle_core::Result<Rope> {
+        let positions: Vec<u32> = (0..seq_len as u32).collect();
+        Rope::tables(config, &positions, &[seq_len, config.head_dim])
+    }
+
+    /// Row `b`'s token `t` at `positions[b * T + t]`.
+    fn at_positions(
+        config: &LlamaConfig,
+        positions: &[u32],
+        batch_size: usize,
+    ) -> candle_core::Result<Rope> {
+        let t = positions.len() / batch_size;
+        Rope::tables(config, positions, &[batch_size, 1, t, config.head_dim])
+    }
+
+    fn tables(config: &LlamaConfig, positions: &[u32], shape: &[usize]) -> candle_core::Result<Rope> {
         let inv_freq = config.rope_inv_freq(); // [d / 2]
         let d = config.head_dim;
-        let mut cos = Vec::with_capacity(seq_len * d);
-        let mut sin = Vec::with_capacity(seq_len * d);
-        for position in 0..seq_len {
+        let mut cos = Vec::with_capacity(positions.len() * d);
+        let mut sin = Vec::with_capacity(positions.len() * d);
+        for &position in positions {
             // The angle is an f32 product, as transformers' `inv_freq @ position_ids`.
             let angle = |j: usize| position as f32 * inv_freq[j];
             let channel_pair = |c: usize| match config.rope_layout {
@@ -206,8 +260,8 @@ impl Rope {
         }
         Ok(Rope {
             layout: config.rope_layout,
-            cos: Tensor::from_vec(cos, (seq_len, d), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (seq_len, d), &Device::Cpu)?,
+            cos: Tensor::from_vec(cos, shape, &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, shape, &Device::Cpu)?,
         })
     }
 

@@ -16,6 +16,7 @@
 //! backward pass computes no gradient for the base model.
 
 pub mod bloom;
+pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 mod loss;
@@ -29,6 +30,7 @@ use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
 use rand::rngs::StdRng;
 
+pub use kv_cache::KvCache;
 pub use lora::{LoraAdapter, LoraInit, LoraSetup};
 pub use loss::causal_lm_loss;
 
@@ -97,6 +99,34 @@ impl Model {
         match self {
             Model::Bloom(m) => m.forward(&batch, mode),
             Model::Llama(m) => m.forward(&batch, mode),
+        }
+        .map_err(compute_error)
+    }
+
+    /// An empty KV cache for [`Model::forward_cached`].
+    pub fn kv_cache(&self) -> KvCache {
+        KvCache::new(match self {
+            Model::Bloom(m) => m.num_layers(),
+            Model::Llama(m) => m.num_layers(),
+        })
+    }
+
+    /// Incremental evaluation: logits `[B, T, vocab]` of `input_ids` `[B, T]`, the tokens that
+    /// follow those already in `cache` (which then holds them too). `attention_mask` `[B, T]`
+    /// marks this step's padding, as in [`Model::forward`]; positions count each row's real
+    /// tokens, so a left- or right-padded row gives the logits it would give alone. Feeding a
+    /// sequence in pieces gives the logits of one [`Model::forward`] over it.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let batch = ops::Batch::new(input_ids, attention_mask, self.vocab_size())?;
+        let step = cache.begin_step(&batch)?;
+        match self {
+            Model::Bloom(m) => m.forward_cached(&batch, &step, cache.layers_mut()),
+            Model::Llama(m) => m.forward_cached(&batch, &step, cache.layers_mut()),
         }
         .map_err(compute_error)
     }

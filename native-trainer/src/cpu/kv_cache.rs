@@ -1,0 +1,134 @@
+//! The key/value cache of incremental decoding: each layer's keys and values of every token seen
+//! so far, and which of those tokens are real (left- or right-padded prompts of a batch).
+//!
+//! A step feeds `T` new tokens per row (the whole prompt first, then one token at a time); the
+//! attention of the new queries covers the `S = past + T` cached keys. Positions (RoPE, ALiBi)
+//! count the real tokens before each token, as transformers' `generate` derives `position_ids`
+//! from the attention mask, so every row of a padded batch computes what it would alone.
+
+use super::ops::Batch;
+use candle_core::{Device, Tensor};
+use qlora_core::{Error, Result};
+
+/// The cache of one sequence batch; make it with [`Model::kv_cache`](super::Model::kv_cache) and
+/// feed it to [`Model::forward_cached`](super::Model::forward_cached). After an error it must be
+/// discarded (a layer may have been extended and the others not).
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    batch_size: Option<usize>,
+    /// `[B * S]`, row-major: 1 for a real token, 0 for padding.
+    key_mask: Vec<f32>,
+    /// Real tokens per row so far.
+    real_tokens: Vec<u32>,
+}
+
+/// One layer's keys and values, `[B, heads, S, head_dim]` each.
+#[derive(Default)]
+pub(crate) struct LayerCache(Option<(Tensor, Tensor)>);
+
+impl LayerCache {
+    /// Appends this step's keys and values `[B, heads, T, d]` and returns all of them
+    /// `[B, heads, S, d]`.
+    pub(crate) fn extend(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let all = match self.0.take() {
+            None => (k, v),
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[&past_k, &k], 2)?,
+                Tensor::cat(&[&past_v, &v], 2)?,
+            ),
+        };
+        self.0 = Some(all.clone());
+        Ok(all)
+    }
+}
+
+/// What the layers of one cached step need besides the hidden states.
+pub(crate) struct Step {
+    /// `[B * S]`: 1 for a real key, 0 for padding, over all cached keys.
+    pub key_mask: Vec<f32>,
+    /// `[B * T]`: each new token's position, the number of real tokens before it (0 for padding).
+    pub positions: Vec<u32>,
+    /// `[B, 1, T, S]`: 0 where new query `i` (absolute index `past + i`) may see key `j`
+    /// (`j <= past + i` and key `j` is real), the lowest f32 elsewhere, as the full forward's mask.
+    pub causal_mask: Tensor,
+}
+
+impl KvCache {
+    pub(crate) fn new(num_layers: usize) -> KvCache {
+        KvCache {
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
+            batch_size: None,
+            key_mask: Vec::new(),
+            real_tokens: Vec::new(),
+        }
+    }
+
+    /// Cached tokens per row (padding included).
+    pub fn len(&self) -> usize {
+        match self.batch_size {
+            Some(b) => self.key_mask.len() / b,
+            None => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn layers_mut(&mut self) -> &mut [LayerCache] {
+        &mut self.layers
+    }
+
+    /// Records the new tokens of `batch` and returns the masks and positions of the step.
+    pub(crate) fn begin_step(&mut self, batch: &Batch) -> Result<Step> {
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        match self.batch_size {
+            None => {
+                self.batch_size = Some(b);
+                self.real_tokens = vec![0; b];
+            }
+            Some(cached) if cached != b => {
+                return Err(Error::Invalid(format!(
+                    "the KV cache holds {cached} sequences, the step feeds {b}"
+                )))
+            }
+            Some(_) => {}
+        }
+        let past = self.len();
+        let s = past + t;
+        let mut key_mask = Vec::with_capacity(b * s);
+        let mut positions = Vec::with_capacity(b * t);
+        for row in 0..b {
+            key_mask.extend_from_slice(&self.key_mask[row * past..(row + 1) * past]);
+            for &is_real in &batch.key_mask[row * t..(row + 1) * t] {
+                key_mask.push(is_real);
+                if is_real == 1.0 {
+                    positions.push(self.real_tokens[row]);
+                    self.real_tokens[row] += 1;
+                } else {
+                    positions.push(0);
+                }
+            }
+        }
+        let mut mask = vec![0f32; b * t * s];
+        for row in 0..b {
+            let keys = &key_mask[row * s..(row + 1) * s];
+            for i in 0..t {
+                let query = &mut mask[(row * t + i) * s..(row * t + i + 1) * s];
+                for (j, value) in query.iter_mut().enumerate() {
+                    if j > past + i || keys[j] == 0.0 {
+                        *value = f32::MIN;
+                    }
+                }
+            }
+        }
+        let causal_mask =
+            Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).map_err(super::compute_error)?;
+        self.key_mask.clone_from(&key_mask);
+        Ok(Step {
+            key_mask,
+            positions,
+            causal_mask,
+        })
+    }
+}

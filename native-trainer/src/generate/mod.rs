@@ -1,0 +1,16 @@
+//! Generation on the CPU path: the decoding loop over the KV cache ([`generate_batch`]), token
+//! choice ([`sampling`]), text-level stops and streaming ([`text`]), the full-forward greedy
+//! reference the other compute paths are checked against ([`greedy_reference`]), loading a base
+//! model with an adapter for generation ([`model`]) and the ADGEN evaluation ([`evaluate`]).
+
+mod decode;
+mod eval;
+pub mod model;
+mod reference;
+pub mod sampling;
+pub mod text;
+
+pub use decode::{generate, generate_batch, GenerateOptions};
+pub use eval::{evaluate, EvalOptions, Evaluation, Example, Prediction};
+pub use reference::greedy_reference;
+pub use sampling::{Sampler, SamplingParams};
