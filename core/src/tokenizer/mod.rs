@@ -72,6 +72,10 @@ impl Tokenizer {
         names: &SpecialTokenNames,
     ) -> Result<Tokenizer> {
         let name = name.into();
+        // tokenizers 0.22 panics, rather than erroring, on a syntax error inside a `decoder`
+        // object; checking the syntax first turns every malformed file into an error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+            .map_err(|e| Error::format(&name, format!("not a usable tokenizer.json: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::format(&name, format!("not a usable tokenizer.json: {e}")))?;
         let id_of = |token: &Option<String>| -> Result<Option<u32>> {
