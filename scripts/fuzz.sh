@@ -37,12 +37,15 @@ for target in $targets; do
     if ! cargo fuzz run "${FUZZ_FLAGS[@]}" "$target" "$scratch/$target" "corpus/$target" -- \
         -max_total_time="$SECONDS_EACH" -rss_limit_mb=512 -malloc_limit_mb=512 -timeout=5 \
         -print_final_stats=1 >"$scratch/$target.log" 2>&1; then
-        tail -n 60 "$scratch/$target.log"
+        tail -n 40 "$scratch/$target.log"
+        # The cause (a panic message, an out-of-memory or timeout report) is above the stack.
+        grep -m 3 -E 'panicked at|^==[0-9]+==ERROR|ERROR: libFuzzer' "$scratch/$target.log" >&2 || true
         crash="$(grep -o 'Test unit written to [^ ]*' "$scratch/$target.log" | tail -n 1 | cut -d' ' -f5)"
-        echo "FUZZ FAILURE in target $target; crashing input: fuzz/${crash:-artifacts/$target/ (see log above)}" >&2
+        echo "FUZZ FAILURE in target $target; crashing input: ${crash:-fuzz/artifacts/$target/}" >&2
         echo "reproduce: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run ${FUZZ_FLAGS[*]} $target ${crash:-<input>}" >&2
         exit 1
     fi
-    grep -E '^stat::number_of_executed_units|^Done [0-9]+ runs' "$scratch/$target.log" | tail -n 1
+    grep -E '^#[0-9]+ +DONE|^stat::number_of_executed_units' "$scratch/$target.log" | tr '\n' ' '
+    echo
 done
 echo "fuzz: every target ran ${SECONDS_EACH}s without a crash"
