@@ -6,10 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use qlora_core::prompt::Conversation;
 use qlora_trainer::generate::model::load_for_generation;
 use qlora_trainer::generate::text::{prompt_ids, response_text, Stops};
 use qlora_trainer::generate::{generate, GenerateOptions, Sampler, SamplingParams};
-use qlora_core::prompt::Conversation;
 
 const TEMPLATE: &str = "{history}Q {query} A {answer} .";
 const WORDS: [&str; 8] = ["Q", "A", ".", "hello", "world", "red", "dress", "short"];
@@ -110,7 +110,13 @@ fn stops_come_from_the_tokenizer_and_the_template() {
 #[test]
 fn predict_prompt_prints_the_greedy_response() {
     let model = tiny_model_dir();
-    let args = ["predict", "--prompt", "hello red dress", "--do_sample", "false"];
+    let args = [
+        "predict",
+        "--prompt",
+        "hello red dress",
+        "--do_sample",
+        "false",
+    ];
     let output = qlora(&args, model.path(), None);
     let expected = expected_response(model.path(), &Conversation::new("hello red dress"));
     assert_eq!(stdout(&output).trim(), expected);
@@ -199,7 +205,8 @@ fn eval_scores_match_qlora_score_on_its_predictions() {
         "--output",
         predictions.to_str().unwrap(),
     ];
-    let scores: serde_json::Value = serde_json::from_str(&stdout(&qlora(&args, model.path(), None))).unwrap();
+    let scores: serde_json::Value =
+        serde_json::from_str(&stdout(&qlora(&args, model.path(), None))).unwrap();
     assert_eq!(scores["n"], 3);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
         .unwrap()

@@ -49,6 +49,10 @@ impl BloomConfig {
             attention_dropout: f.opt_probability("attention_dropout")?.unwrap_or(0.0),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(true),
         };
+        // `describe()` sizes the MLP as 4 * hidden_size.
+        if config.hidden_size.checked_mul(4).is_none() {
+            return Err(f.error(format!("hidden_size {} is too large", config.hidden_size)));
+        }
         if !config.hidden_size.is_multiple_of(config.n_head) {
             return Err(f.error(format!(
                 "hidden_size {} is not a multiple of n_head {}",

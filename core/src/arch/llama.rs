@@ -84,6 +84,12 @@ impl LlamaConfig {
         if !head_dim.is_multiple_of(2) {
             return Err(f.error(format!("head_dim {head_dim} is odd: RoPE needs pairs")));
         }
+        // `describe()` sizes q_proj as num_attention_heads * head_dim.
+        if num_attention_heads.checked_mul(head_dim).is_none() {
+            return Err(f.error(format!(
+                "num_attention_heads {num_attention_heads} * head_dim {head_dim} is too large"
+            )));
+        }
         let hidden_act = f.opt_str("hidden_act")?.unwrap_or("silu");
         if hidden_act != "silu" {
             return Err(f.error(format!(

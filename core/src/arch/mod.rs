@@ -125,11 +125,43 @@ impl ModelConfig {
             None | Some(serde_json::Value::Null) => None,
             Some(block) => Some(QuantizationConfig::from_json(block, origin)?),
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             arch,
             quantization,
             raw,
-        })
+        };
+        config.check_sizes(origin)?;
+        Ok(config)
+    }
+
+    /// Refuses a config whose layer count or tensor sizes no real model has: `describe()` lists
+    /// every layer, and callers multiply tensor shapes out.
+    fn check_sizes(&self, origin: &str) -> Result<()> {
+        if self.num_layers() > MAX_LAYERS {
+            return Err(Error::format(
+                origin,
+                format!(
+                    "{} layers is more than the {MAX_LAYERS} qlora accepts",
+                    self.num_layers()
+                ),
+            ));
+        }
+        for tensor in self.describe().tensors() {
+            let bytes = tensor
+                .shape
+                .iter()
+                .try_fold(std::mem::size_of::<f64>(), |n, &d| n.checked_mul(d));
+            if bytes.is_none() {
+                return Err(Error::format(
+                    origin,
+                    format!(
+                        "tensor `{}` of shape {:?} is larger than memory can address",
+                        tensor.name, tensor.shape
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads and parses a `config.json` file.
@@ -175,6 +207,10 @@ impl ModelConfig {
         }
     }
 }
+
+/// The most layers a `config.json` may declare: far above any released model (Llama 3.1 405B has
+/// 126), low enough that describing a lying config stays small.
+const MAX_LAYERS: usize = 4096;
 
 /// What a tensor of a checkpoint is for. Only [`TensorRole::LinearWeight`] tensors are quantized
 /// to 4 bits (transformers keeps embeddings, norms, biases and the LM head in full precision) and
@@ -391,6 +427,39 @@ mod tests {
             msg.contains("x/config.json") && msg.contains("gpt2"),
             "{msg}"
         );
+    }
+
+    /// Lying sizes that overflowed `usize` in `describe()` or made it list billions of layers
+    /// (regression inputs in fuzz/corpus/model_config/).
+    #[test]
+    fn rejects_sizes_no_model_has() {
+        let cases = [
+            (
+                r#"{"model_type": "bloom", "vocab_size": 8, "hidden_size": 4611686018427387904, "n_layer": 1, "n_head": 1}"#,
+                "hidden_size 4611686018427387904 is too large",
+            ),
+            (
+                r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4294967296, "head_dim": 4294967296}"#,
+                "head_dim 4294967296 is too large",
+            ),
+            (
+                r#"{"model_type": "bloom", "vocab_size": 8, "hidden_size": 64, "n_layer": 1000000000000, "n_head": 1}"#,
+                "1000000000000 layers is more than",
+            ),
+            (
+                r#"{"model_type": "bloom", "vocab_size": 4294967296, "hidden_size": 4294967296, "n_layer": 1, "n_head": 1}"#,
+                "is larger than memory can address",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = ModelConfig::parse(json, "config.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("config.json: ") && err.contains(expected),
+                "{err}"
+            );
+        }
     }
 
     #[test]

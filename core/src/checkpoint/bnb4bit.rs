@@ -139,6 +139,16 @@ fn parse_quant_state(file: &str, tensor: &str, bytes: &[u8]) -> Result<QuantStat
                 .collect::<Option<Vec<_>>>()
         })
         .ok_or_else(|| bad("quant_state `shape` must be a list of integers".into()))?;
+    // Every reader multiplies the dimensions out; a lying state must not overflow them.
+    if shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none()
+    {
+        return Err(bad(format!(
+            "quant_state shape {shape:?} has more elements than memory can address"
+        )));
+    }
     let nested = match field("nested_offset") {
         None => None,
         Some(off) => {
@@ -453,5 +463,25 @@ impl<S: TensorSource> TensorSource for QuantizeOnRead<S> {
 
     fn file_of(&self, name: &str) -> Option<String> {
         self.inner.file_of(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The element count of a lying shape overflowed `usize` in `deserialize` and
+    /// `Dequantizing::tensor_infos` (fuzz/corpus/bnb_quant_state/regression_shape_overflow).
+    #[test]
+    fn quant_state_with_overflowing_shape_is_an_error() {
+        let json = br#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [4294967296, 4294967296]}"#;
+        let Err(e) = parse_quant_state("m.safetensors", "w.quant_state", json) else {
+            panic!("an overflowing shape was accepted");
+        };
+        assert!(
+            e.to_string()
+                .contains("more elements than memory can address"),
+            "{e}"
+        );
     }
 }

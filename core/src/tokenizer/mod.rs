@@ -72,8 +72,14 @@ impl Tokenizer {
         names: &SpecialTokenNames,
     ) -> Result<Tokenizer> {
         let name = name.into();
-        let inner = tokenizers::Tokenizer::from_bytes(json)
-            .map_err(|e| Error::format(&name, format!("not a usable tokenizer.json: {e}")))?;
+        // tokenizers 0.22 panics, rather than erroring, on a syntax error or invalid UTF-8
+        // inside a `decoder` object; checking both first turns every malformed file into an error.
+        let unusable = |e: &dyn std::fmt::Display| {
+            Error::format(&name, format!("not a usable tokenizer.json: {e}"))
+        };
+        let text = std::str::from_utf8(json).map_err(|e| unusable(&e))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| unusable(&e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| unusable(&e))?;
         let id_of = |token: &Option<String>| -> Result<Option<u32>> {
             token
                 .as_deref()

@@ -179,3 +179,22 @@ fn unsupported_or_inconsistent_metadata_is_an_error_naming_it() {
         );
     }
 }
+
+/// tokenizers 0.22 panicked on a syntax error or invalid UTF-8 inside `decoder` (found by the
+/// `tokenizer` fuzz target; the full inputs are fuzz/corpus/tokenizer/regression_decoder_*).
+#[test]
+fn malformed_json_inside_the_decoder_is_an_error() {
+    let inputs: [&[u8]; 2] = [
+        br#"{"decoder": {"type" "ByteLevel"}}"#,
+        b"{\"decoder\": {\"type\": \"ByteLevel\", \"a\xffb\": true}}",
+    ];
+    for json in inputs {
+        let err = Tokenizer::from_tokenizer_json("t.json", json, &SpecialTokenNames::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("t.json: not a usable tokenizer.json"),
+            "{err}"
+        );
+    }
+}

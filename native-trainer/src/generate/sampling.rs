@@ -167,10 +167,7 @@ fn keep_top_p(scores: &mut [f32], top_p: f32) {
 
 fn softmax(scores: &[f32]) -> Vec<f64> {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f64> = scores
-        .iter()
-        .map(|&s| f64::from(s - max).exp())
-        .collect();
+    let exp: Vec<f64> = scores.iter().map(|&s| f64::from(s - max).exp()).collect();
     let sum: f64 = exp.iter().sum();
     exp.into_iter().map(|e| e / sum).collect()
 }
@@ -239,7 +236,10 @@ mod tests {
         assert_eq!(tokens, draw(7));
         assert_ne!(tokens, draw(8));
         let share = tokens.iter().filter(|&&t| t == 0).count() as f64 / 2000.0;
-        assert!((share - 0.7).abs() < 0.04, "token 0 drawn {share} of the time");
+        assert!(
+            (share - 0.7).abs() < 0.04,
+            "token 0 drawn {share} of the time"
+        );
         let mut greedy = Sampler::new(SamplingParams::GREEDY, 0).unwrap();
         assert_eq!(greedy.next_token(&[0.1, 0.5, 0.5], &[]), 1);
     }

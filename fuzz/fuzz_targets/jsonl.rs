@@ -1,0 +1,15 @@
+//! Training data through `data::parse_jsonl`, with and without a history column.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use qlora_core::data::{parse_jsonl, Columns};
+
+fuzz_target!(|data: &[u8]| {
+    let with_history = Columns {
+        history: Some("history".into()),
+        ..Columns::default()
+    };
+    for columns in [Columns::default(), with_history] {
+        let _ = parse_jsonl("train.jsonl", data, &columns);
+    }
+});
