@@ -109,7 +109,9 @@ fn cached_decoding_gives_the_full_forward_logits() {
             .i(0)
             .unwrap()];
         for &token in &seq[5..] {
-            let step = model.forward_cached(&ids(&[token]), None, &mut cache).unwrap();
+            let step = model
+                .forward_cached(&ids(&[token]), None, &mut cache)
+                .unwrap();
             pieces.push(step.i(0).unwrap());
         }
         assert_eq!(cache.len(), seq.len());
@@ -160,8 +162,10 @@ fn padded_batches_give_each_row_its_own_logits() {
                 let reference = alone[r].i(0..row.len()).unwrap();
                 worst = worst.max(max_abs_diff(&ours, &reference) / max_abs(&reference));
             }
-            for step in 0..3 {
-                let next = [continuation[0][step], continuation[1][step]];
+            for (step, (&first, &second)) in
+                continuation[0].iter().zip(&continuation[1]).enumerate()
+            {
+                let next = [first, second];
                 let logits = model
                     .forward_cached(
                         &Tensor::from_vec(next.to_vec(), (2, 1), &Device::Cpu).unwrap(),
@@ -241,10 +245,17 @@ fn batched_generation_stops_rows_independently() {
     let mut sampler = Sampler::new(SamplingParams::GREEDY, 0).unwrap();
     let batch = generate_batch(&model, &prompts, &options, &mut sampler, |_, _| false).unwrap();
     for (r, generated) in batch.iter().enumerate() {
-        let expected: Vec<u32> = alone[r].iter().copied().take_while(|&t| t != stop).collect();
+        let expected: Vec<u32> = alone[r]
+            .iter()
+            .copied()
+            .take_while(|&t| t != stop)
+            .collect();
         assert_eq!(generated, &expected, "row {r}");
     }
-    assert_eq!(batch[1].len(), alone[1].iter().position(|&t| t == stop).unwrap());
+    assert_eq!(
+        batch[1].len(),
+        alone[1].iter().position(|&t| t == stop).unwrap()
+    );
 }
 
 /// Reads `name` of a golden safetensors file as i32 ids.
@@ -325,7 +336,11 @@ fn smollm2_gguf_matches_the_float64_forward_and_llama_cpp_greedy() {
         );
         assert!(abs_error < SMOLLM_MAX_ABS, "{prompt_name}: {abs_error}");
         for i in 0..prompt.len() {
-            assert_eq!(top1(&our_rows, i), top1(&exact_rows, i), "{prompt_name} position {i}");
+            assert_eq!(
+                top1(&our_rows, i),
+                top1(&exact_rows, i),
+                "{prompt_name} position {i}"
+            );
         }
 
         let mut sampler = Sampler::new(SamplingParams::GREEDY, 0).unwrap();
@@ -352,7 +367,10 @@ fn smollm2_gguf_matches_the_float64_forward_and_llama_cpp_greedy() {
             .count();
         for k in 0..(agree + 1).min(greedy.len()) {
             let (exact_top1, _) = top1_and_gap(&exact_rows[prompt.len() - 1 + k]);
-            assert_eq!(generated[k], exact_top1, "{prompt_name}: generated token {k}");
+            assert_eq!(
+                generated[k], exact_top1,
+                "{prompt_name}: generated token {k}"
+            );
         }
         // Against llama.cpp: equal until the first near-tie of the exact logits.
         let first_tie = (0..greedy.len())
@@ -374,5 +392,8 @@ fn a_bad_adapter_directory_is_an_error_naming_it() {
     let weights = open_checkpoint(&dir).unwrap();
     let missing = Path::new("/nonexistent/adapter");
     let err = load_model(&config, &*weights, Some(missing)).err().unwrap();
-    assert!(format!("{err:#}").contains("/nonexistent/adapter"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("/nonexistent/adapter"),
+        "{err:#}"
+    );
 }

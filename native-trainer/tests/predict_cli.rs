@@ -1,4 +1,4 @@
-//! `qlora predict` and `qlora eval` as a user runs them, on the tiny LLaMA of the golden fixtures
+//! `qlora predict` and `qlora eval` as a user runs them, on the tiny Qwen2 of the golden fixtures
 //! given a small word-level tokenizer (the fixtures have none) and a format template whose end
 //! marker is `.`.
 
@@ -6,19 +6,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use qlora_core::prompt::Conversation;
 use qlora_trainer::generate::model::load_for_generation;
 use qlora_trainer::generate::text::{prompt_ids, response_text, Stops};
 use qlora_trainer::generate::{generate, GenerateOptions, Sampler, SamplingParams};
-use qlora_core::prompt::Conversation;
 
 const TEMPLATE: &str = "{history}Q {query} A {answer} .";
 const WORDS: [&str; 8] = ["Q", "A", ".", "hello", "world", "red", "dress", "short"];
 
-/// A copy of the tiny LLaMA (vocabulary 384) with a word-level tokenizer: `<unk>`, `</s>` (EOS),
+/// A copy of the tiny Qwen2 (vocabulary 384) with a word-level tokenizer: `<unk>`, `</s>` (EOS),
 /// the template's words, then `w10`..`w383`.
 fn tiny_model_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let source = qlora_tests::fixtures().join("golden/llama/tiny-llama");
+    let source = qlora_tests::fixtures().join("golden/llama/tiny-qwen2");
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
     }
@@ -57,6 +57,8 @@ fn qlora(args: &[&str], model: &Path, stdin: Option<&str>) -> Output {
         .arg("--model_name_or_path")
         .arg(model)
         .args(["--prompt_template", TEMPLATE, "--max_new_tokens", "6"])
+        // The random model repeats one word without a penalty.
+        .args(["--repetition_penalty", "1.5"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -83,7 +85,11 @@ fn expected_response(model: &Path, conversation: &Conversation) -> String {
         max_new_tokens: 6,
         stop_ids: stops.ids.clone(),
     };
-    let mut sampler = Sampler::new(SamplingParams::GREEDY, 0).unwrap();
+    let params = SamplingParams {
+        repetition_penalty: 1.5,
+        ..SamplingParams::GREEDY
+    };
+    let mut sampler = Sampler::new(params, 0).unwrap();
     let generated = generate(&loaded.model, &prompt, &options, &mut sampler, |ids| {
         let text = loaded.tokenizer.decode(ids, false).unwrap();
         stops.cut(&text).1
@@ -110,7 +116,13 @@ fn stops_come_from_the_tokenizer_and_the_template() {
 #[test]
 fn predict_prompt_prints_the_greedy_response() {
     let model = tiny_model_dir();
-    let args = ["predict", "--prompt", "hello red dress", "--do_sample", "false"];
+    let args = [
+        "predict",
+        "--prompt",
+        "hello red dress",
+        "--do_sample",
+        "false",
+    ];
     let output = qlora(&args, model.path(), None);
     let expected = expected_response(model.path(), &Conversation::new("hello red dress"));
     assert_eq!(stdout(&output).trim(), expected);
@@ -199,7 +211,8 @@ fn eval_scores_match_qlora_score_on_its_predictions() {
         "--output",
         predictions.to_str().unwrap(),
     ];
-    let scores: serde_json::Value = serde_json::from_str(&stdout(&qlora(&args, model.path(), None))).unwrap();
+    let scores: serde_json::Value =
+        serde_json::from_str(&stdout(&qlora(&args, model.path(), None))).unwrap();
     assert_eq!(scores["n"], 3);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
         .unwrap()

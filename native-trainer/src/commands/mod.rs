@@ -1,4 +1,4 @@
-pub mod quantize;
-pub mod score;
 pub mod eval;
 pub mod predict;
+pub mod quantize;
+pub mod score;

@@ -86,7 +86,9 @@ impl SamplingArgs {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_p: self.top_p.unwrap_or(defaults.top_p),
             top_k: self.top_k.unwrap_or(defaults.top_k),
-            repetition_penalty: self.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
         }
     }
 }
@@ -177,7 +179,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_new_tokens: args.sampling.max_new_tokens,
         stop_ids: stops.ids.clone(),
     };
-    let sampler = Sampler::new(args.sampling.params(SamplingParams::YAYI), args.sampling.seed)?;
+    let sampler = Sampler::new(
+        args.sampling.params(SamplingParams::YAYI),
+        args.sampling.seed,
+    )?;
     let mut predictor = Predictor {
         loaded,
         stops,
@@ -206,7 +211,11 @@ fn predict_file(
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(input).with_context(|| format!("{}", input.display()))?;
     let mut lines = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let at = || format!("{}:{}", input.display(), i + 1);
         let mut object: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;

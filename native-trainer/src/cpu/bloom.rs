@@ -120,7 +120,13 @@ impl Bloom {
         layers: &mut [LayerCache],
     ) -> candle_core::Result<Tensor> {
         let alibi = self.alibi(&step.key_mask, batch.batch_size)?; // [B, nh, 1, S]
-        self.layers_and_head(batch, &alibi, &step.causal_mask, Some(layers), &mut Mode::Eval)
+        self.layers_and_head(
+            batch,
+            &alibi,
+            &step.causal_mask,
+            Some(layers),
+            &mut Mode::Eval,
+        )
     }
 
     /// The blocks and the head: `alibi` `[B, nh, 1, S]`, `mask` `[B, 1, T, S]`, where `S = T`

@@ -125,7 +125,13 @@ impl Llama {
         layers: &mut [LayerCache],
     ) -> candle_core::Result<Tensor> {
         let rope = Rope::at_positions(&self.config, &step.positions, batch.batch_size)?;
-        self.layers_and_head(batch, &rope, &step.causal_mask, Some(layers), &mut Mode::Eval)
+        self.layers_and_head(
+            batch,
+            &rope,
+            &step.causal_mask,
+            Some(layers),
+            &mut Mode::Eval,
+        )
     }
 
     /// The blocks and the head; `mask` `[B, 1, T, S]`, where `S = T` without a cache.
@@ -240,7 +246,11 @@ impl Rope {
         Rope::tables(config, positions, &[batch_size, 1, t, config.head_dim])
     }
 
-    fn tables(config: &LlamaConfig, positions: &[u32], shape: &[usize]) -> candle_core::Result<Rope> {
+    fn tables(
+        config: &LlamaConfig,
+        positions: &[u32],
+        shape: &[usize],
+    ) -> candle_core::Result<Rope> {
         let inv_freq = config.rope_inv_freq(); // [d / 2]
         let d = config.head_dim;
         let mut cos = Vec::with_capacity(positions.len() * d);

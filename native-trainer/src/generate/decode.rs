@@ -69,7 +69,10 @@ pub fn generate_batch(
     let mut cache = model.kv_cache();
     let mut logits = model.forward_cached(
         &tensor(ids, longest)?,
-        padded.then(|| mask_tensor(mask, longest)).transpose()?.as_ref(),
+        padded
+            .then(|| mask_tensor(mask, longest))
+            .transpose()?
+            .as_ref(),
         &mut cache,
     )?;
     let mut contexts: Vec<Vec<u32>> = prompts.to_vec();

@@ -66,7 +66,9 @@ pub fn evaluate(
     mut on_batch: impl FnMut(usize, usize),
 ) -> Result<Evaluation> {
     if examples.is_empty() {
-        return Err(Error::Invalid("evaluation needs at least one example".into()));
+        return Err(Error::Invalid(
+            "evaluation needs at least one example".into(),
+        ));
     }
     let stops = Stops::new(tokenizer, template)?;
     let generate_options = GenerateOptions {

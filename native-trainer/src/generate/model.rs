@@ -47,8 +47,8 @@ pub fn load_model(
         return Ok(Model::load(config, weights, None)?);
     };
     let config_path = dir.join("adapter_config.json");
-    let text =
-        std::fs::read_to_string(&config_path).with_context(|| format!("{}", config_path.display()))?;
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("{}", config_path.display()))?;
     let adapter_config = AdapterConfig::from_json(&config_path.display().to_string(), &text)?;
     let adapter_weights = open_file(&dir.join("adapter_model.safetensors"))?;
     let setup = LoraSetup {

@@ -19,7 +19,8 @@ pub fn greedy_reference(
     let mut sequence = prompt.to_vec();
     for _ in 0..max_new_tokens {
         let t = sequence.len();
-        let ids = Tensor::from_vec(sequence.clone(), (1, t), &Device::Cpu).map_err(compute_error)?;
+        let ids =
+            Tensor::from_vec(sequence.clone(), (1, t), &Device::Cpu).map_err(compute_error)?;
         let logits = model.forward(&ids, None, &mut Mode::Eval)?;
         let mut last: Vec<f32> = logits
             .i((0, t - 1))

@@ -44,19 +44,21 @@ impl SamplingParams {
     /// outside (0, 1]).
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(msg));
-        if !(self.repetition_penalty > 0.0) {
+        // Written so that NaN fails too.
+        let positive = |x: f32| x > 0.0;
+        if !positive(self.repetition_penalty) {
             return bad(format!(
                 "repetition_penalty must be > 0, got {}",
                 self.repetition_penalty
             ));
         }
-        if self.do_sample && !(self.temperature > 0.0) {
+        if self.do_sample && !positive(self.temperature) {
             return bad(format!(
                 "temperature must be > 0 when sampling, got {}",
                 self.temperature
             ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if !(positive(self.top_p) && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         Ok(())
@@ -167,10 +169,7 @@ fn keep_top_p(scores: &mut [f32], top_p: f32) {
 
 fn softmax(scores: &[f32]) -> Vec<f64> {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f64> = scores
-        .iter()
-        .map(|&s| f64::from(s - max).exp())
-        .collect();
+    let exp: Vec<f64> = scores.iter().map(|&s| f64::from(s - max).exp()).collect();
     let sum: f64 = exp.iter().sum();
     exp.into_iter().map(|e| e / sum).collect()
 }
@@ -239,7 +238,10 @@ mod tests {
         assert_eq!(tokens, draw(7));
         assert_ne!(tokens, draw(8));
         let share = tokens.iter().filter(|&&t| t == 0).count() as f64 / 2000.0;
-        assert!((share - 0.7).abs() < 0.04, "token 0 drawn {share} of the time");
+        assert!(
+            (share - 0.7).abs() < 0.04,
+            "token 0 drawn {share} of the time"
+        );
         let mut greedy = Sampler::new(SamplingParams::GREEDY, 0).unwrap();
         assert_eq!(greedy.next_token(&[0.1, 0.5, 0.5], &[]), 1);
     }

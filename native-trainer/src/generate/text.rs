@@ -13,7 +13,11 @@ pub fn prompt_ids(
     conversation: &Conversation,
 ) -> Result<Vec<u32>> {
     let text = template.prompt(conversation)?;
-    let mut ids: Vec<u32> = tokenizer.bos_id().filter(|_| tokenizer.add_bos()).into_iter().collect();
+    let mut ids: Vec<u32> = tokenizer
+        .bos_id()
+        .filter(|_| tokenizer.add_bos())
+        .into_iter()
+        .collect();
     ids.extend(tokenizer.encode(&text, true)?);
     Ok(ids)
 }
