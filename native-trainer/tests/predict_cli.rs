@@ -1,4 +1,4 @@
-//! `qlora predict` and `qlora eval` as a user runs them, on the tiny LLaMA of the golden fixtures
+//! `qlora predict` and `qlora eval` as a user runs them, on the tiny Qwen2 of the golden fixtures
 //! given a small word-level tokenizer (the fixtures have none) and a format template whose end
 //! marker is `.`.
 
@@ -14,11 +14,11 @@ use qlora_trainer::generate::{generate, GenerateOptions, Sampler, SamplingParams
 const TEMPLATE: &str = "{history}Q {query} A {answer} .";
 const WORDS: [&str; 8] = ["Q", "A", ".", "hello", "world", "red", "dress", "short"];
 
-/// A copy of the tiny LLaMA (vocabulary 384) with a word-level tokenizer: `<unk>`, `</s>` (EOS),
+/// A copy of the tiny Qwen2 (vocabulary 384) with a word-level tokenizer: `<unk>`, `</s>` (EOS),
 /// the template's words, then `w10`..`w383`.
 fn tiny_model_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let source = qlora_tests::fixtures().join("golden/llama/tiny-llama");
+    let source = qlora_tests::fixtures().join("golden/llama/tiny-qwen2");
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
     }
@@ -57,6 +57,8 @@ fn qlora(args: &[&str], model: &Path, stdin: Option<&str>) -> Output {
         .arg("--model_name_or_path")
         .arg(model)
         .args(["--prompt_template", TEMPLATE, "--max_new_tokens", "6"])
+        // The random model repeats one word without a penalty.
+        .args(["--repetition_penalty", "1.5"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -83,7 +85,11 @@ fn expected_response(model: &Path, conversation: &Conversation) -> String {
         max_new_tokens: 6,
         stop_ids: stops.ids.clone(),
     };
-    let mut sampler = Sampler::new(SamplingParams::GREEDY, 0).unwrap();
+    let params = SamplingParams {
+        repetition_penalty: 1.5,
+        ..SamplingParams::GREEDY
+    };
+    let mut sampler = Sampler::new(params, 0).unwrap();
     let generated = generate(&loaded.model, &prompt, &options, &mut sampler, |ids| {
         let text = loaded.tokenizer.decode(ids, false).unwrap();
         stops.cut(&text).1

@@ -44,19 +44,21 @@ impl SamplingParams {
     /// outside (0, 1]).
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(msg));
-        if !(self.repetition_penalty > 0.0) {
+        // Written so that NaN fails too.
+        let positive = |x: f32| x > 0.0;
+        if !positive(self.repetition_penalty) {
             return bad(format!(
                 "repetition_penalty must be > 0, got {}",
                 self.repetition_penalty
             ));
         }
-        if self.do_sample && !(self.temperature > 0.0) {
+        if self.do_sample && !positive(self.temperature) {
             return bad(format!(
                 "temperature must be > 0 when sampling, got {}",
                 self.temperature
             ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if !(positive(self.top_p) && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         Ok(())
