@@ -22,7 +22,7 @@ enum Command {
     /// ADGEN metrics (ROUGE-1/2/L, BLEU-4) of a JSON-lines file of predictions and labels.
     Score(commands::score::Args),
     /// QLoRA fine-tuning on the CPU (no arguments: the demo on SmolLM2-135M).
-    Train(commands::train::Args),
+    Train(Box<commands::train::Args>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,7 +37,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Score(args) => commands::score::run(args),
-        Command::Train(args) => commands::train::run(args),
+        Command::Train(args) => commands::train::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -276,7 +276,8 @@ pub fn train(
             first_loss.get_or_insert(loss);
             last_loss = loss;
 
-            let eval_due = step == total_steps || options.eval_steps.is_some_and(|n| step % n == 0);
+            let eval_due =
+                step == total_steps || options.eval_steps.is_some_and(|n| step.is_multiple_of(n));
             let val_loss = match validation.filter(|_| eval_due) {
                 Some(examples) => {
                     let v = validation_loss(
@@ -300,7 +301,7 @@ pub fn train(
                 }
                 None => None,
             };
-            if options.save_steps.is_some_and(|n| step % n == 0) {
+            if options.save_steps.is_some_and(|n| step.is_multiple_of(n)) {
                 let dir = out_dir.join(format!("checkpoint-{step}"));
                 save_adapter(&model_adapter(model, adapter_config)?, &dir)?;
             }
