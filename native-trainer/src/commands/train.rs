@@ -414,13 +414,27 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Creates the output directory; a non-empty one only with `overwrite`, so that a run never mixes
-/// its log and adapters with another's by accident.
+/// its log and adapters with another's by accident. With `overwrite`, the adapters an earlier run
+/// wrote there are removed first (a run without validation data writes no `best_model/`, and
+/// an old one must not pass for its result).
 fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<()> {
-    if dir.is_dir() && !overwrite && std::fs::read_dir(dir)?.next().is_some() {
-        bail!(
-            "{}: exists and is not empty (pass --overwrite to train into it anyway)",
-            dir.display()
-        );
+    if dir.is_dir() {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .collect::<std::io::Result<Vec<_>>>()?;
+        if !entries.is_empty() && !overwrite {
+            bail!(
+                "{}: exists and is not empty (pass --overwrite to train into it anyway)",
+                dir.display()
+            );
+        }
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == BEST_DIR || name == FINAL_DIR || name.starts_with("checkpoint-") {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }

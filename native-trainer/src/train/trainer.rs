@@ -269,6 +269,8 @@ pub fn train(
             let lr = schedule.lr(step);
             optimizer.step(&mut params.values, &grads, lr);
             params.store()?;
+            // Speed of the training step alone, validation and saving excluded.
+            let tokens_per_s = tokens as f64 / step_started.elapsed().as_secs_f64();
             step += 1;
             micro_done += group.len();
             tokens_total += tokens;
@@ -311,7 +313,7 @@ pub fn train(
                 loss,
                 lr,
                 grad_norm,
-                tokens_per_s: tokens as f64 / step_started.elapsed().as_secs_f64(),
+                tokens_per_s,
                 val_loss,
             };
             log.write(&record)?;
