@@ -25,7 +25,7 @@ enum Command {
     /// Quantization error of NF4/FP4 on a checkpoint's weights: a table, stats.json, SVG plots.
     Inspect(commands::inspect::Args),
     /// QLoRA fine-tuning on the CPU (no arguments: the demo on SmolLM2-135M).
-    Train(commands::train::Args),
+    Train(Box<commands::train::Args>),
     /// Generate with a base model and an optional adapter: one prompt, a file, or a chat.
     Predict(commands::predict::Args),
     /// Generate for a validation file and report ROUGE-1/2/L and BLEU-4.
@@ -45,7 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
-        Command::Train(args) => commands::train::run(args),
+        Command::Train(args) => commands::train::run(*args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Eval(args) => commands::eval::run(args),
     };

@@ -246,4 +246,6 @@ fn bad_flags_and_data_fail_with_a_message() {
         setup.train("x", &["--max_steps", "3", "--lr", "1e30"]),
         "at step",
     );
+    // `x` now holds the failed run's log.
+    failure(setup.train("x", &["--max_steps", "1"]), "not empty");
 }

@@ -99,7 +99,7 @@ pub struct Args {
     /// Passes over the training data [default: 1].
     #[arg(long)]
     pub epoch: Option<usize>,
-    /// Optimizer steps to take, overriding --epoch [demo: 75].
+    /// Optimizer steps to take, overriding --epoch [demo: 24].
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Examples per micro-batch [default: 4].
@@ -113,7 +113,7 @@ pub struct Args {
     pub lr: Option<f64>,
     #[arg(long, value_enum, default_value = "linear")]
     pub lr_scheduler: ScheduleKind,
-    /// Steps of linear warmup from 0 [default: 0; demo: 5].
+    /// Steps of linear warmup from 0 [default: 0; demo: 2].
     #[arg(long)]
     pub warmup_steps: Option<usize>,
     /// AdamW's decoupled weight decay.
@@ -122,7 +122,7 @@ pub struct Args {
     /// Clip the global gradient norm to this (0: no clipping), as transformers' Trainer does.
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    /// Validate every this many steps (and at the end) [demo: 25].
+    /// Validate every this many steps (and at the end) [demo: 12].
     #[arg(long)]
     pub eval_steps: Option<usize>,
     /// Write the adapter to `checkpoint-<step>/` every this many steps.
@@ -193,12 +193,12 @@ const DEMO_DEFAULTS: Defaults = Defaults {
     lora_r: 8,
     lora_alpha: 16.0,
     epoch: 1,
-    max_steps: Some(75),
+    max_steps: Some(24),
     batch_size: 4,
     gradient_steps: 1,
     lr: 1e-3,
-    warmup_steps: 5,
-    eval_steps: Some(25),
+    warmup_steps: 2,
+    eval_steps: Some(12),
     out_dir: "runs/demo",
 };
 
@@ -380,7 +380,7 @@ pub fn run(args: Args) -> Result<()> {
         ));
         if let Some(v) = r.val_loss {
             bar.suspend(|| tracing::info!("step {}: validation loss {v:.4}", r.step));
-        } else if bar.is_hidden() && (r.step % report_every == 0 || r.step == 1) {
+        } else if bar.is_hidden() && (r.step.is_multiple_of(report_every) || r.step == 1) {
             tracing::info!(
                 "step {}/{total_steps}: loss {:.4}, lr {:.2e}, {:.0} tok/s",
                 r.step,
@@ -414,13 +414,27 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Creates the output directory; a non-empty one only with `overwrite`, so that a run never mixes
-/// its log and adapters with another's by accident.
+/// its log and adapters with another's by accident. With `overwrite`, the adapters an earlier run
+/// wrote there are removed first (a run without validation data writes no `best_model/`, and
+/// an old one must not pass for its result).
 fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<()> {
-    if dir.is_dir() && !overwrite && std::fs::read_dir(dir)?.next().is_some() {
-        bail!(
-            "{}: exists and is not empty (pass --overwrite to train into it anyway)",
-            dir.display()
-        );
+    if dir.is_dir() {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .collect::<std::io::Result<Vec<_>>>()?;
+        if !entries.is_empty() && !overwrite {
+            bail!(
+                "{}: exists and is not empty (pass --overwrite to train into it anyway)",
+                dir.display()
+            );
+        }
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == BEST_DIR || name == FINAL_DIR || name.starts_with("checkpoint-") {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }

@@ -68,8 +68,10 @@ impl AdamW {
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         let step_size = (lr / bias_correction1) as f32;
         let decay = (1.0 - lr * weight_decay) as f32;
-        let (beta1, beta2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
-        let bias_correction2_sqrt = bias_correction2_sqrt as f32;
+        // Coefficients in f64, then f32, as PyTorch passes Python floats to f32 kernels.
+        let (one_minus_beta1, beta2, one_minus_beta2) =
+            ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+        let (eps, bias_correction2_sqrt) = (eps as f32, bias_correction2_sqrt as f32);
         let states = self.first_moments.iter_mut().zip(&mut self.second_moments);
         for ((buffer, grad), (m, v)) in buffers.iter_mut().zip(grads).zip(states) {
             assert_eq!(buffer.len(), m.len(), "buffer length changed");
@@ -80,8 +82,9 @@ impl AdamW {
             );
             for (((p, &g), m), v) in buffer.iter_mut().zip(grad).zip(m).zip(v) {
                 *p *= decay;
-                *m = beta1 * *m + (1.0 - beta1) * g;
-                *v = beta2 * *v + (1.0 - beta2) * g * g;
+                // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+                *m += (g - *m) * one_minus_beta1;
+                *v = *v * beta2 + g * g * one_minus_beta2;
                 let denom = v.sqrt() / bias_correction2_sqrt + eps;
                 *p -= step_size * *m / denom;
             }
@@ -137,7 +140,8 @@ mod tests {
         let m_hat = 0.39 / (1.0 - 0.81);
         let v_hat = 0.009999 / (1.0 - 0.998001);
         let want = -0.1 - 0.1 * m_hat / (f64::sqrt(v_hat) + 1e-8);
-        assert!((f64::from(buffers[0][0]) - want).abs() < 1e-6);
+        let got = f64::from(buffers[0][0]);
+        assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
     }
 
     #[test]

@@ -269,6 +269,8 @@ pub fn train(
             let lr = schedule.lr(step);
             optimizer.step(&mut params.values, &grads, lr);
             params.store()?;
+            // Speed of the training step alone, validation and saving excluded.
+            let tokens_per_s = tokens as f64 / step_started.elapsed().as_secs_f64();
             step += 1;
             micro_done += group.len();
             tokens_total += tokens;
@@ -276,7 +278,8 @@ pub fn train(
             first_loss.get_or_insert(loss);
             last_loss = loss;
 
-            let eval_due = step == total_steps || options.eval_steps.is_some_and(|n| step % n == 0);
+            let eval_due =
+                step == total_steps || options.eval_steps.is_some_and(|n| step.is_multiple_of(n));
             let val_loss = match validation.filter(|_| eval_due) {
                 Some(examples) => {
                     let v = validation_loss(
@@ -300,7 +303,7 @@ pub fn train(
                 }
                 None => None,
             };
-            if options.save_steps.is_some_and(|n| step % n == 0) {
+            if options.save_steps.is_some_and(|n| step.is_multiple_of(n)) {
                 let dir = out_dir.join(format!("checkpoint-{step}"));
                 save_adapter(&model_adapter(model, adapter_config)?, &dir)?;
             }
@@ -310,7 +313,7 @@ pub fn train(
                 loss,
                 lr,
                 grad_norm,
-                tokens_per_s: tokens as f64 / step_started.elapsed().as_secs_f64(),
+                tokens_per_s,
                 val_loss,
             };
             log.write(&record)?;
