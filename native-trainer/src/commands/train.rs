@@ -15,6 +15,8 @@ use qlora_core::prompt::PromptTemplate;
 use qlora_core::quant::QuantType;
 use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
+use qlora_trainer::generate::model::load_for_generation;
+use qlora_trainer::generate::{evaluate, EvalOptions, Example};
 use qlora_trainer::load::{load_base, QuantOnLoad};
 use qlora_trainer::progress;
 use qlora_trainer::train::log::StepRecord;
@@ -408,7 +410,7 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             FINAL_DIR
         };
-        after_demo_training(&out_dir.join(adapter))?;
+        after_demo_training(&model_path, &out_dir.join(adapter))?;
     }
     Ok(())
 }
@@ -468,17 +470,61 @@ fn print_summary(summary: &Summary, out_dir: &Path) {
     println!("log: {}", out_dir.join(LOG_FILE).display());
 }
 
-/// The demo's step after training, given the trained adapter directory. Evaluation before vs
-/// after and a generated example belong here once `qlora eval` / `qlora predict` exist; until
-/// then it tells how to use the adapter.
-fn after_demo_training(adapter_dir: &Path) -> Result<()> {
-    let adapter = qlora_core::peft::LoraAdapter::load(adapter_dir)?;
+/// Dev examples the demo generates for, before and after training: enough to show the change,
+/// few enough to keep the demo within minutes on two CPU cores.
+const DEMO_EVAL_EXAMPLES: usize = 8;
+/// New tokens per demo answer: every demo answer is under 64 tokens.
+const DEMO_EVAL_NEW_TOKENS: usize = 64;
+
+/// The demo's step after training: greedy answers of the base model and of base + the trained
+/// adapter on the first dev examples, their ADGEN metrics side by side, and one example.
+fn after_demo_training(base: &Path, adapter_dir: &Path) -> Result<()> {
+    let DataFile::Embedded { name, text } = DEMO_VALIDATION else {
+        unreachable!("the demo's validation data is built in")
+    };
+    let examples: Vec<Example> = parse_jsonl(name, text.as_bytes(), &Columns::default())?
+        .into_iter()
+        .take(DEMO_EVAL_EXAMPLES)
+        .map(|r| Example {
+            prompt: r.query,
+            label: r.response,
+        })
+        .collect();
+    let options = EvalOptions {
+        max_new_tokens: DEMO_EVAL_NEW_TOKENS,
+        ..EvalOptions::default()
+    };
+    let mut runs = Vec::new();
+    for (label, adapter) in [("base", None), ("fine-tuned", Some(adapter_dir))] {
+        let g = load_for_generation(base, adapter, None, None)?;
+        let bar = progress::steps_bar(examples.len() as u64, "generating");
+        bar.set_message(label);
+        let evaluation = evaluate(
+            &g.model,
+            &g.tokenizer,
+            &g.template,
+            &examples,
+            &options,
+            |done, _| bar.set_position(done as u64),
+        )?;
+        bar.finish_and_clear();
+        runs.push((label, evaluation));
+    }
+    println!("ADGEN metrics on {} dev examples (greedy):", examples.len());
+    for (label, evaluation) in &runs {
+        println!(
+            "  {label:<10} {}",
+            serde_json::to_string(&evaluation.scores)?
+        );
+    }
+    println!("example: {}", examples[0].prompt);
+    for (label, evaluation) in &runs {
+        println!("  {label:<10} {}", evaluation.predictions[0].pred);
+    }
+    println!("  {:<10} {}", "reference", examples[0].label);
     println!(
-        "demo adapter: {} ({} modules, r = {}); load it with PEFT's \
-         PeftModel.from_pretrained(base, \"{}\")",
+        "adapter: {} (PEFT format: PeftModel.from_pretrained(base, \"{}\"))",
         adapter_dir.display(),
-        adapter.modules.len(),
-        adapter.config.lora.r,
         adapter_dir.display()
     );
     Ok(())
