@@ -53,6 +53,15 @@ impl AtomicFile {
     /// Flushes the data to disk and renames the file onto the target (replacing a file there).
     pub fn commit(mut self) -> Result<()> {
         self.tmp.flush().map_err(|e| Error::io(&self.target, e))?;
+        // Temporary files are created private (0600); the output is an ordinary file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            self.tmp
+                .as_file()
+                .set_permissions(fs::Permissions::from_mode(0o644))
+                .map_err(|e| Error::io(&self.target, e))?;
+        }
         self.tmp
             .as_file()
             .sync_all()
