@@ -12,13 +12,13 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use qlora_core::arch::{ModelConfig, PeftNaming};
-use qlora_core::checkpoint::bnb4bit::QuantizeOnRead;
 use qlora_core::checkpoint::{
     open_checkpoint, open_file, RawTensor, SafetensorsWriter, TensorInfo, TensorSource,
 };
 use qlora_core::peft::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
 use qlora_core::DType;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Mode, Model};
+use qlora_trainer::load::{quantize_on_read, QuantOnLoad};
 
 fn i64_tensor(raw: RawTensor) -> Result<Tensor> {
     if raw.dtype != DType::I64 {
@@ -40,17 +40,17 @@ fn main() -> Result<()> {
     let model_dir = Path::new(model);
     let config = ModelConfig::load(&model_dir.join("config.json"))?;
     let base = open_checkpoint(model_dir)?;
-    let weights: Box<dyn TensorSource> = match quant.as_str() {
+    let weights = match quant.as_str() {
         "none" => base,
-        q => {
-            let linear = config
-                .describe()
-                .linears()
-                .into_iter()
-                .map(|l| l.weight_name())
-                .collect::<Vec<_>>();
-            Box::new(QuantizeOnRead::new(base, linear, q.parse()?, 64, true)?)
-        }
+        q => quantize_on_read(
+            &config,
+            base,
+            QuantOnLoad {
+                quant_type: q.parse()?,
+                double_quant: true,
+                blocksize: 64,
+            },
+        )?,
     };
     let adapter_files;
     let setup = if adapter == "-" {

@@ -83,17 +83,10 @@ pub fn load_base(
             }
             (weights, BaseWeights::Stored4bit)
         }
-        (Some(q), false) => {
-            let linear = config
-                .describe()
-                .linears()
-                .into_iter()
-                .map(|l| l.weight_name())
-                .collect::<Vec<_>>();
-            let view =
-                QuantizeOnRead::new(weights, linear, q.quant_type, q.blocksize, q.double_quant)?;
-            (Box::new(view), BaseWeights::Quantized(q))
-        }
+        (Some(q), false) => (
+            quantize_on_read(&config, weights, q)?,
+            BaseWeights::Quantized(q),
+        ),
         (None, false) => (weights, BaseWeights::Full),
     };
     let template = match prompt_template {
@@ -113,4 +106,21 @@ pub fn load_base(
         template,
         base_weights,
     })
+}
+
+/// `weights` with the linear projections of `config` quantized on read (see [`QuantizeOnRead`]).
+pub fn quantize_on_read(config: &ModelConfig, weights: Weights, q: QuantOnLoad) -> Result<Weights> {
+    let linear = config
+        .describe()
+        .linears()
+        .into_iter()
+        .map(|l| l.weight_name())
+        .collect::<Vec<_>>();
+    Ok(Box::new(QuantizeOnRead::new(
+        weights,
+        linear,
+        q.quant_type,
+        q.blocksize,
+        q.double_quant,
+    )?))
 }

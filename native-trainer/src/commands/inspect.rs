@@ -13,7 +13,7 @@ use qlora_core::fsutil::AtomicDir;
 use qlora_core::inspect::{
     self, ErrorSummary, InspectReport, ModelReport, QuantConfig, TensorReport, TensorSummary,
 };
-use qlora_core::quant::{self, FloatData, QuantType};
+use qlora_core::quant::{FloatData, QuantType};
 
 use crate::plot::{self, HistogramChart, Markers, Series};
 use qlora_trainer::progress;
@@ -36,23 +36,11 @@ pub struct Args {
     #[arg(long)]
     pub overwrite: bool,
     /// Block sizes to compare, comma-separated (each 32, 64, ..., 4096).
-    #[arg(long, value_delimiter = ',', default_values_t = inspect::DEFAULT_BLOCKSIZES, value_parser = parse_blocksize)]
+    #[arg(long, value_delimiter = ',', default_values_t = inspect::DEFAULT_BLOCKSIZES, value_parser = super::quantize::parse_blocksize)]
     pub blocksizes: Vec<usize>,
     /// Bins of each histogram.
     #[arg(long, default_value_t = inspect::DEFAULT_BINS, value_parser = parse_bins)]
     pub bins: usize,
-}
-
-fn parse_blocksize(s: &str) -> Result<usize, String> {
-    let n: usize = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
-    if quant::BLOCKSIZES.contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!(
-            "blocksize {n} is not one of {:?}",
-            quant::BLOCKSIZES
-        ))
-    }
 }
 
 fn parse_bins(s: &str) -> Result<usize, String> {
