@@ -14,5 +14,10 @@ scripts/fetch-demo-model.sh
 cargo build --locked -p qlora-core --target wasm32-unknown-unknown
 # Every parser of downloaded files under libFuzzer for a few seconds each (fuzz/).
 scripts/fuzz.sh 5
-# Last, so the test runner's summary closes the log.
-cargo test --locked --workspace
+# Last, so the test runner's summary closes the log: nextest (on this project's machines) ends
+# with one line for the whole suite; cargo test is the fallback.
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --locked --workspace --no-fail-fast
+else
+  cargo test --locked --workspace
+fi
