@@ -29,7 +29,13 @@ pub(crate) struct LayerCache(Option<(Tensor, Tensor)>);
 impl LayerCache {
     /// Appends this step's keys and values `[B, heads, T, d]` and returns all of them
     /// `[B, heads, S, d]`.
+    ///
+    /// The cache keeps them detached from the autograd graph: keys and values that depend on
+    /// LoRA `Var`s would otherwise hold every earlier step's activations alive, and a long
+    /// generation with an adapter would grow without bound (nothing is back-propagated through
+    /// a cached forward).
     pub(crate) fn extend(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = (k.detach(), v.detach());
         let all = match self.0.take() {
             None => (k, v),
             Some((past_k, past_v)) => (

@@ -128,6 +128,7 @@ impl Model {
             Model::Bloom(m) => m.forward_cached(&batch, &step, cache.layers_mut()),
             Model::Llama(m) => m.forward_cached(&batch, &step, cache.layers_mut()),
         }
+        .map(|logits| logits.detach())
         .map_err(compute_error)
     }
 
