@@ -73,7 +73,8 @@ pub struct Args {
     #[arg(long)]
     pub prompt_template: Option<String>,
     /// 4-bit type a full-precision base is quantized to on load (QLoRA's frozen base); `none`
-    /// trains on the full-precision weights. A 4-bit checkpoint or a GGUF is used as it is.
+    /// trains on the full-precision weights. A GGUF counts as full precision (its weights are
+    /// dequantized first); a 4-bit HF checkpoint is used as it is.
     #[arg(long, value_enum, default_value = "nf4")]
     pub quan: BaseQuant,
     /// Quantize the per-block absmax too (QLoRA's double quantization).
@@ -280,27 +281,19 @@ pub fn run(args: Args) -> Result<()> {
     let overwrite = args.overwrite || (demo && args.out_dir.is_none());
     prepare_out_dir(&out_dir, overwrite)?;
 
-    let is_gguf = model_path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    let quant_type = match args.quan {
+    // A GGUF is dequantized and then treated like any full-precision checkpoint: --quan
+    // quantizes its linear weights on load, as for an HF directory (a 4-bit HF checkpoint is
+    // the one base used as stored).
+    let quant = match args.quan {
         BaseQuant::Nf4 => Some(QuantType::Nf4),
         BaseQuant::Fp4 => Some(QuantType::Fp4),
         BaseQuant::None => None,
-    };
-    if is_gguf && quant_type.is_some() {
-        tracing::info!(
-            "{}: a GGUF base is used as stored (--quan applies to full-precision HF checkpoints)",
-            model_path.display()
-        );
     }
-    let quant = quant_type
-        .filter(|_| !is_gguf)
-        .map(|quant_type| QuantOnLoad {
-            quant_type,
-            double_quant: args.double_quant,
-            blocksize: args.blocksize,
-        });
+    .map(|quant_type| QuantOnLoad {
+        quant_type,
+        double_quant: args.double_quant,
+        blocksize: args.blocksize,
+    });
     let base = load_base(&model_path, quant, args.prompt_template.as_deref())?;
     tracing::info!(
         "base: {} ({:?} weights)",
