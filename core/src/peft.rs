@@ -82,7 +82,10 @@ impl AdapterConfig {
             .ok_or_else(|| Error::format(file, "`lora_alpha` must be a number"))?;
         let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
         let flag = |k: &str| field(k).and_then(Value::as_bool).unwrap_or(false);
-        for unsupported in ["use_dora", "fan_in_fan_out", "lora_bias"] {
+        // `fan_in_fan_out` is not refused: it only concerns GPT-2-style `Conv1D` weights, and
+        // for the `torch.nn.Linear` (and bitsandbytes `Linear4bit`) projections of every
+        // architecture qlora runs PEFT sets it back to false when it loads the adapter.
+        for unsupported in ["use_dora", "lora_bias"] {
             if flag(unsupported) {
                 return Err(Error::format(
                     file,
@@ -164,6 +167,37 @@ pub struct LoraPair {
     pub r: usize,
     pub in_features: usize,
     pub out_features: usize,
+}
+
+impl LoraPair {
+    /// Adds `scale · B·A` to `weight` (`[out_features, in_features]`, row-major): PEFT's
+    /// `merge` of a `Linear` / `Linear4bit` adapter, whose delta weight is `B @ A * scaling` in the
+    /// weight's own `[out, in]` layout (also for BLOOM's fused `query_key_value`, whose rows B
+    /// shares). Summed in f32 over the rank, as torch does for an f32 weight.
+    pub fn merge_into(&self, weight: &mut [f32], scale: f32) -> Result<()> {
+        let expected = self.out_features * self.in_features;
+        if weight.len() != expected {
+            return Err(Error::Invalid(format!(
+                "the weight holds {} values, but lora_B·lora_A is [{}, {}]",
+                weight.len(),
+                self.out_features,
+                self.in_features
+            )));
+        }
+        for (row, b_row) in weight
+            .chunks_exact_mut(self.in_features)
+            .zip(self.b.chunks_exact(self.r))
+        {
+            for (col, w) in row.iter_mut().enumerate() {
+                let mut delta = 0.0f32;
+                for (k, &b) in b_row.iter().enumerate() {
+                    delta += b * self.a[k * self.in_features + col];
+                }
+                *w += delta * scale;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A whole adapter: its config and one A/B pair per adapted module path.

@@ -7,5 +7,6 @@
 pub mod cpu;
 pub mod generate;
 pub mod load;
+pub mod merge;
 pub mod progress;
 pub mod train;

@@ -43,36 +43,72 @@ pub struct BaseModel {
     pub base_weights: BaseWeights,
 }
 
-/// Loads `path`. `quant` quantizes a full-precision base on load (ignored, with a note, for a
-/// checkpoint that is already 4-bit). `prompt_template` overrides the model's own template (see
-/// [`PromptTemplate::from_format`]).
+/// A base model's config, weights (a 4-bit checkpoint dequantized as it is read) and tokenizer,
+/// as stored: nothing quantized on load, no prompt template chosen.
+pub struct OpenedBase {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    /// Whether the checkpoint is 4-bit (its weights read dequantized).
+    pub stored_4bit: bool,
+}
+
+/// Opens `path`: an HF directory (full precision or 4-bit) or a LLaMA-family `.gguf` file.
+pub fn open_base(path: &Path) -> Result<OpenedBase> {
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_gguf {
+        let ckpt = GgufCheckpoint::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(ckpt.gguf())
+            .with_context(|| format!("the tokenizer of {}", path.display()))?;
+        Ok(OpenedBase {
+            config: ckpt.config().clone(),
+            weights: Box::new(ckpt),
+            tokenizer,
+            stored_4bit: false,
+        })
+    } else if path.is_dir() {
+        let (config, weights, stored_4bit) = open_hf_weights(path)?;
+        let tokenizer = Tokenizer::from_hf_dir(path)
+            .with_context(|| format!("the tokenizer of {}", path.display()))?;
+        Ok(OpenedBase {
+            config,
+            weights,
+            tokenizer,
+            stored_4bit,
+        })
+    } else {
+        bail!("{}: not a model directory nor a .gguf file", path.display());
+    }
+}
+
+/// The config and weights of the HF checkpoint directory `dir` (no tokenizer needed), a 4-bit
+/// one dequantized as it is read; the flag says whether it is 4-bit.
+pub fn open_hf_weights(dir: &Path) -> Result<(ModelConfig, Weights, bool)> {
+    let config = ModelConfig::load(&dir.join("config.json"))?;
+    let source = open_checkpoint(dir)?;
+    Ok(if config.quantization.is_some() {
+        (config, Box::new(Dequantizing::new(source)), true)
+    } else {
+        (config, source, false)
+    })
+}
+
+/// Loads `path` (see [`open_base`]). `quant` quantizes a full-precision base on load (ignored,
+/// with a note, for a checkpoint that is already 4-bit). `prompt_template` overrides the model's
+/// own template (see [`PromptTemplate::from_format`]).
 pub fn load_base(
     path: &Path,
     quant: Option<QuantOnLoad>,
     prompt_template: Option<&str>,
 ) -> Result<BaseModel> {
-    let is_gguf = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    let (config, weights, tokenizer, stored_4bit): (ModelConfig, Weights, Tokenizer, bool) =
-        if is_gguf {
-            let ckpt = GgufCheckpoint::open(path)?;
-            let tokenizer = Tokenizer::from_gguf(ckpt.gguf())
-                .with_context(|| format!("the tokenizer of {}", path.display()))?;
-            (ckpt.config().clone(), Box::new(ckpt), tokenizer, false)
-        } else if path.is_dir() {
-            let config = ModelConfig::load(&path.join("config.json"))?;
-            let tokenizer = Tokenizer::from_hf_dir(path)
-                .with_context(|| format!("the tokenizer of {}", path.display()))?;
-            let source = open_checkpoint(path)?;
-            if config.quantization.is_some() {
-                (config, Box::new(Dequantizing::new(source)), tokenizer, true)
-            } else {
-                (config, source, tokenizer, false)
-            }
-        } else {
-            bail!("{}: not a model directory nor a .gguf file", path.display());
-        };
+    let OpenedBase {
+        config,
+        weights,
+        tokenizer,
+        stored_4bit,
+    } = open_base(path)?;
     let (weights, base_weights): (Weights, BaseWeights) = match (quant, stored_4bit) {
         (_, true) => {
             if quant.is_some() {

@@ -26,6 +26,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// QLoRA fine-tuning on the CPU (no arguments: the demo on SmolLM2-135M).
     Train(Box<commands::train::Args>),
+    /// Fold a LoRA adapter into its base model: a full-precision or re-quantized 4-bit checkpoint.
+    Merge(commands::merge::Args),
     /// Generate with a base model and an optional adapter: one prompt, a file, or a chat.
     Predict(commands::predict::Args),
     /// Generate for a validation file and report ROUGE-1/2/L and BLEU-4.
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => commands::score::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Train(args) => commands::train::run(*args),
+        Command::Merge(args) => commands::merge::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Eval(args) => commands::eval::run(args),
     };

@@ -210,14 +210,14 @@ fn inspect_model(
     Ok(ModelReport::new(configs, tensors))
 }
 
-fn print_header() {
+pub(crate) fn print_header() {
     println!(
         "{:<48} {:<12} {:>12} {:>12} {:>9}",
         "tensor", "config", "MSE", "max|err|", "SQNR dB"
     );
 }
 
-fn print_table<'a>(tensor: &str, summaries: impl Iterator<Item = &'a ErrorSummary>) {
+pub(crate) fn print_table<'a>(tensor: &str, summaries: impl Iterator<Item = &'a ErrorSummary>) {
     for s in summaries {
         println!(
             "{tensor:<48} {:<12} {:>12.4e} {:>12.4e} {:>9}",
@@ -229,7 +229,7 @@ fn print_table<'a>(tensor: &str, summaries: impl Iterator<Item = &'a ErrorSummar
     }
 }
 
-fn print_totals(report: &ModelReport) {
+pub(crate) fn print_totals(report: &ModelReport) {
     for t in &report.totals {
         println!(
             "{:<48} {:<12} {:>12.4e} {:>12} {:>9}",

@@ -1,5 +1,6 @@
 pub mod eval;
 pub mod inspect;
+pub mod merge;
 pub mod predict;
 pub mod quantize;
 pub mod score;

@@ -11,7 +11,7 @@ use qlora_core::checkpoint::bnb4bit;
 use qlora_core::checkpoint::spill::Spill;
 use qlora_core::checkpoint::{open_checkpoint, RawTensor, TensorSource};
 use qlora_core::fsutil::AtomicDir;
-use qlora_core::quant::{self, FloatData, QuantType};
+use qlora_core::quant::{self, FloatData, FloatSlice, QuantType};
 use qlora_core::DType;
 
 use qlora_trainer::progress;
@@ -89,43 +89,131 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let source = open_checkpoint(dir)?;
-    let plan = plan(&config, source.as_ref(), &config_path, args.dtype)?;
-
+    let four_bit = FourBit {
+        quant_type: args.quan,
+        blocksize: args.blocksize,
+        double_quant: args.double_quant,
+        compute_dtype: args.compute_dtype,
+    };
     let out = AtomicDir::create(&args.out, args.overwrite)?;
+    let written = write_checkpoint(
+        &config,
+        source.as_ref(),
+        &config_path,
+        Some(four_bit),
+        args.dtype,
+        &out,
+        |_, _, _| Ok(()),
+    )?;
+    copy_companion_files(dir, &out)?;
+    let target = out.commit()?;
+    eprintln!(
+        "wrote {}: {} weights in {} (blocksize {}{}), {} tensors kept, {:.1} MiB of tensor data",
+        target.display(),
+        written.quantized,
+        args.quan,
+        args.blocksize,
+        if args.double_quant {
+            ", double quant"
+        } else {
+            ""
+        },
+        written.kept,
+        written.bytes as f64 / (1 << 20) as f64,
+    );
+    Ok(())
+}
+
+/// How [`write_checkpoint`] stores the linear weights in 4 bits (`BitsAndBytesConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FourBit {
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    pub double_quant: bool,
+    /// `bnb_4bit_compute_dtype`.
+    pub compute_dtype: DType,
+}
+
+/// What [`write_checkpoint`] wrote.
+pub struct Written {
+    /// Linear weights stored in 4 bits.
+    pub quantized: usize,
+    /// Tensors stored as floats.
+    pub kept: usize,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+}
+
+/// Writes every tensor `config` describes, read from `source`, into `out` as `model.safetensors`
+/// with its `config.json`: with `four_bit`, the linear weights quantized exactly as transformers
+/// + bitsandbytes save them; every other tensor (all of them without `four_bit`) as a float in
+/// `dtype`, or its own dtype when `None`. `on_quantized(name, weights, shape)` sees each linear weight
+/// as it goes into the quantizer. Names, shapes and dtypes are checked against `config_path` before
+/// anything is written.
+pub fn write_checkpoint(
+    config: &ModelConfig,
+    source: &dyn TensorSource,
+    config_path: &Path,
+    four_bit: Option<FourBit>,
+    dtype: Option<DType>,
+    out: &AtomicDir,
+    mut on_quantized: impl FnMut(&str, FloatSlice<'_>, &[usize]) -> Result<()>,
+) -> Result<Written> {
+    let plan = plan(config, source, config_path, dtype)?;
     let total: u64 = plan.iter().map(|(_, spec, _)| spec_numel(spec)).sum();
-    let bar = progress::params_bar(total, "quantizing");
+    let bar = progress::params_bar(
+        total,
+        if four_bit.is_some() {
+            "quantizing"
+        } else {
+            "writing"
+        },
+    );
     let mut spill = Spill::new(out.path())?;
     let (mut quantized, mut kept) = (0usize, 0usize);
     for (name, spec, dtype) in &plan {
         bar.set_message(name.clone());
-        let tensor = cast(source.read(name)?, *dtype, source.as_ref(), name)?;
-        if spec.role == TensorRole::LinearWeight {
-            let data = FloatData::from_le_bytes(tensor.dtype, &tensor.data)?;
-            let q = quant::quantize_4bit(
-                data.as_slice(),
-                &tensor.shape,
-                args.quan,
-                args.blocksize,
-                args.double_quant,
-            )
-            .with_context(|| format!("quantizing `{name}`"))?;
-            for (piece, raw) in bnb4bit::serialize(name, &q) {
-                spill.push(piece, &raw)?;
+        let tensor = cast(source.read(name)?, *dtype, source, name)?;
+        match four_bit {
+            Some(q) if spec.role == TensorRole::LinearWeight => {
+                let data = FloatData::from_le_bytes(tensor.dtype, &tensor.data)?;
+                on_quantized(name, data.as_slice(), &tensor.shape)?;
+                let packed = quant::quantize_4bit(
+                    data.as_slice(),
+                    &tensor.shape,
+                    q.quant_type,
+                    q.blocksize,
+                    q.double_quant,
+                )
+                .with_context(|| format!("quantizing `{name}`"))?;
+                for (piece, raw) in bnb4bit::serialize(name, &packed) {
+                    spill.push(piece, &raw)?;
+                }
+                quantized += 1;
             }
-            quantized += 1;
-        } else {
-            spill.push(name.clone(), &tensor)?;
-            kept += 1;
+            _ => {
+                spill.push(name.clone(), &tensor)?;
+                kept += 1;
+            }
         }
         bar.inc(spec_numel(spec));
     }
-    let written = spill.data_len();
+    let bytes = spill.data_len();
     spill.finish(&out.join("model.safetensors"))?;
     bar.finish_and_clear();
+    let quantization = four_bit
+        .map(|q| QuantizationConfig::bnb_4bit(q.quant_type, q.double_quant, q.compute_dtype));
+    write_config(config, quantization, dtype, &out.join("config.json"))?;
+    Ok(Written {
+        quantized,
+        kept,
+        bytes,
+    })
+}
 
-    let quantization =
-        QuantizationConfig::bnb_4bit(args.quan, args.double_quant, args.compute_dtype);
-    write_config(&config, quantization, args.dtype, &out.join("config.json"))?;
+/// Copies the files of model directory `dir` that are not weights (tokenizer, generation
+/// config) into `out`.
+pub fn copy_companion_files(dir: &Path, out: &AtomicDir) -> Result<()> {
     for name in COMPANION_FILES {
         let from = dir.join(name);
         if from.is_file() {
@@ -133,15 +221,6 @@ pub fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("copying {}", from.display()))?;
         }
     }
-    let target = out.commit()?;
-    eprintln!(
-        "wrote {}: {quantized} weights in {} (blocksize {}{}), {kept} tensors kept, {:.1} MiB of tensor data",
-        target.display(),
-        args.quan,
-        args.blocksize,
-        if args.double_quant { ", double quant" } else { "" },
-        written as f64 / (1 << 20) as f64,
-    );
     Ok(())
 }
 
@@ -235,11 +314,12 @@ fn cast(tensor: RawTensor, to: DType, source: &dyn TensorSource, name: &str) -> 
     }
 }
 
-/// The source `config.json` plus `quantization_config` (and the new `dtype` where one was
-/// asked for), written as transformers writes it: keys sorted, two-space indent, newline.
+/// The source `config.json` with `quantization` as its `quantization_config` (none: a
+/// full-precision checkpoint) and the new `dtype` where one was asked for, written as
+/// transformers writes it: keys sorted, two-space indent, newline.
 fn write_config(
     config: &ModelConfig,
-    quantization: QuantizationConfig,
+    quantization: Option<QuantizationConfig>,
     dtype: Option<DType>,
     path: &Path,
 ) -> Result<()> {
@@ -247,7 +327,10 @@ fn write_config(
     let object = raw
         .as_object_mut()
         .context("config.json is not a JSON object")?;
-    object.insert("quantization_config".into(), quantization.raw);
+    match quantization {
+        Some(q) => object.insert("quantization_config".into(), q.raw),
+        None => object.remove("quantization_config"),
+    };
     if let Some(dtype) = dtype {
         object.insert("dtype".into(), dtype.torch_name().into());
     }

@@ -125,7 +125,7 @@ impl Bloom {
             &alibi,
             &step.causal_mask,
             Some(layers),
-            &mut Mode::Eval,
+            &mut Mode::Inference,
         )
     }
 

@@ -130,7 +130,7 @@ impl Llama {
             &rope,
             &step.causal_mask,
             Some(layers),
-            &mut Mode::Eval,
+            &mut Mode::Inference,
         )
     }
 

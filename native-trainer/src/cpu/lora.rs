@@ -47,8 +47,14 @@ impl LoraAdapter {
     /// `scale * dropout(x) A^T B^T` for `x` `[m, in]`: `[m, out]`, in PEFT's order of operations.
     fn forward(&self, x: &Tensor, mode: &mut Mode<'_>) -> candle_core::Result<Tensor> {
         let x = mode.dropout(x, self.dropout)?;
-        let down = x.matmul(&self.a.as_tensor().t()?)?; // [m, r]
-        let up = down.matmul(&self.b.as_tensor().t()?)?; // [m, out]
+        let (a, b) = match mode {
+            // Without this, every activation downstream of an adapter would hold the graph
+            // back to the Vars until the output is dropped.
+            Mode::Inference => (self.a.as_tensor().detach(), self.b.as_tensor().detach()),
+            Mode::Eval | Mode::Train(_) => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
+        };
+        let down = x.matmul(&a.t()?)?; // [m, r]
+        let up = down.matmul(&b.t()?)?; // [m, out]
         up.affine(self.scale, 0.0)
     }
 }

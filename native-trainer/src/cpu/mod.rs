@@ -34,9 +34,16 @@ pub use kv_cache::KvCache;
 pub use lora::{LoraAdapter, LoraInit, LoraSetup};
 pub use loss::causal_lm_loss;
 
-/// Evaluation (no dropout) or a training step, whose dropout masks come from the given RNG.
+/// Evaluation (no dropout), inference or a training step, whose dropout masks come from the
+/// given RNG.
 pub enum Mode<'r> {
+    /// No dropout; the LoRA matrices stay in the autograd graph, so a loss computed in this mode
+    /// can still be back-propagated (the golden gradients are taken without dropout).
     Eval,
+    /// No dropout and no autograd graph: the LoRA matrices enter as detached tensors, so every
+    /// intermediate activation is freed as soon as the forward pass moves on. Generation and
+    /// any logits nobody differentiates.
+    Inference,
     Train(&'r mut StdRng),
 }
 

@@ -21,7 +21,7 @@ pub fn greedy_reference(
         let t = sequence.len();
         let ids =
             Tensor::from_vec(sequence.clone(), (1, t), &Device::Cpu).map_err(compute_error)?;
-        let logits = model.forward(&ids, None, &mut Mode::Eval)?;
+        let logits = model.forward(&ids, None, &mut Mode::Inference)?;
         let mut last: Vec<f32> = logits
             .i((0, t - 1))
             .and_then(|l| l.to_vec1())

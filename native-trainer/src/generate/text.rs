@@ -56,11 +56,28 @@ impl Stops {
     }
 }
 
-/// The response text of generated ids: decoded without special tokens, cut at the end marker and
-/// trimmed of the whitespace the template puts around answers.
+/// The response text of generated ids: decoded without special tokens, cut at the end marker,
+/// without a character the token limit cut short (see [`complete_chars`]) and trimmed of the
+/// whitespace the template puts around answers.
 pub fn response_text(tokenizer: &Tokenizer, stops: &Stops, generated: &[u32]) -> Result<String> {
     let text = tokenizer.decode(generated, false)?;
-    Ok(stops.cut(&text).0.trim().to_string())
+    Ok(final_response(stops, &text).trim().to_string())
+}
+
+/// The response in the text of a finished generation: cut at the end marker, or, where the
+/// marker never came, without an incomplete last character.
+fn final_response<'t>(stops: &Stops, text: &'t str) -> &'t str {
+    match stops.cut(text) {
+        (response, true) => response,
+        (response, false) => complete_chars(response),
+    }
+}
+
+/// `text` without the U+FFFD that decoding leaves at the end for the bytes of a multi-byte
+/// character whose remaining bytes have not been generated (yet, or ever: the token limit).
+/// Text that ended at the end marker is complete and never goes through this.
+fn complete_chars(text: &str) -> &str {
+    text.trim_end_matches('\u{FFFD}')
 }
 
 /// Turns the growing list of generated ids into text pieces to print: a piece is released once
@@ -99,10 +116,10 @@ impl<'a> TextStream<'a> {
     }
 
     /// The text not yet released when generation ends (a held-back prefix of the marker that
-    /// never completed).
+    /// never completed; never an incomplete last character).
     pub fn finish(&mut self, generated: &[u32]) -> Result<String> {
         let text = self.tokenizer.decode(generated, false)?;
-        let response = self.stops.cut(&text).0;
+        let response = final_response(self.stops, &text);
         let rest = response.get(self.printed..).unwrap_or_default().to_string();
         self.printed = response.len();
         Ok(rest)
@@ -111,10 +128,7 @@ impl<'a> TextStream<'a> {
     /// Where the text that may still change starts: an incomplete character at the end, or a
     /// suffix that is a prefix of the end marker.
     fn undecided_from(&self, text: &str) -> usize {
-        let mut from = text.len();
-        if text.ends_with('\u{FFFD}') {
-            from = text.trim_end_matches('\u{FFFD}').len();
-        }
+        let mut from = complete_chars(text).len();
         if let Some(marker) = self.stops.marker.as_deref() {
             let candidate = &text[..from];
             if let Some(start) = (0..candidate.len())
@@ -125,5 +139,58 @@ impl<'a> TextStream<'a> {
             }
         }
         from
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlora_core::tokenizer::SpecialTokenNames;
+
+    /// A byte-fallback tokenizer: `a`, `b`, and the three bytes of `你` (E4 BD A0) as tokens
+    /// 2, 3, 4, so a token limit can stop in the middle of the character.
+    fn byte_tokenizer() -> Tokenizer {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+                "vocab": {"a": 0, "b": 1, "<0xE4>": 2, "<0xBD>": 3, "<0xA0>": 4}, "merges": []}
+        });
+        Tokenizer::from_tokenizer_json(
+            "bytes",
+            json.to_string().as_bytes(),
+            &SpecialTokenNames::default(),
+        )
+        .unwrap()
+    }
+
+    /// What streaming prints over the whole generation, piece by piece.
+    fn streamed(tokenizer: &Tokenizer, stops: &Stops, generated: &[u32]) -> String {
+        let mut stream = TextStream::new(tokenizer, stops);
+        let mut text = String::new();
+        for n in 1..=generated.len() {
+            text += &stream.push(&generated[..n]).unwrap().0;
+        }
+        text + &stream.finish(generated).unwrap()
+    }
+
+    #[test]
+    fn a_character_cut_by_the_token_limit_is_dropped_like_the_stream_drops_it() {
+        let tokenizer = byte_tokenizer();
+        let stops = Stops {
+            ids: vec![],
+            marker: None,
+        };
+        let cut = [0, 1, 2, 3]; // "ab" + the first two bytes of 你
+        assert!(tokenizer.decode(&cut, false).unwrap().ends_with('\u{FFFD}'));
+        assert_eq!(response_text(&tokenizer, &stops, &cut).unwrap(), "ab");
+        assert_eq!(streamed(&tokenizer, &stops, &cut), "ab");
+
+        let whole = [0, 2, 3, 4, 1];
+        assert_eq!(response_text(&tokenizer, &stops, &whole).unwrap(), "a你b");
+        assert_eq!(streamed(&tokenizer, &stops, &whole), "a你b");
     }
 }
