@@ -398,4 +398,40 @@ mod tests {
         assert!(back.to_json().contains("\"some_future_key\""));
         assert_eq!(back.lora, lora);
     }
+
+    /// PEFT resets `fan_in_fan_out` to false for `torch.nn.Linear` targets, the only kind the
+    /// supported architectures have, so such a config loads as the same LoRA.
+    #[test]
+    fn fan_in_fan_out_is_accepted_as_peft_resets_it() {
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: TargetModules::Names(vec!["q_proj".into()]),
+        };
+        let mut v: Value =
+            serde_json::from_str(&AdapterConfig::new(lora.clone(), None).to_json()).unwrap();
+        v["fan_in_fan_out"] = json!(true);
+        let back = AdapterConfig::from_json("adapter_config.json", &v.to_string()).unwrap();
+        assert_eq!(back.lora, lora);
+    }
+
+    #[test]
+    fn merge_adds_scaled_b_times_a_in_the_weight_layout() {
+        // r = 2, in = 3, out = 2.
+        let pair = LoraPair {
+            a: vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0],
+            b: vec![1.0, 0.0, 2.0, -1.0],
+            r: 2,
+            in_features: 3,
+            out_features: 2,
+        };
+        let mut w = vec![0.5; 6];
+        pair.merge_into(&mut w, 2.0).unwrap();
+        // B·A = [[1, 2, 3], [3, 3.5, 6]].
+        assert_eq!(w, [2.5, 4.5, 6.5, 6.5, 7.5, 12.5]);
+        let err = pair.merge_into(&mut [0.0; 4], 1.0).unwrap_err();
+        assert!(err.to_string().contains("[2, 3]"), "{err}");
+    }
 }

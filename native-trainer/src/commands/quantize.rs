@@ -145,11 +145,11 @@ pub struct Written {
 }
 
 /// Writes every tensor `config` describes, read from `source`, into `out` as `model.safetensors`
-/// with its `config.json`: with `four_bit`, the linear weights quantized exactly as transformers
-/// + bitsandbytes save them; every other tensor (all of them without `four_bit`) as a float in
-/// `dtype`, or its own dtype when `None`. `on_quantized(name, weights, shape)` sees each linear weight
-/// as it goes into the quantizer. Names, shapes and dtypes are checked against `config_path` before
-/// anything is written.
+/// with its `config.json`: with `four_bit`, the linear weights quantized exactly as
+/// transformers and bitsandbytes save them; every other tensor (all of them without `four_bit`)
+/// as a float in `dtype`, or its own dtype when `None`. `on_quantized(name, weights, shape)`
+/// sees each linear weight as it goes into the quantizer. Names, shapes and dtypes are checked
+/// against `config_path` before anything is written.
 pub fn write_checkpoint(
     config: &ModelConfig,
     source: &dyn TensorSource,
