@@ -83,7 +83,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     let adapter = LoraAdapter::load(&args.adapter)?;
     let adapter_file = args.adapter.join(peft::WEIGHTS_FILE).display().to_string();
-    let merged = MergedWeights::new(&base.config, &*base.weights, &adapter, &adapter_file)?;
+    let merged = MergedWeights::new(&base.config, &*base.weights, &adapter, &adapter_file)
+        .with_context(|| {
+            format!(
+                "the adapter in {} does not fit {}",
+                args.adapter.display(),
+                base_path.display()
+            )
+        })?;
     let prompts = read_prompts(args.prompts.as_deref())?;
     let prompt_ids = prompts
         .iter()
