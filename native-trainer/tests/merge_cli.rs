@@ -18,6 +18,7 @@ use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{Mode, Model};
 use qlora_trainer::generate::model::load_model;
 use qlora_trainer::merge::report::MergeReport;
+use qlora_trainer::merge::MergedWeights;
 use serde_json::Value;
 
 fn golden(path: &str) -> PathBuf {
@@ -468,4 +469,28 @@ fn errors_exit_non_zero_and_leave_nothing_in_out() {
             "{message}"
         );
     }
+}
+
+#[test]
+fn a_pair_whose_shape_is_not_the_weights_is_refused_by_name() {
+    let base_dir = golden("tiny-bloom");
+    let config = ModelConfig::load(&base_dir.join("config.json")).unwrap();
+    let base = open_checkpoint(&base_dir).unwrap();
+    let mut adapter = LoraAdapter::load(&golden("tiny-bloom-lora")).unwrap();
+    let module = "transformer.h.1.self_attention.query_key_value";
+    let pair = adapter.modules.get_mut(module).unwrap();
+    // A [r, 32] for a weight with 64 inputs.
+    pair.in_features = 32;
+    pair.a.truncate(pair.r * 32);
+    let Err(err) = MergedWeights::new(&config, &base, &adapter, "a.safetensors") else {
+        panic!("a mis-shaped pair was accepted");
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.contains("a.safetensors")
+            && msg.contains(&format!("{module}.lora_A.weight"))
+            && msg.contains("[192, 32]")
+            && msg.contains("[192, 64]"),
+        "{msg}"
+    );
 }
