@@ -182,3 +182,47 @@ impl Linear {
         self.lora.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3 → 2 projection with a rank-1 adapter whose matrices are not zero.
+    fn adapted_linear() -> Linear {
+        let cpu = &Device::Cpu;
+        let var = |values: Vec<f32>, shape: (usize, usize)| {
+            Var::from_tensor(&Tensor::from_vec(values, shape, cpu).unwrap()).unwrap()
+        };
+        Linear {
+            weight: Tensor::from_vec(vec![1.0f32, 0.0, -1.0, 0.5, 2.0, 0.0], (2, 3), cpu).unwrap(),
+            bias: None,
+            lora: Some(LoraAdapter {
+                module: "m".into(),
+                a: var(vec![0.5, -1.0, 2.0], (1, 3)),
+                b: var(vec![1.5, -0.5], (2, 1)),
+                scale: 2.0,
+                dropout: 0.0,
+            }),
+        }
+    }
+
+    #[test]
+    fn inference_gives_the_eval_output_without_a_graph_to_the_adapter() {
+        let linear = adapted_linear();
+        let x =
+            Tensor::from_vec(vec![1.0f32, 2.0, 3.0, -1.0, 0.0, 1.0], (2, 3), &Device::Cpu).unwrap();
+        let eval = linear.forward(&x, &mut Mode::Eval).unwrap();
+        let inference = linear.forward(&x, &mut Mode::Inference).unwrap();
+        assert_eq!(
+            eval.to_vec2::<f32>().unwrap(),
+            inference.to_vec2::<f32>().unwrap()
+        );
+        let lora = linear.lora().unwrap();
+        let grads = eval.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(lora.a.as_tensor()).is_some());
+        // Nothing of the inference output leads back to the Vars: no graph was kept.
+        let grads = inference.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(lora.a.as_tensor()).is_none());
+        assert!(grads.get(lora.b.as_tensor()).is_none());
+    }
+}
