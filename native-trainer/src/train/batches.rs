@@ -85,10 +85,12 @@ mod tests {
         let a = Example {
             input_ids: vec![5, 6, 7],
             labels: vec![IGNORE_INDEX, 6, 7],
+            line: 1,
         };
         let b = Example {
             input_ids: vec![5, 8],
             labels: vec![IGNORE_INDEX, 8],
+            line: 2,
         };
         let batch = BatchTensors::new(&[&a, &b], 0, true).unwrap();
         assert_eq!(batch.input_ids.dims(), [2, 3]);
