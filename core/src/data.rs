@@ -478,8 +478,12 @@ mod tests {
         assert_eq!(lines, [1, 6]);
         let bad: Vec<usize> = parsed.bad_lines.iter().map(|b| b.line).collect();
         assert_eq!(bad, [2, 4, 5, 7]);
-        assert!(parsed.bad_lines[0].error.starts_with("d.jsonl:2: malformed JSON"));
-        assert!(parsed.bad_lines[2].error.contains("missing column `summary`"));
+        assert!(parsed.bad_lines[0]
+            .error
+            .starts_with("d.jsonl:2: malformed JSON"));
+        assert!(parsed.bad_lines[2]
+            .error
+            .contains("missing column `summary`"));
         assert!(parsed.bad_lines[3].error.contains("not valid UTF-8"));
     }
 
@@ -518,7 +522,11 @@ mod tests {
             system: None,
         };
         assert_eq!(examples.truncation_report(&options), None);
-        (examples.truncated, examples.truncated_source, examples.truncated_target) = (3, 2, 2);
+        (
+            examples.truncated,
+            examples.truncated_source,
+            examples.truncated_target,
+        ) = (3, 2, 2);
         assert_eq!(
             examples.truncation_report(&options).unwrap(),
             "3 of 5 examples truncated (2 with the prompt over max_source_length = 8 tokens, \

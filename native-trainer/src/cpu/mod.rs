@@ -28,7 +28,7 @@ use candle_core::Tensor;
 use qlora_core::arch::{ArchConfig, ModelConfig};
 use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
-use rand::rngs::StdRng;
+use rand::RngCore;
 
 pub use kv_cache::KvCache;
 pub use lora::{LoraAdapter, LoraInit, LoraSetup};
@@ -37,7 +37,7 @@ pub use loss::causal_lm_loss;
 /// Evaluation (no dropout) or a training step, whose dropout masks come from the given RNG.
 pub enum Mode<'r> {
     Eval,
-    Train(&'r mut StdRng),
+    Train(&'r mut dyn RngCore),
 }
 
 /// A candle failure as a library error. Shapes are checked before computing, so this reports a
