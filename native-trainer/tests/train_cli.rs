@@ -140,3 +140,175 @@ fn bad_flags_and_data_fail_with_a_message() {
     // `x` now holds the failed run's log.
     failure(setup.train("x", &["--max_steps", "1"]), "not empty");
 }
+
+#[test]
+fn a_diverging_run_stops_naming_step_and_batch_and_keeps_the_earlier_adapters() {
+    let setup = Setup::new();
+    // Step 1 has rate 0 (warmup); the update of step 2 at 1e30 sends the weights to ~1e31.
+    let out = setup.train(
+        "run",
+        &[
+            "--max_steps",
+            "4",
+            "--lr",
+            "1e30",
+            "--warmup_steps",
+            "1",
+            "--lora_r",
+            "4",
+            "--eval_steps",
+            "1",
+            "--save_steps",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    for needle in [
+        "the validation loss after the update is NaN at step 2 (epoch 1; its batch: training \
+         examples ",
+        "lines ",
+        "try a lower --lr",
+        "the last checkpoint is checkpoint-1/",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    }
+    let dir = setup.dir.path().join("run");
+    assert!(!dir.join("final").exists() && !dir.join("checkpoint-2").exists());
+    let best = std::fs::read(dir.join("best_model/adapter_model.safetensors")).unwrap();
+    let kept = std::fs::read(dir.join("checkpoint-1/adapter_model.safetensors")).unwrap();
+    assert!(best == kept, "best_model/ is not step 1's adapter");
+    let adapter = LoraAdapter::load(&dir.join("best_model")).unwrap();
+    assert!(adapter
+        .modules
+        .values()
+        .all(|p| p.a.iter().chain(&p.b).all(|x| x.is_finite())));
+    assert_eq!(log_lines(&dir).len(), 1);
+}
+
+#[test]
+fn bad_data_fails_naming_file_and_line_and_writes_nothing() {
+    let setup = Setup::new();
+    let good = r#"{"content": "color red item hat", "summary": "a red hat"}"#;
+    let cases: [(&[u8], &str); 5] = [
+        (b"{\"content\": oops}\n", "bad.jsonl:2: malformed JSON"),
+        (
+            b"{\"content\": \"color red\"}\n",
+            "bad.jsonl:2: missing column `summary` (the line has columns `content`)",
+        ),
+        (
+            b"{\"content\": \"red\xff\"}\n",
+            "bad.jsonl:2: not valid UTF-8 at byte 16 of the line",
+        ),
+        (
+            b"{\"content\": \"red\", \"summary\": 3}\n",
+            "column `summary` should be a string",
+        ),
+        (b"", "the file is empty"),
+    ];
+    for (second_line, needle) in cases {
+        let text = if second_line.is_empty() {
+            Vec::new()
+        } else {
+            [good.as_bytes(), b"\n", second_line].concat()
+        };
+        std::fs::write(setup.dir.path().join("bad.jsonl"), text).unwrap();
+        let out = setup.train_on("bad.jsonl", "out", &["--max_steps", "1"]);
+        assert!(!out.status.success(), "should fail: {needle}");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        if needle.starts_with("bad.jsonl:2") {
+            assert!(err.contains("--skip_bad_lines skips such lines"), "{err}");
+        }
+        assert!(
+            !setup.dir.path().join("out").exists(),
+            "a failed run left an output directory"
+        );
+    }
+}
+
+#[test]
+fn bad_lines_are_skipped_on_request_and_truncation_is_counted() {
+    let setup = Setup::new();
+    let train = std::fs::read_to_string(setup.dir.path().join("train.jsonl")).unwrap();
+    let mut lines: Vec<&str> = train.lines().collect();
+    lines.insert(1, "{\"content\": oops}");
+    lines.insert(4, "[1, 2]");
+    lines.insert(8, "{\"summary\": \"a red hat\"}");
+    std::fs::write(setup.dir.path().join("messy.jsonl"), lines.join("\n")).unwrap();
+    let out = setup.train_on(
+        "messy.jsonl",
+        "run",
+        &[
+            "--skip_bad_lines",
+            "--max_steps",
+            "1",
+            "--max_source_length",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    for needle in [
+        "messy.jsonl: skipped 3 bad lines (lines 2, 5, 9); the first: ",
+        "messy.jsonl:2: malformed JSON",
+        // Every prompt `color <c> item <i> =` is 5 words; every answer fits.
+        "messy.jsonl: 20 of 20 examples truncated (20 with the prompt over max_source_length = 3 \
+         tokens, 0 with the answer",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    }
+}
+
+#[test]
+fn resuming_checks_the_run_and_a_finished_run_resumes_to_the_same_adapter() {
+    let setup = Setup::new();
+    let flags = ["--max_steps", "2", "--lr", "1e-2", "--save_steps", "1"];
+    let first = setup.train("run", &flags);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let dir = setup.dir.path().join("run");
+    let adapter = || std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
+    let before = adapter();
+
+    let resume = |extra: &[&str]| {
+        let mut all = flags.to_vec();
+        all.extend_from_slice(extra);
+        all.push("--resume_from_checkpoint");
+        setup.train("run", &all)
+    };
+    let again = resume(&[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        adapter() == before,
+        "resuming a finished run changed its adapter"
+    );
+    assert_eq!(log_lines(&dir).len(), 2);
+
+    let mismatch = resume(&["--lora_r", "8"]);
+    assert!(!mismatch.status.success());
+    let err = stderr(&mismatch);
+    assert!(
+        err.contains("checkpoint-2 was written by a different run: --lora_r is 8 now but was 16"),
+        "{err}"
+    );
+    std::fs::write(
+        setup.dir.path().join("other.jsonl"),
+        r#"{"content": "color red item hat", "summary": "a red hat"}"#,
+    )
+    .unwrap();
+    let mut other = flags.to_vec();
+    other.push("--resume_from_checkpoint");
+    let err = stderr(&setup.train_on("other.jsonl", "run", &other));
+    assert!(
+        err.contains("training data is 1 examples of 9 tokens"),
+        "{err}"
+    );
+
+    let empty = setup.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = stderr(&setup.train("empty", &["--resume_from_checkpoint"]));
+    assert!(
+        err.contains("no complete checkpoint to resume from"),
+        "{err}"
+    );
+}

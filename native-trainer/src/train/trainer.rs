@@ -388,9 +388,16 @@ impl RunState {
     }
 }
 
-/// The error of a step whose loss, gradient norm or updated weights are not finite: the step,
-/// the examples of its batch (0-based index and line in the training file), and what was kept.
-fn diverged(what: &str, state: &RunState, batch: &[&Vec<usize>], train: &[Example]) -> Error {
+/// The error of step `step` (1-based) whose loss, gradient norm, updated weights or validation
+/// loss are not finite: the step, the examples of its batch (0-based index and line in the
+/// training file), and what was kept.
+fn diverged(
+    what: &str,
+    step: usize,
+    state: &RunState,
+    batch: &[&Vec<usize>],
+    train: &[Example],
+) -> Error {
     const SHOWN: usize = 16;
     let indices: Vec<usize> = batch.iter().flat_map(|b| b.iter().copied()).collect();
     let list = |f: &dyn Fn(usize) -> usize| {
@@ -405,14 +412,13 @@ fn diverged(what: &str, state: &RunState, batch: &[&Vec<usize>], train: &[Exampl
         text.join(", ")
     };
     let kept = match state.last_checkpoint {
-        Some(step) => format!("the last checkpoint, {}/, is kept", checkpoint_name(step)),
+        Some(step) => format!("the last checkpoint is {}/", checkpoint_name(step)),
         None => "no checkpoint was written".into(),
     };
     Error::Invalid(format!(
-        "{what} at step {} (epoch {}), on the batch of training examples {} (lines {} of the \
-         training file): training diverged, try a lower --lr. Nothing was saved from this step; \
-         {kept}",
-        state.step + 1,
+        "{what} at step {step} (epoch {}; its batch: training examples {}, lines {} of the \
+         training file): training diverged, try a lower --lr. Nothing was saved from this step \
+         (best_model/, if any, is from an earlier one); {kept}",
         state.epoch + 1,
         list(&|i| i),
         list(&|i| train[i].line),
@@ -491,7 +497,7 @@ pub fn train(
                 let value = scalar(&loss)?;
                 if !value.is_finite() {
                     let what = format!("the training loss is {value}");
-                    return Err(diverged(&what, &state, &[indices], train));
+                    return Err(diverged(&what, state.step + 1, &state, &[indices], train));
                 }
                 accumulate(model, &loss, &mut grads)?;
                 loss_sum += value;
@@ -503,13 +509,13 @@ pub fn train(
             let grad_norm = clip_grad_norm(&mut grads, options.max_grad_norm);
             if !grad_norm.is_finite() {
                 let what = format!("the gradient norm is {grad_norm}");
-                return Err(diverged(&what, &state, &whole_group, train));
+                return Err(diverged(&what, state.step + 1, &state, &whole_group, train));
             }
             let lr = schedule.lr(state.step);
             optimizer.step(&mut params.values, &grads, lr);
             if !params.all_finite() {
                 let what = "the updated LoRA weights are not finite";
-                return Err(diverged(what, &state, &whole_group, train));
+                return Err(diverged(what, state.step + 1, &state, &whole_group, train));
             }
             params.store()?;
             // Speed of the training step alone, validation and saving excluded.
@@ -534,11 +540,8 @@ pub fn train(
                         options.ignore_pad_token_for_loss,
                     )?;
                     if !v.is_finite() {
-                        return Err(Error::Invalid(format!(
-                            "the validation loss is {v} after step {step}: training diverged, \
-                             try a lower --lr. best_model/ is kept from step {}",
-                            state.best.map_or(0, |b| b.step)
-                        )));
+                        let what = format!("the validation loss after the update is {v}");
+                        return Err(diverged(&what, step, &state, &whole_group, train));
                     }
                     if state.best.is_none_or(|b| v < b.val_loss) {
                         state.best = Some(Evaluation { step, val_loss: v });
