@@ -336,7 +336,9 @@ pub fn run(args: Args) -> Result<()> {
             (out_dir, None)
         }
         Some(dir) => {
-            let (out_dir, checkpoint) = resume_point(dir.as_deref(), args.out_dir.as_deref())?;
+            let default_out_dir = Path::new(defaults.out_dir);
+            let (out_dir, checkpoint) =
+                resume_point(dir.as_deref(), args.out_dir.as_deref(), default_out_dir)?;
             tracing::info!("resuming from {}", checkpoint.display());
             (out_dir, Some(checkpoint))
         }
@@ -533,12 +535,14 @@ fn create_out_dir(dir: &Path) -> Result<()> {
 }
 
 /// The output directory and the checkpoint that `--resume_from_checkpoint [DIR]` continues:
-/// `DIR` (or else `--out_dir`) is an output directory, whose newest checkpoint is taken, or one
-/// `checkpoint-<step>/` of it.
-fn resume_point(dir: Option<&Path>, out_dir: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
-    let Some(dir) = dir.or(out_dir) else {
-        bail!("--resume_from_checkpoint needs the run's directory: give it or --out_dir");
-    };
+/// `DIR` (or else `--out_dir`, or else the default output directory) is an output directory,
+/// whose newest checkpoint is taken, or one `checkpoint-<step>/` of it.
+fn resume_point(
+    dir: Option<&Path>,
+    out_dir: Option<&Path>,
+    default_out_dir: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let dir = dir.or(out_dir).unwrap_or(default_out_dir);
     let named_checkpoint = dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -563,7 +567,7 @@ fn resume_point(dir: Option<&Path>, out_dir: Option<&Path>) -> Result<(PathBuf, 
     };
     if let Some(out_dir) = out_dir.filter(|o| !same_dir(o, &run_dir)) {
         bail!(
-            "--out_dir {} is not the directory of {} (leave --out_dir out when resuming)",
+            "--out_dir {} is not the directory of {} (give one of them, or the same directory to both)",
             out_dir.display(),
             checkpoint.display()
         );

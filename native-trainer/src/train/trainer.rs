@@ -463,6 +463,15 @@ pub fn train(
         Some(dir) => {
             let checkpoint = Checkpoint::load(dir)?;
             checkpoint.check_run(&run)?;
+            let saved = &checkpoint.state;
+            if saved.global_step > total_steps
+                || saved.steps_in_epoch > options.steps_per_epoch(train.len())
+            {
+                return Err(Error::format(
+                    checkpoint.state_file(),
+                    "the step or the position in the epoch is beyond the run",
+                ));
+            }
             params.restore(&checkpoint.adapter, dir)?;
             let optimizer = checkpoint.optimizer(options.adamw, &params.specs)?;
             recover_out_dir(out_dir)?;
@@ -582,7 +591,7 @@ pub fn train(
             }
             progress(&record);
         }
-        if state.steps_in_epoch == groups.len() {
+        if state.steps_in_epoch >= groups.len() {
             state.epoch += 1;
             state.steps_in_epoch = 0;
             state.epoch_shuffle_rng = shuffle_rng;
