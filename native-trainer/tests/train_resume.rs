@@ -4,16 +4,18 @@
 //! Linux only: signals and `/proc`.
 #![cfg(target_os = "linux")]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 mod common;
-use common::{log_lines, stderr, Setup};
+use common::{log_lines, Setup};
 
 /// 20 examples in micro-batches of 4, two per step: 3 steps an epoch (the last of one
 /// micro-batch), 8 steps = 2.67 epochs; dropout on; validation every 3 steps; checkpoints every
@@ -41,33 +43,64 @@ const FLAGS: &[&str] = &[
     "2",
 ];
 
-fn spawn(setup: &Setup, out: &str, extra: &[&str]) -> Child {
+fn spawn(setup: &Setup, out: &str, extra: &[&str], stderr: Stdio) -> Child {
     let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
     setup
         .command("train.jsonl", out, &flags)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("the qlora binary starts")
 }
 
 /// Starts or continues the run in `out`: resumes when a checkpoint is there, else starts over.
-fn spawn_next(setup: &Setup, out: &str) -> Child {
-    let dir = setup.dir.path().join(out);
-    let has_checkpoint = dir.is_dir()
-        && std::fs::read_dir(&dir)
-            .unwrap()
-            .any(|e| is_checkpoint(&e.unwrap().file_name().to_string_lossy()));
-    if has_checkpoint {
-        spawn(setup, out, &["--resume_from_checkpoint"])
-    } else {
-        spawn(setup, out, &["--overwrite"])
+/// Also returns the step it starts from.
+fn spawn_next(setup: &Setup, out: &str, stderr: Stdio) -> (Child, usize) {
+    match newest_checkpoint(&setup.dir.path().join(out)) {
+        Some(step) => (
+            spawn(setup, out, &["--resume_from_checkpoint"], stderr),
+            step,
+        ),
+        None => (spawn(setup, out, &["--overwrite"], stderr), 0),
     }
 }
 
-fn is_checkpoint(name: &str) -> bool {
-    name.strip_prefix("checkpoint-")
-        .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+/// The step of the newest complete checkpoint in `dir`.
+fn newest_checkpoint(dir: &Path) -> Option<usize> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let digits = name.strip_prefix("checkpoint-")?;
+            digits
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| digits.parse().ok())?
+        })
+        .max()
+}
+
+/// The steps a training process reports on its (piped) stderr as it finishes them
+/// (`step 3/8: loss ...`, or `step 3: validation loss ...`); the channel closes when it exits.
+fn reported_steps(child: &mut Child) -> mpsc::Receiver<usize> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(step) = step_of(&line) {
+                // The receiver may be gone once the test has what it waited for.
+                let _ = send.send(step);
+            }
+        }
+    });
+    receive
+}
+
+fn step_of(line: &str) -> Option<usize> {
+    let rest = &line[line.find(" step ")? + " step ".len()..];
+    let end = rest.find(['/', ':'])?;
+    rest[..end].parse().ok()
 }
 
 fn signal(pid: u32, signal: libc::c_int) {
@@ -105,11 +138,12 @@ fn checkpoint_in_progress(dir: &Path, pid: u32) -> Option<String> {
 /// checkpoint is provably unfinished, kills it (SIGKILL) and returns the directory's name.
 /// `None` if the run finished first.
 fn kill_while_saving(setup: &Setup, out: &str) -> Option<String> {
-    let mut child = spawn_next(setup, out);
+    let (mut child, _) = spawn_next(setup, out, Stdio::null());
     let pid = child.id();
     let dir = setup.dir.path().join(out);
     while child.try_wait().unwrap().is_none() {
-        if checkpoint_in_progress(&dir, pid).is_none() {
+        // Only once a complete checkpoint is there to resume from.
+        if checkpoint_in_progress(&dir, pid).is_none() || newest_checkpoint(&dir).is_none() {
             // Far shorter than writing a checkpoint, which syncs several files.
             std::thread::sleep(Duration::from_micros(200));
             continue;
@@ -124,10 +158,6 @@ fn kill_while_saving(setup: &Setup, out: &str) -> Option<String> {
         signal(pid, libc::SIGCONT);
     }
     None
-}
-
-fn logged_steps(log: &Path) -> usize {
-    std::fs::read_to_string(log).map_or(0, |t| t.lines().count())
 }
 
 fn file(dir: &Path, name: &str) -> Vec<u8> {
@@ -151,31 +181,20 @@ fn curve(dir: &Path) -> Vec<(u64, String, String)> {
 #[test]
 fn killed_and_resumed_runs_end_with_the_uninterrupted_adapter_bytes() {
     let setup = Setup::new();
-    let whole = setup.train_on("train.jsonl", "whole", FLAGS);
-    assert!(whole.status.success(), "{}", stderr(&whole));
+    // The uninterrupted run, timed: the random kills below wait fractions of its step time.
+    let mut whole = spawn(&setup, "whole", &[], Stdio::piped());
+    let reports: Vec<Instant> = reported_steps(&mut whole)
+        .iter()
+        .map(|_| Instant::now())
+        .collect();
+    assert!(
+        whole.wait().unwrap().success(),
+        "the uninterrupted run failed"
+    );
+    let step_time = (reports[reports.len() - 1] - reports[0]) / (reports.len() - 1) as u32;
 
-    // Kills at random steps, seeded: each attempt runs until its log reaches a random step,
-    // then a random few milliseconds more, and is killed; the next continues from the newest
-    // checkpoint (or starts over if there is none yet).
-    let mut rng = StdRng::seed_from_u64(8);
-    let mut kills = 0;
-    for _ in 0..6 {
-        let mut child = spawn_next(&setup, "killed");
-        let target = rng.random_range(1..=8);
-        let extra = Duration::from_millis(rng.random_range(0..40));
-        let log = setup.dir.path().join("killed/train_log.jsonl");
-        while child.try_wait().unwrap().is_none() && logged_steps(&log) < target {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        std::thread::sleep(extra);
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
-    // A kill while a checkpoint is being written leaves its temporary directory, which the
-    // next run removes; the finished checkpoints are untouched.
+    // First a kill while a checkpoint is being written (after an earlier one is complete): it
+    // leaves the checkpoint's temporary directory, which the resumed run removes.
     let mut torn = None;
     for _ in 0..3 {
         torn = kill_while_saving(&setup, "killed");
@@ -188,14 +207,35 @@ fn killed_and_resumed_runs_end_with_the_uninterrupted_adapter_bytes() {
     let torn = torn.expect("a run was caught writing a checkpoint");
     let dir = setup.dir.path().join("killed");
     assert!(dir.join(&torn).is_dir(), "{torn}");
-    let done = spawn_next(&setup, "killed").wait_with_output().unwrap();
-    assert!(done.status.success());
-    assert!(!dir.join(&torn).exists(), "{torn} was left behind");
-    eprintln!("{kills} random kills, then one while writing {torn}");
-    assert!(
-        kills >= 3,
-        "only {kills} of the runs were killed before they ended"
-    );
+
+    // Then five attempts killed at random moments, seeded: each runs until it reports one of its
+    // first two steps (but not the 8th), then a random 0 to 1 step time more (into the next step
+    // or its checkpoint), and is killed; each continues from the newest checkpoint (or starts
+    // over if there is none yet). Then a last one finishes.
+    let mut rng = StdRng::seed_from_u64(8);
+    // (step started from, step reported, further delay) of each kill.
+    let mut kills = Vec::new();
+    for _ in 0..5 {
+        let (mut child, from) = spawn_next(&setup, "killed", Stdio::piped());
+        let steps = reported_steps(&mut child);
+        let target = rng.random_range(from + 1..=(from + 2).min(7));
+        let extra = step_time.mul_f64(rng.random_range(0.0..1.0));
+        while steps.recv().is_ok_and(|step| step < target) {}
+        std::thread::sleep(extra);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills.push((from, target, extra.as_millis()));
+        }
+        assert!(
+            child.wait().unwrap().code() != Some(1),
+            "a resumed run failed"
+        );
+        assert!(!dir.join(&torn).exists(), "{torn} was left behind");
+    }
+    let (last, _) = spawn_next(&setup, "killed", Stdio::null());
+    assert!(last.wait_with_output().unwrap().status.success());
+    eprintln!("killed while writing {torn}, then (from step, after step, + ms): {kills:?}");
+    assert!(kills.len() >= 4, "only {} kills", kills.len());
 
     let whole_dir = setup.dir.path().join("whole");
     for name in [
