@@ -402,8 +402,11 @@ impl Checkpoint {
                         &file,
                         &name,
                         format!(
-                            "{} {:?}, expected F32 {:?} (the parameter's shape)",
-                            tensor.dtype, tensor.shape, spec.shape
+                            "{} {:?}, expected {} {:?} (the parameter's shape)",
+                            tensor.dtype,
+                            tensor.shape,
+                            DType::F32,
+                            spec.shape
                         ),
                     ));
                 }
@@ -538,6 +541,122 @@ mod tests {
         assert_eq!(
             names,
             ["best_model", "checkpoint-10", "checkpoint-2", "final"]
+        );
+    }
+
+    fn adapter() -> LoraAdapter {
+        let lora = qlora_core::arch::LoraConfig {
+            r: 1,
+            alpha: 2.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: qlora_core::arch::TargetModules::Names(vec!["q".into()]),
+        };
+        let pair = qlora_core::peft::LoraPair {
+            a: vec![0.5, -1.0],
+            b: vec![0.25, 2.0, 3.0],
+            r: 1,
+            in_features: 2,
+            out_features: 3,
+        };
+        LoraAdapter {
+            config: qlora_core::peft::AdapterConfig::new(lora, None),
+            modules: BTreeMap::from([("m.q".to_string(), pair)]),
+            dtype: DType::F32,
+        }
+    }
+
+    fn state(step: usize) -> TrainerState {
+        let rng = RngState::of(&ChaCha12Rng::seed_from_u64(1));
+        TrainerState {
+            global_step: step,
+            optimizer_step: step as u64,
+            epoch: 0,
+            steps_in_epoch: step,
+            epoch_shuffle_rng: rng.clone(),
+            dropout_rng: rng,
+            best: Some(BestState {
+                step: 1,
+                val_loss: ExactF64(0.1),
+            }),
+            tokens: 7,
+            first_loss: Some(ExactF64(1.0 / 3.0)),
+            last_loss: None,
+            log_lines: step,
+            run: BTreeMap::from([("--lr".to_string(), "0.01".to_string())]),
+        }
+    }
+
+    #[test]
+    fn a_saved_checkpoint_loads_back_and_only_the_newest_are_kept() {
+        let out = tempfile::tempdir().unwrap();
+        let specs = [
+            ParamSpec {
+                name: "m.q.lora_A".into(),
+                shape: vec![1, 2],
+            },
+            ParamSpec {
+                name: "m.q.lora_B".into(),
+                shape: vec![3, 1],
+            },
+        ];
+        let params = AdamWParams::with_weight_decay(0.0);
+        let mut optimizer = AdamW::new(params, &[2, 3]);
+        let mut values = vec![vec![0.5, -1.0], vec![0.25, 2.0, 3.0]];
+        optimizer.step(&mut values, &[vec![0.1, 0.2], vec![0.3, -0.4, 0.5]], 0.01);
+        for step in [1, 2, 3] {
+            save_checkpoint(
+                out.path(),
+                &adapter(),
+                &specs,
+                &optimizer,
+                &state(step),
+                Some(2),
+            )
+            .unwrap();
+        }
+        let kept: Vec<usize> = checkpoints(out.path()).unwrap().into_keys().collect();
+        assert_eq!(kept, [2, 3]);
+
+        let dir = out.path().join("checkpoint-3");
+        let checkpoint = Checkpoint::load(&dir).unwrap();
+        assert_eq!(checkpoint.state, state(3));
+        assert_eq!(checkpoint.adapter.modules, adapter().modules);
+        let restored = checkpoint.optimizer(params, &specs).unwrap();
+        assert_eq!(restored.first_moments(), optimizer.first_moments());
+        assert_eq!(restored.second_moments(), optimizer.second_moments());
+        let wrong_shape = [
+            specs[0].clone(),
+            ParamSpec {
+                name: "m.q.lora_B".into(),
+                shape: vec![1, 3],
+            },
+        ];
+        let err = checkpoint
+            .optimizer(params, &wrong_shape)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("tensor `m.q.lora_B.exp_avg`: float32 [3, 1], expected float32 [1, 3]"),
+            "{err}"
+        );
+
+        let mut other = state(3);
+        other.run.insert("--lr".into(), "0.5".into());
+        let err = checkpoint.check_run(&other.run).unwrap_err().to_string();
+        assert!(
+            err.contains("was written by a different run: --lr is 0.5 now but was 0.01"),
+            "{err}"
+        );
+
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+        let err = Checkpoint::load(&dir).err().unwrap().to_string();
+        assert!(
+            err.contains("version 2, this qlora reads `qlora-trainer-checkpoint` version 1"),
+            "{err}"
         );
     }
 
