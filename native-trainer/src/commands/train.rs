@@ -522,10 +522,10 @@ fn create_out_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         for entry in out_dir_entries(dir)? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(BEST_DIR)
-                || name.starts_with(FINAL_DIR)
-                || name.starts_with("checkpoint-")
-            {
+            // The adapters, and what a killed run left of them (`final.tmp-<pid>`, ...).
+            let adapter = |base: &str| name == base || name.starts_with(&format!("{base}."));
+            let ours = adapter(BEST_DIR) || adapter(FINAL_DIR) || name.starts_with("checkpoint-");
+            if ours && entry.path().is_dir() {
                 std::fs::remove_dir_all(entry.path())
                     .with_context(|| format!("removing {}", entry.path().display()))?;
             }

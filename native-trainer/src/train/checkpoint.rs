@@ -278,15 +278,9 @@ pub fn save_checkpoint(
         .map_err(|e| Error::io(&state_path, e))?;
     file.commit()?;
 
-    // The adapter's files are renamed into place unsynced; the directory entries and the
-    // renamed files must reach the disk before the checkpoint's name does.
-    for name in [
-        qlora_core::peft::CONFIG_FILE,
-        qlora_core::peft::WEIGHTS_FILE,
-        ".",
-    ] {
-        sync_path(&dir.join(name))?;
-    }
+    // Each file was synced before its rename (AtomicFile); the renames themselves must reach the
+    // disk before the checkpoint's name does, and that rename before the run goes on.
+    sync_path(dir.path())?;
     let target = dir.commit()?;
     sync_path(out_dir)?;
     if let Some(keep) = keep {
