@@ -2,123 +2,14 @@
 //! loss falls, the adapters are PEFT directories, the log parses, runs are reproducible, and bad
 //! input fails with a message.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use qlora_core::arch::TargetModules;
 use qlora_core::peft::LoraAdapter;
-use serde_json::{json, Value};
+use serde_json::json;
 
-const COLORS: [&str; 5] = ["red", "blue", "green", "black", "white"];
-const ITEMS: [&str; 4] = ["shirt", "coat", "skirt", "hat"];
-const WORDS: [&str; 7] = ["color", "item", "a", "that", "looks", "great", "="];
-
-fn tiny_bloom() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden/tiny-bloom")
-}
-
-/// A copy of the tiny BLOOM with a word-level tokenizer whose special ids match its config
-/// (bos 1, eos 2, pad 3), and train / validation data it can tokenize.
-struct Setup {
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("model");
-        std::fs::create_dir(&model).unwrap();
-        for file in ["config.json", "generation_config.json", "model.safetensors"] {
-            std::fs::copy(tiny_bloom().join(file), model.join(file)).unwrap();
-        }
-        let specials = ["<unk>", "<s>", "</s>", "<pad>"];
-        let vocab: serde_json::Map<String, Value> = specials
-            .iter()
-            .chain(&COLORS)
-            .chain(&ITEMS)
-            .chain(&WORDS)
-            .enumerate()
-            .map(|(id, w)| (w.to_string(), json!(id)))
-            .collect();
-        let added: Vec<Value> = specials
-            .iter()
-            .enumerate()
-            .map(|(id, t)| {
-                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": true})
-            })
-            .collect();
-        let tokenizer = json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": null, "decoder": null,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-        });
-        std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-        let config = json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-                            "unk_token": "<unk>"});
-        std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
-
-        let record = |i: usize| {
-            let (color, item) = (COLORS[i % 5], ITEMS[(i / 5) % 4]);
-            json!({"content": format!("color {color} item {item}"),
-                   "summary": format!("a {color} {item} that looks great")})
-            .to_string()
-        };
-        let lines =
-            |range: std::ops::Range<usize>| range.map(record).collect::<Vec<_>>().join("\n") + "\n";
-        std::fs::write(dir.path().join("train.jsonl"), lines(0..20)).unwrap();
-        std::fs::write(dir.path().join("dev.jsonl"), lines(3..11)).unwrap();
-        Setup { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_string()
-    }
-
-    /// `qlora train` on this setup into `out`, with `extra` flags.
-    fn train(&self, out: &str, extra: &[&str]) -> Output {
-        self.train_on("train.jsonl", out, extra)
-    }
-
-    /// The same on the training data file `data` of the setup directory.
-    fn train_on(&self, data: &str, out: &str, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "train".to_string(),
-            "--model_name_or_path".into(),
-            self.path("model"),
-            "--train_file".into(),
-            self.path(data),
-            "--validation_file".into(),
-            self.path("dev.jsonl"),
-            "--prompt_template".into(),
-            "{query} = {answer}".into(),
-            "--out_dir".into(),
-            self.path(out),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        qlora(&args)
-    }
-}
-
-fn qlora(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .output()
-        .expect("the qlora binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn log_lines(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+mod common;
+use common::{log_lines, qlora, stderr, Setup};
 
 #[test]
 fn loss_falls_and_the_best_adapter_is_a_peft_directory() {
@@ -244,8 +135,181 @@ fn bad_flags_and_data_fail_with_a_message() {
     failure(setup.train_on("bad.jsonl", "x", &[]), "bad.jsonl:2");
     failure(
         setup.train("x", &["--max_steps", "3", "--lr", "1e30"]),
-        "at step",
+        // Step 1 sends the weights to ~1e31 (no warmup); step 2's forward overflows.
+        "the training loss is NaN at step 2 (epoch 1; its batch: training examples ",
     );
     // `x` now holds the failed run's log.
     failure(setup.train("x", &["--max_steps", "1"]), "not empty");
+}
+
+#[test]
+fn a_diverging_run_stops_naming_step_and_batch_and_keeps_the_earlier_adapters() {
+    let setup = Setup::new();
+    // Step 1 has rate 0 (warmup); the update of step 2 at 1e30 sends the weights to ~1e31.
+    let out = setup.train(
+        "run",
+        &[
+            "--max_steps",
+            "4",
+            "--lr",
+            "1e30",
+            "--warmup_steps",
+            "1",
+            "--lora_r",
+            "4",
+            "--eval_steps",
+            "1",
+            "--save_steps",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    for needle in [
+        "the validation loss after the update is NaN at step 2 (epoch 1; its batch: training \
+         examples ",
+        "lines ",
+        "try a lower --lr",
+        "the last checkpoint is checkpoint-1/",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    }
+    let dir = setup.dir.path().join("run");
+    assert!(!dir.join("final").exists() && !dir.join("checkpoint-2").exists());
+    let best = std::fs::read(dir.join("best_model/adapter_model.safetensors")).unwrap();
+    let kept = std::fs::read(dir.join("checkpoint-1/adapter_model.safetensors")).unwrap();
+    assert!(best == kept, "best_model/ is not step 1's adapter");
+    let adapter = LoraAdapter::load(&dir.join("best_model")).unwrap();
+    assert!(adapter
+        .modules
+        .values()
+        .all(|p| p.a.iter().chain(&p.b).all(|x| x.is_finite())));
+    assert_eq!(log_lines(&dir).len(), 1);
+}
+
+#[test]
+fn bad_data_fails_naming_file_and_line_and_writes_nothing() {
+    let setup = Setup::new();
+    let good = r#"{"content": "color red item hat", "summary": "a red hat"}"#;
+    let cases: [(&[u8], &str); 5] = [
+        (b"{\"content\": oops}\n", "bad.jsonl:2: malformed JSON"),
+        (
+            b"{\"content\": \"color red\"}\n",
+            "bad.jsonl:2: missing column `summary` (the line has columns `content`)",
+        ),
+        (
+            b"{\"content\": \"red\xff\"}\n",
+            "bad.jsonl:2: not valid UTF-8 at byte 16 of the line",
+        ),
+        (
+            b"{\"content\": \"red\", \"summary\": 3}\n",
+            "column `summary` should be a string",
+        ),
+        (b"", "the file is empty"),
+    ];
+    for (second_line, needle) in cases {
+        let text = if second_line.is_empty() {
+            Vec::new()
+        } else {
+            [good.as_bytes(), b"\n", second_line].concat()
+        };
+        std::fs::write(setup.dir.path().join("bad.jsonl"), text).unwrap();
+        let out = setup.train_on("bad.jsonl", "out", &["--max_steps", "1"]);
+        assert!(!out.status.success(), "should fail: {needle}");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        if needle.starts_with("bad.jsonl:2") {
+            assert!(err.contains("--skip_bad_lines skips such lines"), "{err}");
+        }
+        assert!(
+            !setup.dir.path().join("out").exists(),
+            "a failed run left an output directory"
+        );
+    }
+}
+
+#[test]
+fn bad_lines_are_skipped_on_request_and_truncation_is_counted() {
+    let setup = Setup::new();
+    let train = std::fs::read_to_string(setup.dir.path().join("train.jsonl")).unwrap();
+    let mut lines: Vec<&str> = train.lines().collect();
+    lines.insert(1, "{\"content\": oops}");
+    lines.insert(4, "[1, 2]");
+    lines.insert(8, "{\"summary\": \"a red hat\"}");
+    std::fs::write(setup.dir.path().join("messy.jsonl"), lines.join("\n")).unwrap();
+    let out = setup.train_on(
+        "messy.jsonl",
+        "run",
+        &[
+            "--skip_bad_lines",
+            "--max_steps",
+            "1",
+            "--max_source_length",
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    for needle in [
+        "messy.jsonl: skipped 3 bad lines (lines 2, 5, 9); the first: ",
+        "messy.jsonl:2: malformed JSON",
+        // Every prompt `color <c> item <i> =` is 5 words; every answer fits.
+        "messy.jsonl: 20 of 20 examples truncated (20 with the prompt over max_source_length = 3 \
+         tokens, 0 with the answer",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    }
+}
+
+#[test]
+fn resuming_checks_the_run_and_a_finished_run_resumes_to_the_same_adapter() {
+    let setup = Setup::new();
+    let flags = ["--max_steps", "2", "--lr", "1e-2", "--save_steps", "1"];
+    let first = setup.train("run", &flags);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let dir = setup.dir.path().join("run");
+    let adapter = || std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
+    let before = adapter();
+
+    let resume = |extra: &[&str]| {
+        let mut all = flags.to_vec();
+        all.extend_from_slice(extra);
+        all.push("--resume_from_checkpoint");
+        setup.train("run", &all)
+    };
+    let again = resume(&[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        adapter() == before,
+        "resuming a finished run changed its adapter"
+    );
+    assert_eq!(log_lines(&dir).len(), 2);
+
+    let mismatch = resume(&["--lora_r", "8"]);
+    assert!(!mismatch.status.success());
+    let err = stderr(&mismatch);
+    assert!(
+        err.contains("checkpoint-2 was written by a different run: --lora_r is 8 now but was 16"),
+        "{err}"
+    );
+    std::fs::write(
+        setup.dir.path().join("other.jsonl"),
+        r#"{"content": "color red item hat", "summary": "a red hat"}"#,
+    )
+    .unwrap();
+    let mut other = flags.to_vec();
+    other.push("--resume_from_checkpoint");
+    let err = stderr(&setup.train_on("other.jsonl", "run", &other));
+    assert!(
+        err.contains("training data is 1 examples of 9 tokens"),
+        "{err}"
+    );
+
+    let empty = setup.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = stderr(&setup.train("empty", &["--resume_from_checkpoint"]));
+    assert!(
+        err.contains("no complete checkpoint to resume from"),
+        "{err}"
+    );
 }

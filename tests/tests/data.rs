@@ -146,6 +146,13 @@ fn truncation_cuts_source_and_target_then_appends_eos_and_is_counted() {
     .join("\n");
     let out = examples(&lines, "{query}", &options(3, 3));
     assert_eq!(out.truncated, 1);
+    assert_eq!((out.truncated_source, out.truncated_target), (1, 1));
+    assert_eq!(
+        out.truncation_report(&options(3, 3)).unwrap(),
+        "1 of 2 examples truncated (1 with the prompt over max_source_length = 3 tokens, \
+         1 with the answer over max_target_length = 3 tokens, EOS included)"
+    );
+    assert_eq!((out.examples[0].line, out.examples[1].line), (1, 2));
     assert_eq!(out.examples[0].input_ids, vec![9, 10, 11, 9, 10, EOS]);
     assert_eq!(out.examples[0].labels[..3], [IGNORE_INDEX; 3]);
     assert_eq!(out.examples[1].input_ids, vec![6, 7, 8, EOS]);
@@ -301,10 +308,12 @@ fn collate_right_pads_and_masks_only_the_padding() {
     let long = Example {
         input_ids: vec![3, 6, 8, EOS],
         labels: vec![IGNORE_INDEX, IGNORE_INDEX, 8, i64::from(EOS)],
+        line: 1,
     };
     let short = Example {
         input_ids: vec![6, EOS],
         labels: vec![IGNORE_INDEX, i64::from(EOS)],
+        line: 2,
     };
     // EOS doubles as the pad token, as in SmolLM2: the real EOS label must survive.
     let batch = collate(&[&long, &short], EOS, true);

@@ -4,12 +4,16 @@
 //! Without any argument it runs the demo: SmolLM2-135M-Instruct (Q4_1 GGUF) on the built-in
 //! ADGEN-style data, sized to finish in a few minutes on two CPU cores.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::HumanCount;
 use qlora_core::arch::{LoraConfig, TargetModules};
-use qlora_core::data::{parse_jsonl, tokenize_records, Columns, ExampleOptions, Examples};
+use qlora_core::data::{
+    parse_jsonl, parse_jsonl_skipping_bad_lines, tokenize_records, Columns, ExampleOptions,
+    Examples,
+};
 use qlora_core::peft::AdapterConfig;
 use qlora_core::prompt::PromptTemplate;
 use qlora_core::quant::QuantType;
@@ -19,6 +23,7 @@ use qlora_trainer::generate::model::load_for_generation;
 use qlora_trainer::generate::{evaluate, EvalOptions, Example};
 use qlora_trainer::load::{load_base, QuantOnLoad};
 use qlora_trainer::progress;
+use qlora_trainer::train::checkpoint::{checkpoint_step, latest_checkpoint};
 use qlora_trainer::train::log::StepRecord;
 use qlora_trainer::train::optimizer::AdamWParams;
 use qlora_trainer::train::schedule::ScheduleKind;
@@ -128,9 +133,22 @@ pub struct Args {
     /// Validate every this many steps (and at the end) [demo: 12].
     #[arg(long)]
     pub eval_steps: Option<usize>,
-    /// Write the adapter to `checkpoint-<step>/` every this many steps.
+    /// Write a checkpoint every this many steps: `checkpoint-<step>/` holds the adapter, the
+    /// optimizer state, the data order and the RNG states, enough to resume exactly.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Keep only the newest this many checkpoints.
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Continue a killed or interrupted run from its newest checkpoint, with the same flags and
+    /// data: no value takes --out_dir's; DIR is an output directory or one `checkpoint-<step>/`
+    /// in it. Ends with the same adapter as an uninterrupted run.
+    #[arg(long, alias = "resume", value_name = "DIR", num_args = 0..=1)]
+    pub resume_from_checkpoint: Option<Option<PathBuf>>,
+    /// Skip malformed lines of the data files (bad JSON, not UTF-8, missing columns) and report
+    /// them, instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
     /// Seeds the adapters' initial values, the shuffle and the dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -221,6 +239,7 @@ impl DataFile {
         template: &PromptTemplate,
         tokenizer: &Tokenizer,
         options: &ExampleOptions,
+        skip_bad_lines: bool,
     ) -> Result<Examples> {
         let (name, bytes) = match self {
             DataFile::Path(path) => (
@@ -229,14 +248,46 @@ impl DataFile {
             ),
             DataFile::Embedded { name, text } => (name.to_string(), text.as_bytes().to_vec()),
         };
-        let records = parse_jsonl(&name, &bytes, columns)?;
+        let records = if skip_bad_lines {
+            let parsed = parse_jsonl_skipping_bad_lines(&name, &bytes, columns)?;
+            if let Some(first) = parsed.bad_lines.first() {
+                let lines: Vec<String> = parsed
+                    .bad_lines
+                    .iter()
+                    .take(10)
+                    .map(|b| b.line.to_string())
+                    .collect();
+                let more = if parsed.bad_lines.len() > 10 {
+                    ", ..."
+                } else {
+                    ""
+                };
+                tracing::warn!(
+                    "{name}: skipped {} bad lines (lines {}{more}); the first: {}",
+                    parsed.bad_lines.len(),
+                    lines.join(", "),
+                    first.error
+                );
+            }
+            parsed.records
+        } else {
+            parse_jsonl(&name, &bytes, columns).map_err(|e| match &e {
+                // An error at one line (not of the whole file) can be skipped.
+                qlora_core::Error::Format { file, .. } if *file != name => {
+                    anyhow!("{e} (--skip_bad_lines skips such lines)")
+                }
+                _ => e.into(),
+            })?
+        };
         let examples = tokenize_records(&name, &records, template, tokenizer, options)?;
         tracing::info!(
-            "{name}: {} examples ({} cut to the maximum length, {} skipped as empty)",
+            "{name}: {} examples ({} skipped as empty)",
             examples.examples.len(),
-            examples.truncated,
             examples.skipped_empty
         );
+        if let Some(report) = examples.truncation_report(options) {
+            tracing::warn!("{name}: {report}");
+        }
         Ok(examples)
     }
 }
@@ -273,13 +324,25 @@ pub fn run(args: Args) -> Result<()> {
             SEED_DEFAULTS,
         )
     };
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(defaults.out_dir));
-    // The demo's own directory is rewritten by every demo run.
-    let overwrite = args.overwrite || (demo && args.out_dir.is_none());
-    prepare_out_dir(&out_dir, overwrite)?;
+    let (out_dir, resume_from) = match &args.resume_from_checkpoint {
+        None => {
+            let out_dir = args
+                .out_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(defaults.out_dir));
+            // The demo's own directory is rewritten by every demo run.
+            let overwrite = args.overwrite || (demo && args.out_dir.is_none());
+            check_out_dir(&out_dir, overwrite)?;
+            (out_dir, None)
+        }
+        Some(dir) => {
+            let default_out_dir = Path::new(defaults.out_dir);
+            let (out_dir, checkpoint) =
+                resume_point(dir.as_deref(), args.out_dir.as_deref(), default_out_dir)?;
+            tracing::info!("resuming from {}", checkpoint.display());
+            (out_dir, Some(checkpoint))
+        }
+    };
 
     // A GGUF is dequantized and then treated like any full-precision checkpoint: --quan
     // quantizes its linear weights on load, as for an HF directory (a 4-bit HF checkpoint is
@@ -311,11 +374,17 @@ pub fn run(args: Args) -> Result<()> {
         max_target_length: args.max_target_length.unwrap_or(defaults.max_target_length),
         system: None,
     };
-    let train_examples =
-        train_file.examples(&columns, &base.template, &base.tokenizer, &example_options)?;
-    let validation_examples = validation_file
-        .map(|f| f.examples(&columns, &base.template, &base.tokenizer, &example_options))
-        .transpose()?;
+    let examples = |file: &DataFile| {
+        file.examples(
+            &columns,
+            &base.template,
+            &base.tokenizer,
+            &example_options,
+            args.skip_bad_lines,
+        )
+    };
+    let train_examples = examples(&train_file)?;
+    let validation_examples = validation_file.as_ref().map(examples).transpose()?;
 
     let target_modules = match args.target_modules.as_slice() {
         [] => TargetModules::Names(
@@ -360,10 +429,27 @@ pub fn run(args: Args) -> Result<()> {
         max_grad_norm: args.max_grad_norm,
         eval_steps: args.eval_steps.or(defaults.eval_steps),
         save_steps: args.save_steps,
+        save_total_limit: args.save_total_limit,
+        resume_from,
+        run_identity: BTreeMap::from([
+            (
+                "--model_name_or_path".to_string(),
+                model_path.display().to_string(),
+            ),
+            (
+                "--quan, --double_quant, --blocksize".to_string(),
+                quant.map_or("none".into(), |q| {
+                    format!("{:?}, {}, {}", q.quant_type, q.double_quant, q.blocksize)
+                }),
+            ),
+        ]),
         seed: args.seed,
         pad_id,
         ignore_pad_token_for_loss: args.ignore_pad_token_for_loss,
     };
+    if options.resume_from.is_none() {
+        create_out_dir(&out_dir)?;
+    }
     let total_steps = options.total_steps(train_examples.examples.len());
     let bar = progress::steps_bar(total_steps as u64, "training");
     let report_every = total_steps.div_ceil(20).max(1);
@@ -408,30 +494,92 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Creates the output directory; a non-empty one only with `overwrite`, so that a run never mixes
-/// its log and adapters with another's by accident. With `overwrite`, the adapters an earlier run
-/// wrote there are removed first (a run without validation data writes no `best_model/`, and
-/// an old one must not pass for its result).
-fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<()> {
+/// Refuses a non-empty output directory without `overwrite`, so that a run never mixes its log
+/// and adapters with another's by accident. Checked before anything is loaded; the directory is
+/// made by [`create_out_dir`] once the model and the data are ready.
+fn check_out_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    if dir.is_dir() && !overwrite && !out_dir_entries(dir)?.is_empty() {
+        bail!(
+            "{}: exists and is not empty (pass --overwrite to train into it anyway, or \
+             --resume_from_checkpoint to continue the run there)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn out_dir_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
+    std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("reading {}", dir.display()))
+}
+
+/// Creates the output directory, first removing the adapters and checkpoints an earlier run
+/// wrote there (a run without validation data writes no `best_model/`, and an old one must not
+/// pass for its result).
+fn create_out_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .collect::<std::io::Result<Vec<_>>>()?;
-        if !entries.is_empty() && !overwrite {
-            bail!(
-                "{}: exists and is not empty (pass --overwrite to train into it anyway)",
-                dir.display()
-            );
-        }
-        for entry in entries {
+        for entry in out_dir_entries(dir)? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name == BEST_DIR || name == FINAL_DIR || name.starts_with("checkpoint-") {
+            // The adapters, and what a killed run left of them (`final.tmp-<pid>`, ...).
+            let adapter = |base: &str| name == base || name.starts_with(&format!("{base}."));
+            let ours = adapter(BEST_DIR) || adapter(FINAL_DIR) || name.starts_with("checkpoint-");
+            if ours && entry.path().is_dir() {
                 std::fs::remove_dir_all(entry.path())
                     .with_context(|| format!("removing {}", entry.path().display()))?;
             }
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+/// The output directory and the checkpoint that `--resume_from_checkpoint [DIR]` continues:
+/// `DIR` (or else `--out_dir`, or else the default output directory) is an output directory,
+/// whose newest checkpoint is taken, or one `checkpoint-<step>/` of it.
+fn resume_point(
+    dir: Option<&Path>,
+    out_dir: Option<&Path>,
+    default_out_dir: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let dir = dir.or(out_dir).unwrap_or(default_out_dir);
+    let named_checkpoint = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(checkpoint_step)
+        .is_some();
+    let (run_dir, checkpoint) = if named_checkpoint {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        let run_dir = parent.unwrap_or(Path::new(".")).to_path_buf();
+        (run_dir, dir.to_path_buf())
+    } else {
+        if !dir.is_dir() {
+            bail!("{}: no such directory to resume a run from", dir.display());
+        }
+        let checkpoint = latest_checkpoint(dir)?.with_context(|| {
+            format!(
+                "{}: no complete checkpoint to resume from (write some with --save_steps, or \
+                 start the run again)",
+                dir.display()
+            )
+        })?;
+        (dir.to_path_buf(), checkpoint)
+    };
+    if let Some(out_dir) = out_dir.filter(|o| !same_dir(o, &run_dir)) {
+        bail!(
+            "--out_dir {} is not the directory of {} (give one of them, or the same directory to both)",
+            out_dir.display(),
+            checkpoint.display()
+        );
+    }
+    Ok((run_dir, checkpoint))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 fn print_summary(summary: &Summary, out_dir: &Path) {

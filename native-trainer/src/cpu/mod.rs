@@ -28,7 +28,7 @@ use candle_core::Tensor;
 use qlora_core::arch::{ArchConfig, ModelConfig};
 use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
-use rand::rngs::StdRng;
+use rand::RngCore;
 
 pub use kv_cache::KvCache;
 pub use lora::{LoraAdapter, LoraInit, LoraSetup};
@@ -44,7 +44,7 @@ pub enum Mode<'r> {
     /// intermediate activation is freed as soon as the forward pass moves on. Generation and
     /// any logits nobody differentiates.
     Inference,
-    Train(&'r mut StdRng),
+    Train(&'r mut dyn RngCore),
 }
 
 /// A candle failure as a library error. Shapes are checked before computing, so this reports a

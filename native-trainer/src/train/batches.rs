@@ -4,8 +4,8 @@
 use candle_core::{Device, Tensor};
 use qlora_core::data::{collate, Example, IGNORE_INDEX};
 use qlora_core::Result;
-use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use rand::Rng;
 
 /// One collated micro-batch as tensors, with the counts the loop reports.
 pub struct BatchTensors {
@@ -48,7 +48,7 @@ impl BatchTensors {
 
 /// The micro-batches of one epoch: example indices shuffled with `rng`, cut into groups of
 /// `batch_size` (the last one may be smaller).
-pub fn epoch_batches(examples: usize, batch_size: usize, rng: &mut StdRng) -> Vec<Vec<usize>> {
+pub fn epoch_batches(examples: usize, batch_size: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..examples).collect();
     order.shuffle(rng);
     order
@@ -65,6 +65,7 @@ pub fn batches_per_epoch(examples: usize, batch_size: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
     use rand::SeedableRng;
 
     #[test]
@@ -85,10 +86,12 @@ mod tests {
         let a = Example {
             input_ids: vec![5, 6, 7],
             labels: vec![IGNORE_INDEX, 6, 7],
+            line: 1,
         };
         let b = Example {
             input_ids: vec![5, 8],
             labels: vec![IGNORE_INDEX, 8],
+            line: 2,
         };
         let batch = BatchTensors::new(&[&a, &b], 0, true).unwrap();
         assert_eq!(batch.input_ids.dims(), [2, 3]);

@@ -1,8 +1,10 @@
 //! LoRA training on the CPU model: the loop ([`trainer`]), its optimizer, learning-rate schedule,
-//! batching, JSON-lines log, and the trained adapters as PEFT directories.
+//! batching, JSON-lines log, checkpoints to resume from, and the trained adapters as PEFT
+//! directories.
 
 pub mod adapter;
 pub mod batches;
+pub mod checkpoint;
 pub mod log;
 pub mod optimizer;
 pub mod schedule;

@@ -43,6 +43,39 @@ impl AdamW {
         }
     }
 
+    /// State saved by a checkpoint: `step` updates taken, moments per buffer. `None` when the
+    /// moments' count or lengths differ from `lengths`.
+    pub fn from_state(
+        params: AdamWParams,
+        lengths: &[usize],
+        step: u64,
+        first_moments: Vec<Vec<f32>>,
+        second_moments: Vec<Vec<f32>>,
+    ) -> Option<AdamW> {
+        let fits = |moments: &[Vec<f32>]| moments.iter().map(Vec::len).eq(lengths.iter().copied());
+        (fits(&first_moments) && fits(&second_moments)).then_some(AdamW {
+            params,
+            step,
+            first_moments,
+            second_moments,
+        })
+    }
+
+    /// Updates taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The first moments (`exp_avg`), one buffer per parameter.
+    pub fn first_moments(&self) -> &[Vec<f32>] {
+        &self.first_moments
+    }
+
+    /// The second moments (`exp_avg_sq`), one buffer per parameter.
+    pub fn second_moments(&self) -> &[Vec<f32>] {
+        &self.second_moments
+    }
+
     /// One update of every buffer with its gradient, at learning rate `lr`. Buffers and
     /// gradients come in the order (and lengths) given to [`AdamW::new`].
     pub fn step(&mut self, buffers: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64) {
@@ -142,6 +175,30 @@ mod tests {
         let want = -0.1 - 0.1 * m_hat / (f64::sqrt(v_hat) + 1e-8);
         let got = f64::from(buffers[0][0]);
         assert!((got - want).abs() < 1e-6 * want.abs(), "{got} vs {want}");
+    }
+
+    #[test]
+    fn a_restored_state_continues_exactly() {
+        let params = AdamWParams::with_weight_decay(0.01);
+        let grads = [vec![0.5f32, -1.5], vec![2.0f32, 0.25]];
+        let mut whole = AdamW::new(params, &[2]);
+        let mut a = vec![vec![1.0f32, 2.0]];
+        whole.step(&mut a, &grads[..1], 0.1);
+        let mut restored = AdamW::from_state(
+            params,
+            &[2],
+            whole.steps(),
+            whole.first_moments().to_vec(),
+            whole.second_moments().to_vec(),
+        )
+        .unwrap();
+        let mut b = a.clone();
+        whole.step(&mut a, &grads[1..], 0.1);
+        restored.step(&mut b, &grads[1..], 0.1);
+        assert_eq!(a, b);
+        assert!(
+            AdamW::from_state(params, &[3], 1, vec![vec![0.0; 2]], vec![vec![0.0; 2]]).is_none()
+        );
     }
 
     #[test]

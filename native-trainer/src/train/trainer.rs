@@ -1,19 +1,26 @@
 //! The training loop: LoRA matrices of a CPU [`Model`] trained with AdamW on shuffled
 //! micro-batches, gradient accumulation, a warmup + decay schedule, periodic validation, and
-//! the adapters written as PEFT directories (`best_model/`, `final/`, `checkpoint-<step>/`).
+//! the adapters written as PEFT directories (`best_model/`, `final/`). Every `save_steps` it
+//! writes a [checkpoint](super::checkpoint) from which a killed run continues exactly; a
+//! non-finite loss, gradient norm or weight stops it before anything is saved from that step.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use qlora_core::data::Example;
-use qlora_core::peft::AdapterConfig;
+use qlora_core::peft::{AdapterConfig, LoraAdapter};
 use qlora_core::{Error, Result};
-use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rand_chacha::ChaCha12Rng;
 
 use super::adapter::{model_adapter, save_adapter};
 use super::batches::{batches_per_epoch, epoch_batches, BatchTensors};
+use super::checkpoint::{
+    checkpoint_name, examples_digest, recover_out_dir, save_checkpoint, BestState, Checkpoint,
+    ExactF64, ParamSpec, RngState, TrainerState,
+};
 use super::log::{StepRecord, TrainLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::schedule::{LrSchedule, ScheduleKind};
@@ -46,6 +53,13 @@ pub struct TrainOptions {
     pub eval_steps: Option<usize>,
     /// Write `checkpoint-<step>/` every this many steps.
     pub save_steps: Option<usize>,
+    /// Keep only the newest this many checkpoints (`None`: all).
+    pub save_total_limit: Option<usize>,
+    /// Continue from this checkpoint directory (one of `out_dir`'s) instead of starting afresh.
+    pub resume_from: Option<PathBuf>,
+    /// What identifies the run besides these options and the data (the base model and its
+    /// quantization), as `"--flag": "value"`: stored in checkpoints, checked on resume.
+    pub run_identity: BTreeMap<String, String>,
     /// Seeds the shuffle and the dropout masks (the adapters' initial values are seeded when the
     /// model is built).
     pub seed: u64,
@@ -73,6 +87,7 @@ impl TrainOptions {
             ("max_steps", self.max_steps),
             ("eval_steps", self.eval_steps),
             ("save_steps", self.save_steps),
+            ("save_total_limit", self.save_total_limit),
         ];
         for (name, value) in positive {
             if value == Some(0) {
@@ -86,6 +101,60 @@ impl TrainOptions {
             )));
         }
         Ok(())
+    }
+
+    /// The run's identity in a checkpoint: [`TrainOptions::run_identity`], every option that
+    /// changes the trained adapter, and digests of the data.
+    fn identity(
+        &self,
+        adapter_config: &AdapterConfig,
+        train: &[Example],
+        validation: Option<&[Example]>,
+    ) -> BTreeMap<String, String> {
+        let lora = &adapter_config.lora;
+        let AdamWParams {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.adamw;
+        let entries = [
+            (
+                "optimizer steps (--max_steps or --epoch)",
+                self.total_steps(train.len()).to_string(),
+            ),
+            ("--batch_size", self.batch_size.to_string()),
+            ("--gradient_steps", self.gradient_steps.to_string()),
+            ("--lr_scheduler", format!("{:?}", self.schedule)),
+            ("--lr", format!("{:?}", self.lr)),
+            ("--warmup_steps", self.warmup_steps.to_string()),
+            ("--weight_decay", format!("{weight_decay:?}")),
+            ("AdamW betas, eps", format!("{beta1:?}, {beta2:?}, {eps:?}")),
+            ("--max_grad_norm", format!("{:?}", self.max_grad_norm)),
+            (
+                "--eval_steps",
+                self.eval_steps.map_or("none".into(), |n| n.to_string()),
+            ),
+            ("--seed", self.seed.to_string()),
+            ("pad token id", self.pad_id.to_string()),
+            (
+                "--ignore_pad_token_for_loss",
+                self.ignore_pad_token_for_loss.to_string(),
+            ),
+            ("--lora_r", lora.r.to_string()),
+            ("--lora_alpha", format!("{:?}", lora.alpha)),
+            ("--lora_dropout", format!("{:?}", lora.dropout)),
+            ("--use_rslora", lora.use_rslora.to_string()),
+            ("--target_modules", format!("{:?}", lora.target_modules)),
+            ("training data", examples_digest(train)),
+            (
+                "validation data",
+                validation.map_or("none".into(), examples_digest),
+            ),
+        ];
+        let mut identity = self.run_identity.clone();
+        identity.extend(entries.map(|(k, v)| (k.to_string(), v)));
+        identity
     }
 }
 
@@ -102,6 +171,7 @@ pub struct Summary {
     pub trainable_params: usize,
     pub steps: usize,
     pub epochs: f64,
+    /// Time this process trained (a resumed run counts from its resumption).
     pub seconds: f64,
     /// Real tokens trained on.
     pub tokens: usize,
@@ -139,31 +209,40 @@ fn scalar(t: &Tensor) -> Result<f64> {
     t.to_scalar::<f32>().map(f64::from).map_err(compute_error)
 }
 
-fn not_finite(what: &str, value: f64, step: usize, epoch: usize) -> Error {
-    Error::Invalid(format!(
-        "{what} is {value} at step {step} (epoch {}): training diverged; try a lower --lr",
-        epoch + 1
-    ))
-}
-
-/// The LoRA matrices as the optimizer sees them: the model's Vars and f32 copies of their values.
+/// The LoRA matrices as the optimizer sees them: the model's Vars, f32 copies of their values,
+/// and their names and shapes (A then B of each adapted module).
 struct Parameters<'m> {
     vars: Vec<&'m Var>,
     values: Vec<Vec<f32>>,
+    specs: Vec<ParamSpec>,
+    /// The adapted modules, in order: parameters `2 i` and `2 i + 1` are module `i`'s A and B.
+    modules: Vec<String>,
 }
 
 impl<'m> Parameters<'m> {
     fn of(model: &'m Model) -> Result<Parameters<'m>> {
-        let vars: Vec<&Var> = model
-            .lora_adapters()
-            .into_iter()
-            .flat_map(|a| [&a.a, &a.b])
-            .collect();
+        let adapters = model.lora_adapters();
+        let modules: Vec<String> = adapters.iter().map(|a| a.module.clone()).collect();
+        let vars: Vec<&Var> = adapters.into_iter().flat_map(|a| [&a.a, &a.b]).collect();
         let values = vars
             .iter()
             .map(|v| flat(v.as_tensor()))
             .collect::<Result<_>>()?;
-        Ok(Parameters { vars, values })
+        let specs = modules
+            .iter()
+            .flat_map(|m| [format!("{m}.lora_A"), format!("{m}.lora_B")])
+            .zip(&vars)
+            .map(|(name, var)| ParamSpec {
+                name,
+                shape: var.as_tensor().dims().to_vec(),
+            })
+            .collect();
+        Ok(Parameters {
+            vars,
+            values,
+            specs,
+            modules,
+        })
     }
 
     fn lengths(&self) -> Vec<usize> {
@@ -177,6 +256,43 @@ impl<'m> Parameters<'m> {
             t.and_then(|t| var.set(&t)).map_err(compute_error)?;
         }
         Ok(())
+    }
+
+    /// Sets the values (and the model) to a checkpoint's adapter (`dir` names it in messages).
+    fn restore(&mut self, adapter: &LoraAdapter, dir: &Path) -> Result<()> {
+        let mismatch = |what: String| {
+            Error::format(
+                dir.display(),
+                format!("the checkpoint's adapter does not fit the model: {what}"),
+            )
+        };
+        if adapter.modules.len() != self.modules.len() {
+            return Err(mismatch(format!(
+                "{} adapted modules, the model has {}",
+                adapter.modules.len(),
+                self.modules.len()
+            )));
+        }
+        for (i, module) in self.modules.iter().enumerate() {
+            let pair = adapter
+                .modules
+                .get(module)
+                .ok_or_else(|| mismatch(format!("no matrices for `{module}`")))?;
+            for (slot, saved) in self.values[2 * i..2 * i + 2]
+                .iter_mut()
+                .zip([&pair.a, &pair.b])
+            {
+                if slot.len() != saved.len() {
+                    return Err(mismatch(format!("`{module}` has other shapes")));
+                }
+                slot.copy_from_slice(saved);
+            }
+        }
+        self.store()
+    }
+
+    fn all_finite(&self) -> bool {
+        self.values.iter().flatten().all(|x| x.is_finite())
     }
 }
 
@@ -197,9 +313,123 @@ fn accumulate(model: &Model, loss: &Tensor, sums: &mut [Vec<f32>]) -> Result<()>
     Ok(())
 }
 
+/// Where a run stands between optimizer steps: what a checkpoint saves besides the weights and
+/// the optimizer.
+struct RunState {
+    step: usize,
+    /// The 0-based epoch in progress and its optimizer steps done.
+    epoch: usize,
+    steps_in_epoch: usize,
+    /// The shuffle generator at the start of `epoch` (it regenerates the epoch's order).
+    epoch_shuffle_rng: ChaCha12Rng,
+    dropout_rng: ChaCha12Rng,
+    best: Option<Evaluation>,
+    tokens: usize,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+    /// The step of the newest checkpoint on disk, for the message of a diverged run.
+    last_checkpoint: Option<usize>,
+}
+
+impl RunState {
+    fn fresh(seed: u64) -> RunState {
+        RunState {
+            step: 0,
+            epoch: 0,
+            steps_in_epoch: 0,
+            epoch_shuffle_rng: ChaCha12Rng::seed_from_u64(seed),
+            dropout_rng: ChaCha12Rng::seed_from_u64(seed.wrapping_add(1)),
+            best: None,
+            tokens: 0,
+            first_loss: None,
+            last_loss: None,
+            last_checkpoint: None,
+        }
+    }
+
+    fn resumed(checkpoint: &Checkpoint) -> Result<RunState> {
+        let saved = &checkpoint.state;
+        let file = checkpoint.state_file();
+        Ok(RunState {
+            step: saved.global_step,
+            epoch: saved.epoch,
+            steps_in_epoch: saved.steps_in_epoch,
+            epoch_shuffle_rng: saved.epoch_shuffle_rng.restore(&file)?,
+            dropout_rng: saved.dropout_rng.restore(&file)?,
+            best: saved.best.map(|b| Evaluation {
+                step: b.step,
+                val_loss: b.val_loss.0,
+            }),
+            tokens: saved.tokens,
+            first_loss: saved.first_loss.map(|x| x.0),
+            last_loss: saved.last_loss.map(|x| x.0),
+            last_checkpoint: Some(saved.global_step),
+        })
+    }
+
+    fn saved(&self, optimizer: &AdamW, run: &BTreeMap<String, String>) -> TrainerState {
+        TrainerState {
+            global_step: self.step,
+            optimizer_step: optimizer.steps(),
+            epoch: self.epoch,
+            steps_in_epoch: self.steps_in_epoch,
+            epoch_shuffle_rng: RngState::of(&self.epoch_shuffle_rng),
+            dropout_rng: RngState::of(&self.dropout_rng),
+            best: self.best.map(|b| BestState {
+                step: b.step,
+                val_loss: ExactF64(b.val_loss),
+            }),
+            tokens: self.tokens,
+            first_loss: self.first_loss.map(ExactF64),
+            last_loss: self.last_loss.map(ExactF64),
+            log_lines: self.step,
+            run: run.clone(),
+        }
+    }
+}
+
+/// The error of step `step` (1-based) whose loss, gradient norm, updated weights or validation
+/// loss are not finite: the step, the examples of its batch (0-based index and line in the
+/// training file), and what was kept.
+fn diverged(
+    what: &str,
+    step: usize,
+    state: &RunState,
+    batch: &[&Vec<usize>],
+    train: &[Example],
+) -> Error {
+    const SHOWN: usize = 16;
+    let indices: Vec<usize> = batch.iter().flat_map(|b| b.iter().copied()).collect();
+    let list = |f: &dyn Fn(usize) -> usize| {
+        let mut text: Vec<String> = indices
+            .iter()
+            .take(SHOWN)
+            .map(|&i| f(i).to_string())
+            .collect();
+        if indices.len() > SHOWN {
+            text.push(format!("and {} more", indices.len() - SHOWN));
+        }
+        text.join(", ")
+    };
+    let kept = match state.last_checkpoint {
+        Some(step) => format!("the last checkpoint is {}/", checkpoint_name(step)),
+        None => "no checkpoint was written".into(),
+    };
+    Error::Invalid(format!(
+        "{what} at step {step} (epoch {}; its batch: training examples {}, lines {} of the \
+         training file): training diverged, try a lower --lr. Nothing was saved from this step \
+         (best_model/, if any, is from an earlier one); {kept}",
+        state.epoch + 1,
+        list(&|i| i),
+        list(&|i| train[i].line),
+    ))
+}
+
 /// Trains the LoRA matrices of `model` on `train`, validating on `validation` when given, and
-/// writes the log and the adapters into `out_dir` (which must exist). `progress` is told of
-/// every step.
+/// writes the log and the adapters into `out_dir` (which must exist). With
+/// [`TrainOptions::resume_from`], the run continues from that checkpoint, which must have been
+/// written by a run with the same identity; the log keeps its lines up to the checkpoint.
+/// `progress` is told of every step.
 pub fn train(
     model: &Model,
     train: &[Example],
@@ -222,20 +452,41 @@ pub fn train(
     };
     let mut params = Parameters::of(model)?;
     let trainable_params = params.lengths().iter().sum();
-    let mut optimizer = AdamW::new(options.adamw, &params.lengths());
-    let mut shuffle_rng = StdRng::seed_from_u64(options.seed);
-    let mut dropout_rng = StdRng::seed_from_u64(options.seed.wrapping_add(1));
-    let mut log = TrainLog::create(&out_dir.join(LOG_FILE))?;
+    let run = options.identity(adapter_config, train, validation);
+    let log_path = out_dir.join(LOG_FILE);
+    let (mut state, mut optimizer, mut log) = match &options.resume_from {
+        None => (
+            RunState::fresh(options.seed),
+            AdamW::new(options.adamw, &params.lengths()),
+            TrainLog::create(&log_path)?,
+        ),
+        Some(dir) => {
+            let checkpoint = Checkpoint::load(dir)?;
+            checkpoint.check_run(&run)?;
+            let saved = &checkpoint.state;
+            if saved.global_step > total_steps
+                || saved.steps_in_epoch > options.steps_per_epoch(train.len())
+            {
+                return Err(Error::format(
+                    checkpoint.state_file(),
+                    "the step or the position in the epoch is beyond the run",
+                ));
+            }
+            params.restore(&checkpoint.adapter, dir)?;
+            let optimizer = checkpoint.optimizer(options.adamw, &params.specs)?;
+            recover_out_dir(out_dir)?;
+            let log = TrainLog::resume(&log_path, checkpoint.state.log_lines)?;
+            (RunState::resumed(&checkpoint)?, optimizer, log)
+        }
+    };
     let started = Instant::now();
-    let (mut step, mut epoch, mut tokens_total) = (0usize, 0usize, 0usize);
-    let (mut first_loss, mut last_loss) = (None, f64::NAN);
-    let mut best: Option<Evaluation> = None;
 
-    while step < total_steps {
+    while state.step < total_steps {
+        let mut shuffle_rng = state.epoch_shuffle_rng.clone();
         let batches = epoch_batches(train.len(), options.batch_size, &mut shuffle_rng);
-        let groups = batches.chunks(options.gradient_steps);
-        let mut micro_done = 0;
-        for group in groups {
+        let groups: Vec<&[Vec<usize>]> = batches.chunks(options.gradient_steps).collect();
+        while state.steps_in_epoch < groups.len() && state.step < total_steps {
+            let group = groups[state.steps_in_epoch];
             let step_started = Instant::now();
             let mut grads: Vec<Vec<f32>> = params.lengths().iter().map(|&n| vec![0.0; n]).collect();
             let (mut loss_sum, mut tokens) = (0.0, 0);
@@ -249,34 +500,42 @@ pub fn train(
                 let logits = model.forward(
                     &batch.input_ids,
                     Some(&batch.attention_mask),
-                    &mut Mode::Train(&mut dropout_rng),
+                    &mut Mode::Train(&mut state.dropout_rng),
                 )?;
                 let loss = causal_lm_loss(&logits, &batch.labels)?;
                 let value = scalar(&loss)?;
                 if !value.is_finite() {
-                    return Err(not_finite("the training loss", value, step + 1, epoch));
+                    let what = format!("the training loss is {value}");
+                    return Err(diverged(&what, state.step + 1, &state, &[indices], train));
                 }
                 accumulate(model, &loss, &mut grads)?;
                 loss_sum += value;
                 tokens += batch.tokens;
             }
+            let whole_group: Vec<&Vec<usize>> = group.iter().collect();
             let micro = group.len() as f32;
             grads.iter_mut().flatten().for_each(|g| *g /= micro);
             let grad_norm = clip_grad_norm(&mut grads, options.max_grad_norm);
             if !grad_norm.is_finite() {
-                return Err(not_finite("the gradient norm", grad_norm, step + 1, epoch));
+                let what = format!("the gradient norm is {grad_norm}");
+                return Err(diverged(&what, state.step + 1, &state, &whole_group, train));
             }
-            let lr = schedule.lr(step);
+            let lr = schedule.lr(state.step);
             optimizer.step(&mut params.values, &grads, lr);
+            if !params.all_finite() {
+                let what = "the updated LoRA weights are not finite";
+                return Err(diverged(what, state.step + 1, &state, &whole_group, train));
+            }
             params.store()?;
             // Speed of the training step alone, validation and saving excluded.
             let tokens_per_s = tokens as f64 / step_started.elapsed().as_secs_f64();
-            step += 1;
-            micro_done += group.len();
-            tokens_total += tokens;
+            state.step += 1;
+            state.steps_in_epoch += 1;
+            state.tokens += tokens;
             let loss = loss_sum / f64::from(micro);
-            first_loss.get_or_insert(loss);
-            last_loss = loss;
+            state.first_loss.get_or_insert(loss);
+            state.last_loss = Some(loss);
+            let step = state.step;
 
             let eval_due =
                 step == total_steps || options.eval_steps.is_some_and(|n| step.is_multiple_of(n));
@@ -290,10 +549,11 @@ pub fn train(
                         options.ignore_pad_token_for_loss,
                     )?;
                     if !v.is_finite() {
-                        return Err(not_finite("the validation loss", v, step, epoch));
+                        let what = format!("the validation loss after the update is {v}");
+                        return Err(diverged(&what, step, &state, &whole_group, train));
                     }
-                    if best.is_none_or(|b| v < b.val_loss) {
-                        best = Some(Evaluation { step, val_loss: v });
+                    if state.best.is_none_or(|b| v < b.val_loss) {
+                        state.best = Some(Evaluation { step, val_loss: v });
                         save_adapter(
                             &model_adapter(model, adapter_config)?,
                             &out_dir.join(BEST_DIR),
@@ -303,13 +563,12 @@ pub fn train(
                 }
                 None => None,
             };
-            if options.save_steps.is_some_and(|n| step.is_multiple_of(n)) {
-                let dir = out_dir.join(format!("checkpoint-{step}"));
-                save_adapter(&model_adapter(model, adapter_config)?, &dir)?;
-            }
+            let micro_done = batches
+                .len()
+                .min(state.steps_in_epoch * options.gradient_steps);
             let record = StepRecord {
                 step,
-                epoch: epoch as f64 + micro_done as f64 / batches.len() as f64,
+                epoch: state.epoch as f64 + micro_done as f64 / batches.len() as f64,
                 loss,
                 lr,
                 grad_norm,
@@ -317,26 +576,40 @@ pub fn train(
                 val_loss,
             };
             log.write(&record)?;
-            progress(&record);
-            if step == total_steps {
-                break;
+            if options.save_steps.is_some_and(|n| step.is_multiple_of(n)) {
+                // The checkpoint claims the log's lines up to this step.
+                log.sync()?;
+                save_checkpoint(
+                    out_dir,
+                    &model_adapter(model, adapter_config)?,
+                    &params.specs,
+                    &optimizer,
+                    &state.saved(&optimizer, &run),
+                    options.save_total_limit,
+                )?;
+                state.last_checkpoint = Some(step);
             }
+            progress(&record);
         }
-        epoch += 1;
+        if state.steps_in_epoch >= groups.len() {
+            state.epoch += 1;
+            state.steps_in_epoch = 0;
+            state.epoch_shuffle_rng = shuffle_rng;
+        }
     }
     save_adapter(
         &model_adapter(model, adapter_config)?,
         &out_dir.join(FINAL_DIR),
     )?;
-    let epochs = step as f64 / options.steps_per_epoch(train.len()) as f64;
+    let epochs = state.step as f64 / options.steps_per_epoch(train.len()) as f64;
     Ok(Summary {
         trainable_params,
-        steps: step,
+        steps: state.step,
         epochs,
         seconds: started.elapsed().as_secs_f64(),
-        tokens: tokens_total,
-        first_loss: first_loss.unwrap_or(f64::NAN),
-        last_loss,
-        best,
+        tokens: state.tokens,
+        first_loss: state.first_loss.unwrap_or(f64::NAN),
+        last_loss: state.last_loss.unwrap_or(f64::NAN),
+        best: state.best,
     })
 }
