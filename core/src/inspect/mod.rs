@@ -8,11 +8,18 @@
 //! - [`summarize_tensor`] + [`ModelReport::new`]: the summaries (no histograms) of every
 //!   quantized weight of a model, totals per configuration and SQNR heat maps layer × module.
 //!
+//! - [`quantized_weights`] + [`with_weights`]: which weights of a checkpoint to inspect, read
+//!   with errors that name the file and the tensor.
+//! - [`tensor_figures`], [`model_figures`]: the SVG charts of a report.
+//!
 //! Every result type is serde-serializable; [`InspectReport`] is the JSON document the CLI
-//! writes (`stats.json`) and the web page reads.
+//! writes (`stats.json`) and the web page offers for download.
 
+mod figures;
 mod histogram;
 mod model;
+mod plot;
+mod source;
 mod stats;
 mod tensor;
 #[cfg(test)]
@@ -22,10 +29,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::quant::QuantType;
 
+pub use figures::{model_figures, tensor_figures, Figure};
 pub use histogram::Histogram;
 pub use model::{
     summarize_tensor, ConfigTotal, HeatMap, LinearLocation, ModelReport, TensorSummary,
 };
+pub use source::{quantized_weights, with_weights};
 pub use stats::{ErrorSummary, Quantiles, Sqnr};
 pub use tensor::{inspect_tensor, ConfigDetail, TensorReport, WeightStats};
 

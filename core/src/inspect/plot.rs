@@ -1,10 +1,10 @@
-//! Hand-written SVG charts for `qlora inspect`: overlaid histograms with vertical marker lines,
-//! and heat-map panels side by side. Every chart is built from the same parts (frame, ticks,
+//! Hand-written SVG charts of the inspector (`qlora inspect` writes them, the web page shows
+//! them): overlaid histograms with vertical marker lines, and heat-map panels side by side. Every chart is built from the same parts (frame, ticks,
 //! legend), so each kind of plot is one function.
 
 use std::fmt::Write;
 
-use qlora_core::inspect::{HeatMap, Histogram, Sqnr};
+use super::{HeatMap, Histogram, Sqnr};
 
 /// Colours of the series, in order (colour-blind safe: Okabe–Ito).
 pub const PALETTE: [&str; 4] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"];
