@@ -17,7 +17,6 @@ pub mod spill;
 pub mod torch;
 mod zip_index;
 
-#[cfg(not(target_arch = "wasm32"))]
 pub use files::{open_in_memory, CHECKPOINT_FILES};
 #[cfg(not(target_arch = "wasm32"))]
 pub use open::{open_checkpoint, open_file};
