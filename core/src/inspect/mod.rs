@@ -8,8 +8,10 @@
 //! - [`summarize_tensor`] + [`ModelReport::new`]: the summaries (no histograms) of every
 //!   quantized weight of a model, totals per configuration and SQNR heat maps layer × module.
 //!
-//! - [`quantized_weights`] + [`with_weights`]: which weights of a checkpoint to inspect, read
-//!   with errors that name the file and the tensor.
+//! - [`quantized_weights`], [`with_weights`], [`SourceTensor`]: which weights of a checkpoint
+//!   to inspect, read with errors that name the file and the tensor.
+//! - [`TensorInspection`], [`ModelInspection`]: the same work in steps, for a caller that must
+//!   stay responsive (the web page).
 //! - [`tensor_figures`], [`model_figures`]: the SVG charts of a report.
 //!
 //! Every result type is serde-serializable; [`InspectReport`] is the JSON document the CLI
@@ -34,9 +36,9 @@ pub use histogram::Histogram;
 pub use model::{
     summarize_tensor, ConfigTotal, HeatMap, LinearLocation, ModelReport, TensorSummary,
 };
-pub use source::{quantized_weights, with_weights};
+pub use source::{quantized_weights, with_weights, ModelInspection, SourceTensor};
 pub use stats::{ErrorSummary, Quantiles, Sqnr};
-pub use tensor::{inspect_tensor, ConfigDetail, TensorReport, WeightStats};
+pub use tensor::{inspect_tensor, ConfigDetail, TensorInspection, TensorReport, WeightStats};
 
 /// The block sizes inspected when none are asked for.
 pub const DEFAULT_BLOCKSIZES: [usize; 3] = [64, 128, 256];

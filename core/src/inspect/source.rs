@@ -4,8 +4,9 @@
 
 use std::collections::BTreeSet;
 
+use super::{summarize_tensor, ModelReport, QuantConfig, TensorSummary};
 use crate::arch::{ModelConfig, TensorRole, TensorSpec};
-use crate::checkpoint::TensorSource;
+use crate::checkpoint::{RawTensor, TensorSource};
 use crate::quant::{FloatData, FloatSlice};
 use crate::{Error, Result};
 
@@ -44,6 +45,44 @@ pub fn quantized_weights(
     Ok(specs)
 }
 
+/// A tensor read from a checkpoint to inspect; errors about it name its file and itself.
+pub struct SourceTensor {
+    file: String,
+    name: String,
+    raw: RawTensor,
+}
+
+impl SourceTensor {
+    /// Reads `name` from `source` (`source_label` names the checkpoint where no file does).
+    pub fn read(source: &dyn TensorSource, source_label: &str, name: &str) -> Result<SourceTensor> {
+        Ok(SourceTensor {
+            raw: source.read(name)?,
+            file: source
+                .file_of(name)
+                .unwrap_or_else(|| source_label.to_string()),
+            name: name.to_string(),
+        })
+    }
+
+    /// The values, in their own dtype; an error when the tensor is not a float one.
+    pub fn values(&self) -> Result<FloatData<'_>> {
+        FloatData::from_le_bytes(self.raw.dtype, &self.raw.data).map_err(|e| self.locate(e))
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.raw.shape
+    }
+
+    /// `e`, from work on this tensor, naming the file and the tensor (unless it names a file
+    /// already).
+    pub fn locate(&self, e: Error) -> Error {
+        match e {
+            Error::Io { .. } | Error::Format { .. } | Error::Tensor { .. } => e,
+            Error::Invalid(msg) => Error::tensor(&self.file, &self.name, msg),
+        }
+    }
+}
+
 /// Reads `name` from `source` and hands its values and shape to `use_values`; an error of
 /// either (a tensor that is not float, a value that is not finite, ...) names the file that
 /// holds the tensor (or `source_label`) and the tensor.
@@ -53,18 +92,71 @@ pub fn with_weights<R>(
     name: &str,
     use_values: impl FnOnce(FloatSlice<'_>, &[usize]) -> Result<R>,
 ) -> Result<R> {
-    let in_tensor = |e: Error| match e {
-        // Already names its file (and tensor).
-        Error::Io { .. } | Error::Format { .. } | Error::Tensor { .. } => e,
-        Error::Invalid(msg) => Error::tensor(
-            source
-                .file_of(name)
-                .unwrap_or_else(|| source_label.to_string()),
-            name,
-            msg,
-        ),
-    };
-    let tensor = source.read(name)?;
-    let data = FloatData::from_le_bytes(tensor.dtype, &tensor.data).map_err(in_tensor)?;
-    use_values(data.as_slice(), &tensor.shape).map_err(in_tensor)
+    let tensor = SourceTensor::read(source, source_label, name)?;
+    let values = tensor.values()?;
+    use_values(values.as_slice(), tensor.shape()).map_err(|e| tensor.locate(e))
+}
+
+/// [`summarize_tensor`] of every weight [`quantized_weights`] lists, one tensor at a time, so
+/// that a caller can pause between tensors (the web page yields to the browser there) and show
+/// progress; then [`ModelReport::new`].
+pub struct ModelInspection {
+    source_label: String,
+    configs: Vec<QuantConfig>,
+    specs: Vec<TensorSpec>,
+    tensors: Vec<TensorSummary>,
+}
+
+impl ModelInspection {
+    /// Lists the weights to inspect (errors as [`quantized_weights`]); reads nothing yet.
+    pub fn new(
+        config: &ModelConfig,
+        config_label: &str,
+        source: &dyn TensorSource,
+        source_label: &str,
+        configs: Vec<QuantConfig>,
+    ) -> Result<ModelInspection> {
+        let specs = quantized_weights(config, config_label, source, source_label)?;
+        Ok(ModelInspection {
+            source_label: source_label.to_string(),
+            tensors: Vec::with_capacity(specs.len()),
+            configs,
+            specs,
+        })
+    }
+
+    /// Every weight to inspect, in order.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// How many of [`Self::specs`] are summarized.
+    pub fn tensors_done(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// The weight the next [`Self::step`] summarizes; `None` when all are done.
+    pub fn next_tensor(&self) -> Option<&TensorSpec> {
+        self.specs.get(self.tensors.len())
+    }
+
+    /// Summarizes the next weight, read from `source` (the checkpoint given to `new`).
+    pub fn step(&mut self, source: &dyn TensorSource) -> Result<()> {
+        let Some(spec) = self.next_tensor() else {
+            return Ok(());
+        };
+        let summary = with_weights(source, &self.source_label, &spec.name, |data, shape| {
+            summarize_tensor(&spec.name, data, shape, &self.configs)
+        })?;
+        self.tensors.push(summary);
+        Ok(())
+    }
+
+    /// Summarizes the weights left and returns the report.
+    pub fn finish(mut self, source: &dyn TensorSource) -> Result<ModelReport> {
+        while self.next_tensor().is_some() {
+            self.step(source)?;
+        }
+        Ok(ModelReport::new(self.configs, self.tensors))
+    }
 }

@@ -11,8 +11,8 @@ use qlora_core::arch::ModelConfig;
 use qlora_core::checkpoint::{open_checkpoint, TensorSource};
 use qlora_core::fsutil::AtomicDir;
 use qlora_core::inspect::{
-    self, ErrorSummary, Figure, InspectReport, ModelReport, QuantConfig, TensorReport,
-    TensorSummary,
+    self, ErrorSummary, Figure, InspectReport, ModelInspection, ModelReport, QuantConfig,
+    TensorReport,
 };
 
 use qlora_trainer::progress;
@@ -151,31 +151,27 @@ fn inspect_model(
 ) -> Result<ModelReport> {
     let config_path = dir.join("config.json");
     let config = ModelConfig::load(&config_path)?;
-    let specs = inspect::quantized_weights(
+    let mut inspection = ModelInspection::new(
         &config,
         &config_path.display().to_string(),
         source,
         &dir.display().to_string(),
+        configs,
     )?;
-    let total = specs
+    let total = inspection
+        .specs()
         .iter()
         .map(|s| s.shape.iter().product::<usize>() as u64)
         .sum();
     let bar = progress::params_bar(total, "inspecting");
-    let mut tensors: Vec<TensorSummary> = Vec::with_capacity(specs.len());
-    for spec in &specs {
+    while let Some(spec) = inspection.next_tensor() {
         bar.set_message(spec.name.clone());
-        let summary = inspect::with_weights(
-            source,
-            &dir.display().to_string(),
-            &spec.name,
-            |data, shape| inspect::summarize_tensor(&spec.name, data, shape, &configs),
-        )?;
-        tensors.push(summary);
-        bar.inc(spec.shape.iter().product::<usize>() as u64);
+        let numel = spec.shape.iter().product::<usize>() as u64;
+        inspection.step(source)?;
+        bar.inc(numel);
     }
     bar.finish_and_clear();
-    Ok(ModelReport::new(configs, tensors))
+    Ok(inspection.finish(source)?)
 }
 
 fn print_header() {
