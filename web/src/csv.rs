@@ -93,12 +93,8 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 1 + configs.len());
         assert_eq!(lines[0].split(',').count(), 15);
-        let cells: Vec<&str> = lines[1]
-            .splitn(2, "\",")
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .collect();
+        // The cells after the quoted tensor name.
+        let cells: Vec<&str> = lines[1].split_once("\",").unwrap().1.split(',').collect();
         assert!(
             lines[1].starts_with("\"a,b\",nf4,64,false,256,"),
             "{}",

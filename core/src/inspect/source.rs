@@ -160,3 +160,115 @@ impl ModelInspection {
         Ok(ModelReport::new(self.configs, self.tensors))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::checkpoint::{open_in_memory, BoxedSource};
+    use crate::inspect::quant_configs;
+
+    fn golden(rel: &str) -> Vec<u8> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/golden/");
+        std::fs::read(format!("{dir}{rel}")).unwrap()
+    }
+
+    fn config(rel: &str) -> ModelConfig {
+        ModelConfig::parse(&String::from_utf8(golden(rel)).unwrap(), rel).unwrap()
+    }
+
+    fn tiny_bloom() -> BoxedSource {
+        let files = BTreeMap::from([(
+            "model.safetensors".to_string(),
+            golden("tiny-bloom/model.safetensors"),
+        )]);
+        open_in_memory("tiny-bloom", files).unwrap()
+    }
+
+    #[test]
+    fn stepping_the_model_gives_every_quantized_weight() {
+        let source = tiny_bloom();
+        let config = config("tiny-bloom/config.json");
+        let mut job = ModelInspection::new(
+            &config,
+            "config.json",
+            &*source,
+            "tiny-bloom",
+            quant_configs(&[64]),
+        )
+        .unwrap();
+        // Two layers × (query_key_value, dense, dense_h_to_4h, dense_4h_to_h).
+        assert_eq!(job.specs().len(), 8);
+        job.step(&*source).unwrap();
+        assert_eq!(job.tensors_done(), 1);
+        let report = job.finish(&*source).unwrap();
+        assert_eq!(report.tensors.len(), 8);
+        assert_eq!(report.heat_maps[0].layers, [0, 1]);
+    }
+
+    #[test]
+    fn refuses_a_quantized_config_and_a_missing_weight() {
+        let source = tiny_bloom();
+        let err = quantized_weights(
+            &config("tiny-bloom-nf4/config.json"),
+            "nf4/config.json",
+            &*source,
+            "tiny-bloom",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("nf4/config.json: already a quantized checkpoint"),
+            "{err}"
+        );
+
+        // The same checkpoint, less one weight.
+        let config = config("tiny-bloom/config.json");
+        let names: Vec<String> = source
+            .tensor_infos()
+            .into_iter()
+            .map(|i| i.name)
+            .filter(|n| n != "transformer.h.1.mlp.dense_4h_to_h.weight")
+            .collect();
+        struct Without<'a>(&'a BoxedSource, Vec<String>);
+        impl TensorSource for Without<'_> {
+            fn tensor_infos(&self) -> Vec<crate::checkpoint::TensorInfo> {
+                let infos = self.0.tensor_infos();
+                infos
+                    .into_iter()
+                    .filter(|i| self.1.contains(&i.name))
+                    .collect()
+            }
+            fn read(&self, name: &str) -> Result<RawTensor> {
+                self.0.read(name)
+            }
+            fn file_of(&self, name: &str) -> Option<String> {
+                self.0.file_of(name)
+            }
+        }
+        let err = quantized_weights(&config, "config.json", &Without(&source, names), "ckpt")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "ckpt: tensor `transformer.h.1.mlp.dense_4h_to_h.weight` that config.json calls for \
+             is missing"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_tensor() {
+        let source = tiny_bloom();
+        let name = "transformer.h.0.self_attention.query_key_value.weight";
+        let err = with_weights(&*source, "tiny-bloom", name, |_, _| -> Result<()> {
+            Err(Error::Invalid("3 values are not finite".into()))
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            format!("model.safetensors: tensor `{name}`: 3 values are not finite")
+        );
+    }
+}
