@@ -1,6 +1,6 @@
 //! The few WebDriver commands a page test needs (W3C protocol: JSON over HTTP), spoken to a
-//! chromedriver this module starts, over plain std TCP: HTTP/1.0 requests, so every answer
-//! comes whole with no chunked encoding.
+//! chromedriver this module starts, over plain std TCP (one `Connection: close` request per
+//! command).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -31,15 +31,62 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> std::io::R
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
+    // chromedriver keeps the connection open: read the head, then the body its
+    // Content-Length announces (or chunks up to the last one).
     let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let json_start = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
-    serde_json::from_str(&text[json_start..])
-        .map_err(|e| std::io::Error::other(format!("{method} {path}: not JSON ({e}): {text:.300}")))
+    let mut buf = [0u8; 64 * 1024];
+    let complete = |r: &[u8]| -> Option<Vec<u8>> {
+        let split = r.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let head = String::from_utf8_lossy(&r[..split]).to_ascii_lowercase();
+        let body = &r[split..];
+        if head.contains("transfer-encoding:") && head.contains("chunked") {
+            return body.ends_with(b"0\r\n\r\n").then(|| dechunk(body));
+        }
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        (body.len() >= length).then(|| body[..length].to_vec())
+    };
+    let content = loop {
+        if let Some(content) = complete(&response) {
+            break content;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break complete(&response).unwrap_or_default();
+        }
+        response.extend_from_slice(&buf[..n]);
+    };
+    serde_json::from_slice(&content).map_err(|e| {
+        std::io::Error::other(format!(
+            "{method} {path}: not JSON ({e}): {:.300}",
+            String::from_utf8_lossy(&response)
+        ))
+    })
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer: hex size, CRLF, data, CRLF, ..., 0.
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&rest[..eol]);
+        let size =
+            usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let data = &rest[eol + 2..];
+        let size = size.min(data.len());
+        out.extend_from_slice(&data[..size]);
+        rest = data.get(size + 2..).unwrap_or(&[]);
+    }
+    out
 }
 
 impl Browser {
@@ -182,6 +229,14 @@ fn decode_base64(text: &str) -> Vec<u8> {
             bytes.into_iter().take(g.len() - 1)
         })
         .collect()
+}
+
+#[test]
+fn dechunks() {
+    assert_eq!(
+        dechunk(b"4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"),
+        b"Wikipedia"
+    );
 }
 
 #[test]
