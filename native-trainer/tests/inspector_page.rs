@@ -1,6 +1,7 @@
 //! The inspector page (web/) in headless Chromium against `qlora inspect`: the page loads the
 //! golden tiny BLOOM from a same-origin URL, inspects the whole model and then one tensor, and
-//! must show the numbers the CLI writes to stats.json. Screenshots go to
+//! must show the numbers the CLI writes to stats.json; bad input (a URL with no model, a
+//! corrupt file picked) gets a message naming it and the page goes on working. Screenshots go to
 //! target/artifacts/inspector.png (whole model) and inspector-tensor.png. Skips, saying why,
 //! where Chromium, chromedriver, trunk or wasm-bindgen is missing (scripts/test.sh installs
 //! them, so CI runs it).
@@ -211,4 +212,29 @@ fn inspector_page_shows_the_cli_numbers() {
     );
     let shot = save_artifact("inspector-tensor.png", &browser.screenshot());
     eprintln!("screenshot: {}", shot.display());
+
+    // Files from the picker: a corrupt checkpoint is named in the message and the page stays
+    // usable; the real files then load.
+    let loader_state = "return document.querySelector('section.loader').dataset.state";
+    let picker = "input[type=file][multiple]";
+    let tmp = tempfile::tempdir().unwrap();
+    let corrupt = tmp.path().join("model.safetensors");
+    std::fs::write(&corrupt, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    browser.pick_files(picker, &[&corrupt]);
+    wait(loader_state, json!("error"));
+    let message = browser.eval(ERROR_JS);
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("model.safetensors: safetensors header length"),
+        "{message}"
+    );
+    let model = golden().join("tiny-bloom");
+    browser.pick_files(
+        picker,
+        &[&model.join("config.json"), &model.join("model.safetensors")],
+    );
+    wait(loader_state, json!("loaded"));
+    wait(STATE_JS, json!("ready"));
 }

@@ -187,6 +187,25 @@ impl Browser {
         }
     }
 
+    /// Picks `files` in the `<input type="file">` that `css` selects (hidden ones too).
+    pub fn pick_files(&self, css: &str, files: &[&Path]) {
+        let body = json!({ "using": "css selector", "value": css });
+        let element = self.command("POST", &self.session_path("/element"), Some(&body));
+        let id = element
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element `{css}`: {element}"))
+            .to_string();
+        let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let body = json!({ "text": paths.join("\n") });
+        self.command(
+            "POST",
+            &self.session_path(&format!("/element/{id}/value")),
+            Some(&body),
+        );
+    }
+
     /// A PNG of the viewport.
     pub fn screenshot(&self) -> Vec<u8> {
         let b64 = self.command("GET", &self.session_path("/screenshot"), None);
