@@ -213,6 +213,43 @@ fn inspector_page_shows_the_cli_numbers() {
     let shot = save_artifact("inspector-tensor.png", &browser.screenshot());
     eprintln!("screenshot: {}", shot.display());
 
+    // Exports: the first chart as PNG and the numbers as CSV. Downloads are caught at the
+    // link the page clicks, and their content read back.
+    browser.eval(
+        "window.downloads = []; URL.revokeObjectURL = () => {}; \
+         HTMLAnchorElement.prototype.click = function () { \
+           window.downloads.push({ name: this.download, href: this.href }); }; \
+         document.querySelector('figure.chart figcaption button').click(); \
+         document.querySelector('.exports button').click();",
+    );
+    wait("return window.downloads.length", json!(2));
+    let downloads = browser.eval_async(
+        "const done = arguments[0]; \
+         Promise.all(window.downloads.map(async d => { \
+           const bytes = new Uint8Array(await (await fetch(d.href)).arrayBuffer()); \
+           return [d.name, bytes.length, Array.from(bytes.slice(0, 4)), \
+                   new TextDecoder().decode(bytes.slice(0, 20))]; \
+         })).then(done);",
+    );
+    let by_name = |name: &str| {
+        downloads
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d[0] == name)
+            .unwrap_or_else(|| panic!("no download {name}: {downloads}"))
+            .clone()
+    };
+    let png = by_name("weights_bs64.png");
+    assert_eq!(png[2], json!([0x89, b'P', b'N', b'G']), "{png}");
+    assert!(png[1].as_u64().unwrap() > 10_000, "{png}");
+    let csv = by_name(&format!("{TENSOR}.csv"));
+    assert_eq!(csv[3], json!("tensor,quant_type,bl"), "{csv}");
+    eprintln!(
+        "exports: {} ({} bytes), {} ({} bytes)",
+        png[0], png[1], csv[0], csv[1]
+    );
+
     // Files from the picker: a corrupt checkpoint is named in the message and the page stays
     // usable; the real files then load.
     let loader_state = "return document.querySelector('section.loader').dataset.state";

@@ -168,6 +168,12 @@ impl Browser {
         self.command("POST", &self.session_path("/execute/sync"), Some(&body))
     }
 
+    /// Runs `script`, which ends by calling `arguments[0]` with its result (after promises).
+    pub fn eval_async(&self, script: &str) -> Value {
+        let body = json!({ "script": script, "args": [] });
+        self.command("POST", &self.session_path("/execute/async"), Some(&body))
+    }
+
     /// Polls `script` until it returns `want`; panics with what it last returned (and `why`'s
     /// answer, the page's visible error) after `timeout`.
     pub fn wait_for(&self, script: &str, want: &Value, timeout: Duration, why: &str) {
