@@ -8,7 +8,7 @@
 
 mod browser;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -274,4 +274,43 @@ fn inspector_page_shows_the_cli_numbers() {
     );
     wait(loader_state, json!("loaded"));
     wait(STATE_JS, json!("ready"));
+
+    // The same model in two shards with an index, from a URL: the same numbers.
+    let sharded = tmp.path().join("sharded");
+    write_sharded(&model, &sharded);
+    let server = StaticServer::start(vec![("/".into(), dist), ("/sharded/".into(), sharded)]);
+    browser.goto(&server.url("/?model=sharded/#inspector"));
+    wait(STATE_JS, json!("ready"));
+    browser.eval("document.getElementById('run').click()");
+    wait(
+        "return document.querySelector('main.inspector').dataset.state == 'done' \
+         && document.querySelectorAll('tr.numbers').length > 0",
+        json!(true),
+    );
+    let (n, _) = compare(&browser.eval(ROWS_JS), &cli_rows(&cli_model));
+    eprintln!("sharded checkpoint from a URL: {n} values equal to stats.json's");
+}
+
+/// `model` (a directory with model.safetensors and config.json) rewritten into `out` as two
+/// shards and a `model.safetensors.index.json`, the way transformers shards.
+fn write_sharded(model: &Path, out: &Path) {
+    use qlora_core::checkpoint::{open_checkpoint, SafetensorsWriter, TensorSource};
+
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::copy(model.join("config.json"), out.join("config.json")).unwrap();
+    let source = open_checkpoint(model).unwrap();
+    let infos = source.tensor_infos();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in infos.chunks(infos.len().div_ceil(2)).enumerate() {
+        let shard = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let mut w = SafetensorsWriter::create(&out.join(&shard), part).unwrap();
+        while let Some(next) = w.expected().cloned() {
+            w.write_tensor(&next.name, &source.read(&next.name).unwrap().data)
+                .unwrap();
+            weight_map.insert(next.name, json!(shard));
+        }
+        w.commit().unwrap();
+    }
+    let index = json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
