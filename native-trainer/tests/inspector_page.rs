@@ -146,7 +146,10 @@ fn inspector_page_shows_the_cli_numbers() {
         Ok(d) => d,
         Err(reason) => return eprintln!("SKIP inspector_page: {reason}"),
     };
-    let server = StaticServer::start(vec![("/".into(), dist), ("/golden/".into(), golden())]);
+    let server = StaticServer::start(vec![
+        ("/".into(), dist.clone()),
+        ("/golden/".into(), golden()),
+    ]);
     let browser = Browser::start(&chromedriver, &chromium, 1280, 2200);
     let wait = |script: &str, want: Value| {
         browser.wait_for(script, &want, Duration::from_secs(120), ERROR_JS)
