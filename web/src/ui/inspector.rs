@@ -25,6 +25,14 @@ use crate::files::{human_bytes, FileSet, CONFIG_FILE};
 /// The tensor picker's value for "the whole model".
 const WHOLE_MODEL: &str = "";
 
+/// What the numbers download as.
+#[derive(Debug, Clone, Copy)]
+enum Export {
+    Csv,
+    /// The `stats.json` document `qlora inspect` writes.
+    Json,
+}
+
 /// A report with its charts, built once.
 struct Results {
     report: InspectReport,
@@ -391,21 +399,21 @@ fn ResultsView(results: Arc<Results>) -> impl IntoView {
         InspectReport::Tensor(t) => t.name.clone(),
         InspectReport::Model(_) => "model".to_string(),
     };
+    let export_error = RwSignal::new(None::<String>);
     let export = {
         let results = results.clone();
         let stem = file_stem.clone();
-        move |kind: &'static str| {
-            let (text, mime) = match kind {
-                "csv" => (report_csv(&results.report), "text/csv"),
-                _ => (
+        move |kind: Export| {
+            let (text, mime, extension) = match kind {
+                Export::Csv => (report_csv(&results.report), "text/csv", "csv"),
+                Export::Json => (
                     serde_json::to_string_pretty(&results.report).expect("reports serialize")
                         + "\n",
                     "application/json",
+                    "json",
                 ),
             };
-            if let Err(e) = save_text(&text, mime, &format!("{stem}.{kind}")) {
-                web_sys::console::error_1(&e.into());
-            }
+            export_error.set(save_text(&text, mime, &format!("{stem}.{extension}")).err());
         }
     };
     let export_json = export.clone();
@@ -425,8 +433,9 @@ fn ResultsView(results: Arc<Results>) -> impl IntoView {
         <section class="results">
             <h2>{title}</h2>
             <div class="exports">
-                <button on:click=move |_| export("csv")>"Download CSV"</button>
-                <button on:click=move |_| export_json("json")>"Download JSON (stats.json)"</button>
+                <button on:click=move |_| export(Export::Csv)>"Download CSV"</button>
+                <button on:click=move |_| export_json(Export::Json)>"Download JSON (stats.json)"</button>
+                {move || export_error.get().map(|e| view! { <span class="status error">{e}</span> })}
             </div>
             <SettingsGrid groups=groups.clone() cells=grid_rows selected=selected />
             <div class="charts">{charts}</div>
