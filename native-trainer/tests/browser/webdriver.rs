@@ -14,7 +14,8 @@ pub struct Browser {
     driver: Child,
     port: u16,
     session: String,
-    _profile: tempfile::TempDir,
+    /// The browser's fresh profile directory, removed at the end.
+    profile: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -100,6 +101,13 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
+        // From here on, a panic drops `browser`, which ends chromedriver.
+        let mut browser = Browser {
+            driver,
+            port,
+            session: String::new(),
+            profile: tempfile::tempdir().unwrap(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while http(port, "GET", "/status", None).is_err() {
             assert!(
@@ -108,7 +116,6 @@ impl Browser {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let profile = tempfile::tempdir().unwrap();
         let args = [
             "--headless".to_string(),
             "--no-sandbox".into(),
@@ -119,18 +126,12 @@ impl Browser {
             "--disable-sync".into(),
             "--hide-scrollbars".into(),
             format!("--window-size={width},{height}"),
-            format!("--user-data-dir={}", profile.path().display()),
+            format!("--user-data-dir={}", browser.profile.path().display()),
         ];
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": chromium, "args": args}
         }}});
-        let mut browser = Browser {
-            driver,
-            port,
-            session: String::new(),
-            _profile: profile,
-        };
         let answer = browser.command("POST", "/session", Some(&capabilities));
         browser.session = answer["sessionId"]
             .as_str()
