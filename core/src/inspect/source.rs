@@ -97,14 +97,17 @@ pub fn with_weights<R>(
     use_values(values.as_slice(), tensor.shape()).map_err(|e| tensor.locate(e))
 }
 
-/// [`summarize_tensor`] of every weight [`quantized_weights`] lists, one tensor at a time, so
-/// that a caller can pause between tensors (the web page yields to the browser there) and show
-/// progress; then [`ModelReport::new`].
+/// [`summarize_tensor`] of every weight [`quantized_weights`] lists, one configuration of one
+/// tensor a step, so that a caller can pause between steps (the web page yields to the browser
+/// there) and show progress; then [`ModelReport::new`]. Each configuration's summary is
+/// computed on its own, so the steps give what one `summarize_tensor` call per tensor gives.
 pub struct ModelInspection {
     source_label: String,
     configs: Vec<QuantConfig>,
     specs: Vec<TensorSpec>,
     tensors: Vec<TensorSummary>,
+    /// The tensor being summarized, read once, and its summary so far (some configurations).
+    current: Option<(SourceTensor, TensorSummary)>,
 }
 
 impl ModelInspection {
@@ -122,6 +125,7 @@ impl ModelInspection {
             tensors: Vec::with_capacity(specs.len()),
             configs,
             specs,
+            current: None,
         })
     }
 
@@ -130,25 +134,64 @@ impl ModelInspection {
         &self.specs
     }
 
-    /// How many of [`Self::specs`] are summarized.
+    /// How many of [`Self::specs`] are summarized in full.
     pub fn tensors_done(&self) -> usize {
         self.tensors.len()
     }
 
-    /// The weight the next [`Self::step`] summarizes; `None` when all are done.
+    /// The weight the next [`Self::step`] works on; `None` when all are done.
     pub fn next_tensor(&self) -> Option<&TensorSpec> {
         self.specs.get(self.tensors.len())
     }
 
-    /// Summarizes the next weight, read from `source` (the checkpoint given to `new`).
+    /// One step per configuration of each weight.
+    pub fn steps(&self) -> usize {
+        self.specs.len() * self.configs.len()
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.tensors.len() * self.configs.len()
+            + self.current.as_ref().map_or(0, |(_, s)| s.configs.len())
+    }
+
+    /// Summarizes the next configuration of the next weight, read from `source` (the
+    /// checkpoint given to `new`) when the step is its first.
     pub fn step(&mut self, source: &dyn TensorSource) -> Result<()> {
-        let Some(spec) = self.next_tensor() else {
+        let Some(spec) = self.specs.get(self.tensors.len()) else {
             return Ok(());
         };
-        let summary = with_weights(source, &self.source_label, &spec.name, |data, shape| {
-            summarize_tensor(&spec.name, data, shape, &self.configs)
-        })?;
-        self.tensors.push(summary);
+        let (tensor, partial) = match self.current.take() {
+            Some((tensor, partial)) => (tensor, Some(partial)),
+            None => (
+                SourceTensor::read(source, &self.source_label, &spec.name)?,
+                None,
+            ),
+        };
+        let done = partial.as_ref().map_or(0, |p| p.configs.len());
+        let config = self.configs[done];
+        let mut summary = {
+            let values = tensor.values()?;
+            summarize_tensor(&spec.name, values.as_slice(), tensor.shape(), &[config])
+                .map_err(|e| tensor.locate(e))?
+        };
+        if let Some(mut partial) = partial {
+            partial.configs.append(&mut summary.configs);
+            summary = partial;
+        }
+        if summary.configs.len() == self.configs.len() {
+            self.tensors.push(summary);
+        } else {
+            self.current = Some((tensor, summary));
+        }
+        Ok(())
+    }
+
+    /// Runs the steps of the next weight that are left.
+    pub fn step_tensor(&mut self, source: &dyn TensorSource) -> Result<()> {
+        let done = self.tensors.len();
+        while self.tensors.len() == done && self.next_tensor().is_some() {
+            self.step(source)?;
+        }
         Ok(())
     }
 
@@ -168,6 +211,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::{open_in_memory, BoxedSource};
     use crate::inspect::quant_configs;
+    use crate::inspect::summarize_tensor;
 
     fn golden(rel: &str) -> Vec<u8> {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/golden/");
@@ -200,9 +244,19 @@ mod tests {
         .unwrap();
         // Two layers × (query_key_value, dense, dense_h_to_4h, dense_4h_to_h).
         assert_eq!(job.specs().len(), 8);
+        assert_eq!(job.steps(), 8 * 4);
         job.step(&*source).unwrap();
-        assert_eq!(job.tensors_done(), 1);
+        assert_eq!((job.tensors_done(), job.steps_done()), (0, 1));
+        job.step_tensor(&*source).unwrap();
+        assert_eq!((job.tensors_done(), job.steps_done()), (1, 4));
         let report = job.finish(&*source).unwrap();
+        // Step by step, the same as all configurations at once.
+        let first = &report.tensors[0];
+        let at_once = with_weights(&*source, "tiny-bloom", &first.name, |data, shape| {
+            summarize_tensor(&first.name, data, shape, &quant_configs(&[64]))
+        })
+        .unwrap();
+        assert_eq!(first, &at_once);
         assert_eq!(report.tensors.len(), 8);
         assert_eq!(report.heat_maps[0].layers, [0, 1]);
     }

@@ -167,7 +167,7 @@ fn inspect_model(
     while let Some(spec) = inspection.next_tensor() {
         bar.set_message(spec.name.clone());
         let numel = spec.shape.iter().product::<usize>() as u64;
-        inspection.step(source)?;
+        inspection.step_tensor(source)?;
         bar.inc(numel);
     }
     bar.finish_and_clear();

@@ -293,7 +293,7 @@ async fn inspect_tensor(
     Ok(InspectReport::Tensor(job.finish().map_err(located)?))
 }
 
-/// Every quantized weight, one tensor a step, with progress.
+/// Every quantized weight, one configuration of one tensor a step, with progress.
 async fn inspect_model(
     ckpt: &Checkpoint,
     configs: Vec<QuantConfig>,
@@ -307,21 +307,19 @@ async fn inspect_model(
     let source = &*ckpt.source;
     let mut job = ModelInspection::new(config, CONFIG_FILE, source, &ckpt.label, configs)
         .map_err(|e| e.to_string())?;
-    let numel = |spec: &qlora_core::arch::TensorSpec| spec.shape.iter().product::<usize>();
-    let total: usize = job.specs().iter().map(numel).sum();
-    let mut done = 0;
+    let configs_per_tensor = job.steps() / job.specs().len().max(1);
     while let Some(spec) = job.next_tensor() {
         progress.set(Some(Progress {
-            done: done as f64,
-            total: total as f64,
+            done: job.steps_done() as f64,
+            total: job.steps() as f64,
             text: format!(
-                "{}: tensor {} of {} ({done} of {total} weights)",
+                "{}: tensor {} of {}, quantization {} of {configs_per_tensor}",
                 spec.name,
                 job.tensors_done() + 1,
-                job.specs().len()
+                job.specs().len(),
+                job.steps_done() % configs_per_tensor + 1,
             ),
         }));
-        done += numel(spec);
         yield_now().await;
         if stopped() {
             return Err("stopped".into());
