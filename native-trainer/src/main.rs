@@ -3,7 +3,6 @@
 use clap::{Parser, Subcommand};
 
 mod commands;
-mod plot;
 
 #[derive(Parser)]
 #[command(

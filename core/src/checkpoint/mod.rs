@@ -5,6 +5,7 @@ use crate::{DType, Result};
 
 pub mod bnb4bit;
 mod bytes;
+mod files;
 #[cfg(not(target_arch = "wasm32"))]
 mod open;
 mod pickle;
@@ -16,8 +17,9 @@ pub mod spill;
 pub mod torch;
 mod zip_index;
 
+pub use files::{open_in_memory, CHECKPOINT_FILES};
 #[cfg(not(target_arch = "wasm32"))]
-pub use open::{open_checkpoint, open_file, CHECKPOINT_FILES};
+pub use open::{open_checkpoint, open_file};
 pub use safetensors::SafetensorsFile;
 pub use safetensors_writer::SafetensorsWriter;
 pub use sharded::ShardedCheckpoint;

@@ -3,19 +3,10 @@
 use std::path::Path;
 
 use super::bytes::FileBytes;
-use super::safetensors::SafetensorsFile;
+use super::files::{parse_file, FileKind, CHECKPOINT_FILES};
 use super::sharded::ShardedCheckpoint;
-use super::torch::TorchFile;
 use super::BoxedSource;
 use crate::{Error, Result};
-
-/// What a model directory may hold, in order of preference (the order transformers loads).
-pub const CHECKPOINT_FILES: [&str; 4] = [
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-];
 
 /// Opens a model directory (the first of [`CHECKPOINT_FILES`] it holds) or a single checkpoint
 /// file (see [`open_file`]).
@@ -47,23 +38,8 @@ pub fn open_file(path: &Path) -> Result<BoxedSource> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if name.ends_with(".index.json") {
-        return Ok(Box::new(ShardedCheckpoint::open(path)?));
-    }
-    if name.ends_with(".safetensors") {
-        return Ok(Box::new(SafetensorsFile::open(path)?));
-    }
-    if [".bin", ".pt", ".pth"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
-    {
-        return Ok(Box::new(TorchFile::open(path)?));
-    }
-    let label = path.display().to_string();
-    let bytes = FileBytes::map(path)?;
-    if bytes.starts_with(b"PK") || bytes.starts_with(&[0x80]) {
-        Ok(Box::new(TorchFile::parse(label, bytes)?))
-    } else {
-        Ok(Box::new(SafetensorsFile::parse(label, bytes)?))
+    match FileKind::of(&name) {
+        FileKind::ShardIndex => Ok(Box::new(ShardedCheckpoint::open(path)?)),
+        kind => parse_file(kind, path.display().to_string(), FileBytes::map(path)?),
     }
 }

@@ -11,6 +11,17 @@ struct IndexFile {
     weight_map: BTreeMap<String, String>,
 }
 
+impl IndexFile {
+    fn parse(index_label: &str, index_json: &[u8]) -> Result<IndexFile> {
+        serde_json::from_slice(index_json).map_err(|e| {
+            Error::format(
+                index_label,
+                format!("not a checkpoint index (`weight_map` of tensor → shard): {e}"),
+            )
+        })
+    }
+}
+
 /// The tensors of every shard an index names, read from the shard that holds each.
 pub struct ShardedCheckpoint {
     shards: Vec<BoxedSource>,
@@ -26,12 +37,7 @@ impl ShardedCheckpoint {
         index_json: &[u8],
         mut open_shard: impl FnMut(&str) -> Result<BoxedSource>,
     ) -> Result<Self> {
-        let index: IndexFile = serde_json::from_slice(index_json).map_err(|e| {
-            Error::format(
-                index_label,
-                format!("not a checkpoint index (`weight_map` of tensor → shard): {e}"),
-            )
-        })?;
+        let index = IndexFile::parse(index_label, index_json)?;
         let mut shard_numbers: BTreeMap<&str, usize> = BTreeMap::new();
         let mut shards = Vec::new();
         // The tensors of each opened shard, by name, to check the index against.
@@ -64,6 +70,14 @@ impl ShardedCheckpoint {
             tensors.insert(name.clone(), (number, info));
         }
         Ok(ShardedCheckpoint { shards, tensors })
+    }
+
+    /// The shard files the index names, each once, sorted (what to fetch before
+    /// [`Self::from_index`] when the shards are not at hand).
+    pub fn shard_files(index_label: &str, index_json: &[u8]) -> Result<Vec<String>> {
+        let index = IndexFile::parse(index_label, index_json)?;
+        let shards: std::collections::BTreeSet<String> = index.weight_map.into_values().collect();
+        Ok(shards.into_iter().collect())
     }
 
     /// Opens the index at `index_path` and its shards, found in the same directory.

@@ -8,11 +8,20 @@
 //! - [`summarize_tensor`] + [`ModelReport::new`]: the summaries (no histograms) of every
 //!   quantized weight of a model, totals per configuration and SQNR heat maps layer × module.
 //!
+//! - [`quantized_weights`], [`with_weights`], [`SourceTensor`]: which weights of a checkpoint
+//!   to inspect, read with errors that name the file and the tensor.
+//! - [`TensorInspection`], [`ModelInspection`]: the same work in steps, for a caller that must
+//!   stay responsive (the web page).
+//! - [`tensor_figures`], [`model_figures`]: the SVG charts of a report.
+//!
 //! Every result type is serde-serializable; [`InspectReport`] is the JSON document the CLI
-//! writes (`stats.json`) and the web page reads.
+//! writes (`stats.json`) and the web page offers for download.
 
+mod figures;
 mod histogram;
 mod model;
+mod plot;
+mod source;
 mod stats;
 mod tensor;
 #[cfg(test)]
@@ -22,12 +31,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::quant::QuantType;
 
+pub use figures::{model_figures, tensor_figures, Figure};
 pub use histogram::Histogram;
 pub use model::{
     summarize_tensor, ConfigTotal, HeatMap, LinearLocation, ModelReport, TensorSummary,
 };
+pub use source::{quantized_weights, with_weights, ModelInspection, SourceTensor};
 pub use stats::{ErrorSummary, Quantiles, Sqnr};
-pub use tensor::{inspect_tensor, ConfigDetail, TensorReport, WeightStats};
+pub use tensor::{inspect_tensor, ConfigDetail, TensorInspection, TensorReport, WeightStats};
 
 /// The block sizes inspected when none are asked for.
 pub const DEFAULT_BLOCKSIZES: [usize; 3] = [64, 128, 256];

@@ -63,55 +63,119 @@ pub fn inspect_tensor(
     configs: &[QuantConfig],
     bins: usize,
 ) -> Result<TensorReport> {
-    let weights = widen_finite(input)?;
-    // First pass: summaries, relative errors and code scales; the error histograms wait until
-    // the shared range (the largest error of any configuration) is known.
-    let mut measured = Vec::with_capacity(configs.len());
-    for &config in configs {
-        let rec = reconstruct(input, shape, config)?;
-        let (summary, rel_errors) = measure(&weights, &rec, config);
-        measured.push((summary, rel_errors, median_nonzero(rec.absmax)));
-    }
-    let error_extent = measured
-        .iter()
-        .map(|(s, _, _)| s.max_abs_error)
-        .fold(0.0, f64::max);
-    let rel_extent = measured
-        .iter()
-        .filter_map(|(s, _, _)| s.block_rel_error.map(|q| q.max))
-        .fold(0.0, f64::max);
+    TensorInspection::new(name, input, shape, configs, bins)?.finish()
+}
 
-    let mut details = Vec::with_capacity(configs.len());
-    for (summary, rel_errors, code_scale) in measured {
+/// [`inspect_tensor`] one quantization at a time, so that a caller can pause between steps
+/// (the web page yields to the browser there and shows progress). Two steps per
+/// configuration: first each one's summary, relative errors and code scale; then, once the
+/// shared range (the largest error of any configuration) is known, each one's histograms.
+pub struct TensorInspection<'a> {
+    name: String,
+    input: FloatSlice<'a>,
+    shape: Vec<usize>,
+    configs: Vec<QuantConfig>,
+    bins: usize,
+    weights: Vec<f32>,
+    /// Per configuration inspected so far: summary, block relative errors, code scale.
+    measured: Vec<(ErrorSummary, Vec<f64>, f64)>,
+    details: Vec<ConfigDetail>,
+}
+
+impl<'a> TensorInspection<'a> {
+    /// Checks the values (all finite); the quantizations wait for [`Self::step`].
+    pub fn new(
+        name: &str,
+        input: FloatSlice<'a>,
+        shape: &[usize],
+        configs: &[QuantConfig],
+        bins: usize,
+    ) -> Result<Self> {
+        Ok(TensorInspection {
+            name: name.to_string(),
+            input,
+            shape: shape.to_vec(),
+            configs: configs.to_vec(),
+            bins,
+            weights: widen_finite(input)?,
+            measured: Vec::with_capacity(configs.len()),
+            details: Vec::with_capacity(configs.len()),
+        })
+    }
+
+    pub fn steps(&self) -> usize {
+        2 * self.configs.len()
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.measured.len() + self.details.len()
+    }
+
+    /// Runs the next step; nothing once all are done.
+    pub fn step(&mut self) -> Result<()> {
+        if let Some(&config) = self.configs.get(self.measured.len()) {
+            let rec = reconstruct(self.input, &self.shape, config)?;
+            let (summary, rel_errors) = measure(&self.weights, &rec, config);
+            self.measured
+                .push((summary, rel_errors, median_nonzero(rec.absmax)));
+            return Ok(());
+        }
+        let Some((summary, rel_errors, code_scale)) = self.measured.get(self.details.len()) else {
+            return Ok(());
+        };
+        let error_extent = self
+            .measured
+            .iter()
+            .map(|(s, _, _)| s.max_abs_error)
+            .fold(0.0, f64::max);
+        let rel_extent = self
+            .measured
+            .iter()
+            .filter_map(|(s, _, _)| s.block_rel_error.map(|q| q.max))
+            .fold(0.0, f64::max);
         // Quantizing again is deterministic and cheaper in memory than keeping every
         // configuration's reconstruction.
-        let rec = reconstruct(input, shape, summary.config)?;
-        let (w, d) = (&weights, &rec.dequantized);
-        let error_histogram = Histogram::fill(w.len(), -error_extent, error_extent, bins, |i| {
-            w[i] as f64 - d[i] as f64
-        });
-        details.push(ConfigDetail {
+        let rec = reconstruct(self.input, &self.shape, summary.config)?;
+        let (w, d) = (&self.weights, &rec.dequantized);
+        let error_histogram =
+            Histogram::fill(w.len(), -error_extent, error_extent, self.bins, |i| {
+                w[i] as f64 - d[i] as f64
+            });
+        self.details.push(ConfigDetail {
             code_levels: codebook(summary.config.quant_type)
                 .iter()
                 .map(|&c| c as f64 * code_scale)
                 .collect(),
-            code_scale,
+            code_scale: *code_scale,
             error_histogram,
-            block_rel_error_histogram: Histogram::of(&rel_errors, 0.0, rel_extent, bins),
-            summary,
+            block_rel_error_histogram: Histogram::of(rel_errors, 0.0, rel_extent, self.bins),
+            summary: summary.clone(),
         });
+        Ok(())
     }
-    let stats = weight_stats(&weights);
-    Ok(TensorReport {
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        dtype: input.dtype(),
-        weight_histogram: Histogram::fill(weights.len(), -stats.absmax, stats.absmax, bins, |i| {
-            weights[i] as f64
-        }),
-        weights: stats,
-        configs: details,
-    })
+
+    /// Runs the steps left and returns the report.
+    pub fn finish(mut self) -> Result<TensorReport> {
+        while self.steps_done() < self.steps() {
+            self.step()?;
+        }
+        let stats = weight_stats(&self.weights);
+        let weights = &self.weights;
+        Ok(TensorReport {
+            weight_histogram: Histogram::fill(
+                weights.len(),
+                -stats.absmax,
+                stats.absmax,
+                self.bins,
+                |i| weights[i] as f64,
+            ),
+            name: self.name,
+            shape: self.shape,
+            dtype: self.input.dtype(),
+            weights: stats,
+            configs: self.details,
+        })
+    }
 }
 
 /// The median (lower middle for an even count) of the non-zero values; 0 when there are none.

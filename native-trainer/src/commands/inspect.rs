@@ -1,21 +1,20 @@
 //! `qlora inspect`: how much error 4-bit quantization puts into a checkpoint's weights, for
 //! NF4 and FP4 at several block sizes, with and without double quant. The statistics are
 //! `qlora_core::inspect`'s; this command reads the tensors, prints a table, and writes
-//! `stats.json` (an `InspectReport`) and SVG plots.
+//! `stats.json` (an `InspectReport`) and the SVG charts of `inspect::{tensor,model}_figures`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use qlora_core::arch::{ModelConfig, TensorRole};
+use qlora_core::arch::ModelConfig;
 use qlora_core::checkpoint::{open_checkpoint, TensorSource};
 use qlora_core::fsutil::AtomicDir;
 use qlora_core::inspect::{
-    self, ErrorSummary, InspectReport, ModelReport, QuantConfig, TensorReport, TensorSummary,
+    self, ErrorSummary, Figure, InspectReport, ModelInspection, ModelReport, QuantConfig,
+    TensorReport,
 };
-use qlora_core::quant::{FloatData, QuantType};
 
-use crate::plot::{self, HistogramChart, Markers, Series};
 use qlora_trainer::progress;
 
 #[derive(clap::Args)]
@@ -75,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
                 report.name.as_str(),
                 report.configs.iter().map(|d| &d.summary),
             );
-            let plots = tensor_plots(&report);
+            let plots = inspect::tensor_figures(&report);
             (InspectReport::Tensor(report), plots)
         }
         None => {
@@ -85,15 +84,15 @@ pub fn run(args: Args) -> Result<()> {
                 print_table(&t.name, t.configs.iter());
             }
             print_totals(&report);
-            let plots = heat_map_plots(&report);
+            let plots = inspect::model_figures(&report);
             (InspectReport::Model(report), plots)
         }
     };
     if let Some(out) = out {
         let json = serde_json::to_string_pretty(&report)? + "\n";
         write(&out.join("stats.json"), &json)?;
-        for (file, svg) in &plots {
-            write(&out.join(file), svg)?;
+        for Figure { file_name, svg, .. } in &plots {
+            write(&out.join(file_name), svg)?;
         }
         let target = out.commit()?;
         eprintln!(
@@ -107,24 +106,6 @@ pub fn run(args: Args) -> Result<()> {
 
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Reads `name` as float values, with errors that name the checkpoint and the tensor.
-fn read_floats<R>(
-    source: &dyn TensorSource,
-    dir: &Path,
-    name: &str,
-    use_values: impl FnOnce(FloatData<'_>, &[usize]) -> qlora_core::Result<R>,
-) -> Result<R> {
-    let location = || {
-        let file = source
-            .file_of(name)
-            .unwrap_or_else(|| dir.display().to_string());
-        format!("{file}: tensor `{name}`")
-    };
-    let tensor = source.read(name)?;
-    let data = FloatData::from_le_bytes(tensor.dtype, &tensor.data).with_context(location)?;
-    use_values(data, &tensor.shape).with_context(location)
 }
 
 fn inspect_one(
@@ -155,8 +136,8 @@ fn inspect_one(
     };
     let bar = progress::params_bar(info.numel() as u64, "inspecting");
     bar.set_message(name.to_string());
-    let report = read_floats(source, dir, name, |data, shape| {
-        inspect::inspect_tensor(name, data.as_slice(), shape, configs, bins)
+    let report = inspect::with_weights(source, &dir.display().to_string(), name, |data, shape| {
+        inspect::inspect_tensor(name, data, shape, configs, bins)
     })?;
     bar.finish_and_clear();
     Ok(report)
@@ -170,44 +151,27 @@ fn inspect_model(
 ) -> Result<ModelReport> {
     let config_path = dir.join("config.json");
     let config = ModelConfig::load(&config_path)?;
-    if config.quantization.is_some() {
-        bail!(
-            "{}: already a quantized checkpoint (it has a quantization_config); inspect the \
-             full-precision one",
-            config_path.display()
-        );
-    }
-    let present: BTreeSet<String> = source.tensor_infos().into_iter().map(|i| i.name).collect();
-    let specs: Vec<_> = config
-        .describe()
-        .tensors()
-        .into_iter()
-        .filter(|s| s.role == TensorRole::LinearWeight)
-        .collect();
-    if let Some(missing) = specs.iter().find(|s| !present.contains(&s.name)) {
-        bail!(
-            "{}: tensor `{}` that {} calls for is missing",
-            dir.display(),
-            missing.name,
-            config_path.display()
-        );
-    }
-    let total = specs
+    let mut inspection = ModelInspection::new(
+        &config,
+        &config_path.display().to_string(),
+        source,
+        &dir.display().to_string(),
+        configs,
+    )?;
+    let total = inspection
+        .specs()
         .iter()
         .map(|s| s.shape.iter().product::<usize>() as u64)
         .sum();
     let bar = progress::params_bar(total, "inspecting");
-    let mut tensors: Vec<TensorSummary> = Vec::with_capacity(specs.len());
-    for spec in &specs {
+    while let Some(spec) = inspection.next_tensor() {
         bar.set_message(spec.name.clone());
-        let summary = read_floats(source, dir, &spec.name, |data, shape| {
-            inspect::summarize_tensor(&spec.name, data.as_slice(), shape, &configs)
-        })?;
-        tensors.push(summary);
-        bar.inc(spec.shape.iter().product::<usize>() as u64);
+        let numel = spec.shape.iter().product::<usize>() as u64;
+        inspection.step_tensor(source)?;
+        bar.inc(numel);
     }
     bar.finish_and_clear();
-    Ok(ModelReport::new(configs, tensors))
+    Ok(inspection.finish(source)?)
 }
 
 pub(crate) fn print_header() {
@@ -248,124 +212,4 @@ fn sqnr_text(sqnr: inspect::Sqnr) -> String {
         inspect::Sqnr::Lossless => "inf".into(),
         inspect::Sqnr::NoSignal => "n/a".into(),
     }
-}
-
-/// The configurations grouped by (block size, double quant), in order; NF4 and FP4 of a group
-/// share a plot.
-fn groups<T>(items: &[T], config: impl Fn(&T) -> QuantConfig) -> Vec<(String, Vec<&T>)> {
-    let mut groups: Vec<((usize, bool), Vec<&T>)> = Vec::new();
-    for item in items {
-        let c = config(item);
-        match groups
-            .iter_mut()
-            .find(|(k, _)| *k == (c.blocksize, c.double_quant))
-        {
-            Some((_, members)) => members.push(item),
-            None => groups.push(((c.blocksize, c.double_quant), vec![item])),
-        }
-    }
-    groups
-        .into_iter()
-        .map(|((bs, dq), members)| (format!("bs{bs}{}", if dq { "_dq" } else { "" }), members))
-        .collect()
-}
-
-fn type_color(q: QuantType) -> &'static str {
-    match q {
-        QuantType::Nf4 => plot::PALETTE[0],
-        QuantType::Fp4 => plot::PALETTE[1],
-    }
-}
-
-fn group_title(c: QuantConfig) -> String {
-    format!(
-        "block size {}{}",
-        c.blocksize,
-        if c.double_quant { ", double quant" } else { "" }
-    )
-}
-
-/// Per (block size, double quant): the weight histogram with the code levels of each type,
-/// and the error and per-block relative error histograms of each type overlaid.
-fn tensor_plots(report: &TensorReport) -> Vec<(String, String)> {
-    let mut plots = Vec::new();
-    for (tag, members) in groups(&report.configs, |d| d.summary.config) {
-        let title = group_title(members[0].summary.config);
-        let series = |histogram: fn(&inspect::ConfigDetail) -> &inspect::Histogram| {
-            members
-                .iter()
-                .map(|d| Series {
-                    label: d.summary.config.quant_type.to_string().to_uppercase(),
-                    color: type_color(d.summary.config.quant_type),
-                    histogram: histogram(d),
-                })
-                .collect()
-        };
-        let weights = HistogramChart {
-            title: format!("{}: weights and 4-bit levels ({title})", report.name),
-            x_label: "weight".into(),
-            series: vec![Series {
-                label: "weights".into(),
-                color: plot::PALETTE[2],
-                histogram: &report.weight_histogram,
-            }],
-            markers: members
-                .iter()
-                .map(|d| Markers {
-                    label: format!(
-                        "{} levels × median absmax {:.3e}",
-                        d.summary.config.quant_type.to_string().to_uppercase(),
-                        d.code_scale
-                    ),
-                    color: type_color(d.summary.config.quant_type),
-                    xs: d.code_levels.clone(),
-                })
-                .collect(),
-        };
-        let error = HistogramChart {
-            title: format!("{}: quantization error ({title})", report.name),
-            x_label: "w − dequant(quant(w))".into(),
-            series: series(|d| &d.error_histogram),
-            markers: Vec::new(),
-        };
-        let block = HistogramChart {
-            title: format!("{}: per-block relative error ({title})", report.name),
-            x_label: "‖w − ŵ‖₂ / ‖w‖₂ of a block".into(),
-            series: series(|d| &d.block_rel_error_histogram),
-            markers: Vec::new(),
-        };
-        plots.push((format!("weights_{tag}.svg"), plot::histogram_svg(&weights)));
-        plots.push((format!("error_{tag}.svg"), plot::histogram_svg(&error)));
-        plots.push((
-            format!("block_rel_error_{tag}.svg"),
-            plot::histogram_svg(&block),
-        ));
-    }
-    plots
-}
-
-/// Per (block size, double quant): the SQNR heat maps of NF4 and FP4 side by side.
-fn heat_map_plots(report: &ModelReport) -> Vec<(String, String)> {
-    groups(&report.heat_maps, |m| m.config)
-        .into_iter()
-        .map(|(tag, maps)| {
-            let names: Vec<String> = maps
-                .iter()
-                .map(|m| m.config.quant_type.to_string().to_uppercase())
-                .collect();
-            let panels: Vec<(&str, &inspect::HeatMap)> = names
-                .iter()
-                .map(String::as_str)
-                .zip(maps.iter().copied())
-                .collect();
-            let title = format!(
-                "SQNR (dB) by layer and module, {}",
-                group_title(maps[0].config)
-            );
-            (
-                format!("sqnr_{tag}.svg"),
-                plot::heat_maps_svg(&title, &panels),
-            )
-        })
-        .collect()
 }

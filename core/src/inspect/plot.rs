@@ -1,10 +1,10 @@
-//! Hand-written SVG charts for `qlora inspect`: overlaid histograms with vertical marker lines,
-//! and heat-map panels side by side. Every chart is built from the same parts (frame, ticks,
+//! Hand-written SVG charts of the inspector (`qlora inspect` writes them, the web page shows
+//! them): overlaid histograms with vertical marker lines, and heat-map panels side by side. Every chart is built from the same parts (frame, ticks,
 //! legend), so each kind of plot is one function.
 
 use std::fmt::Write;
 
-use qlora_core::inspect::{HeatMap, Histogram, Sqnr};
+use super::{HeatMap, Histogram, Sqnr};
 
 /// Colours of the series, in order (colour-blind safe: Okabe–Ito).
 pub const PALETTE: [&str; 4] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"];
@@ -57,18 +57,35 @@ pub fn histogram_svg(chart: &HistogramChart) -> String {
     let frame = Frame::new((lo, hi), (0.0, top * 1.05));
     let mut svg = Svg::new(WIDTH, HEIGHT);
     frame.draw_axes(&mut svg, &chart.title, &chart.x_label, "count");
+    // Under the markers, so that their own tooltips win where they cross a column.
+    hover_columns(&mut svg, &frame, chart);
     for m in &chart.markers {
-        for &x in m.xs.iter().filter(|x| (lo..=hi).contains(*x)) {
+        for (i, &x) in
+            m.xs.iter()
+                .enumerate()
+                .filter(|(_, x)| (lo..=hi).contains(*x))
+        {
             let px = frame.px(x);
             let (y0, y1) = (frame.py(0.0), frame.py(top * 1.05));
-            svg.line(
-                px,
-                y0,
-                px,
-                y1,
-                m.color,
-                "stroke-dasharray=\"4 3\" stroke-width=\"1\"",
-            );
+            svg.titled(&format!("code {i}: {x:.4e} ({})", m.label), |svg| {
+                svg.line(
+                    px,
+                    y0,
+                    px,
+                    y1,
+                    m.color,
+                    "stroke-dasharray=\"4 3\" stroke-width=\"1\"",
+                );
+                // A wider invisible line, so the tooltip is easy to hit.
+                svg.line(
+                    px,
+                    y0,
+                    px,
+                    y1,
+                    m.color,
+                    "stroke-opacity=\"0\" stroke-width=\"6\"",
+                );
+            });
         }
     }
     for s in &chart.series {
@@ -88,7 +105,7 @@ pub fn histogram_svg(chart: &HistogramChart) -> String {
         write!(points, " {:.2},{:.2}", frame.px(h.hi), frame.py(0.0)).unwrap();
         writeln!(
             svg.body,
-            r#"<polyline points="{points}" fill="{}" fill-opacity="0.12" stroke="{}" stroke-width="1.5"/>"#,
+            r#"<polyline points="{points}" fill="{}" fill-opacity="0.12" stroke="{}" stroke-width="1.5" pointer-events="none"/>"#,
             s.color, s.color
         )
         .unwrap();
@@ -101,6 +118,41 @@ pub fn histogram_svg(chart: &HistogramChart) -> String {
         .collect();
     svg.legend(WIDTH - MARGIN.1 - 8.0, MARGIN.2 + 8.0, &entries);
     svg.finish()
+}
+
+/// An invisible full-height column over each bin of the first series, whose tooltip gives the
+/// bin's range and every series' count there (looked up at the bin's centre, so series with
+/// other bins still read right).
+fn hover_columns(svg: &mut Svg, frame: &Frame, chart: &HistogramChart) {
+    let Some(first) = chart.series.first() else {
+        return;
+    };
+    let (top, bottom) = (frame.py(frame.y.1), frame.py(0.0));
+    for edges in first.histogram.edges().windows(2) {
+        let (x0, x1) = (edges[0], edges[1]);
+        let centre = (x0 + x1) / 2.0;
+        let mut tip = format!("[{}, {})", tick_label(x0), tick_label(x1));
+        for s in &chart.series {
+            let h = s.histogram;
+            let bin = (centre - h.lo) / h.bin_width();
+            let count = if bin >= 0.0 {
+                h.counts.get(bin as usize).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            write!(tip, "\n{}: {count}", s.label).unwrap();
+        }
+        let (px0, px1) = (frame.px(x0), frame.px(x1));
+        svg.titled(&tip, |svg| {
+            writeln!(
+                svg.body,
+                r##"<rect x="{px0:.2}" y="{top:.2}" width="{:.2}" height="{:.2}" fill="#000" fill-opacity="0"/>"##,
+                px1 - px0,
+                bottom - top
+            )
+            .unwrap();
+        });
+    }
 }
 
 /// Heat-map panels side by side (e.g. NF4 and FP4 of one block size) on one colour scale:
@@ -181,15 +233,18 @@ pub fn heat_maps_svg(title: &str, panels: &[(&str, &HeatMap)]) -> String {
                 } else {
                     "fill=\"#000\""
                 };
-                svg.rect(x, y, CELL.0, CELL.1, &fill);
-                svg.text(
-                    x + CELL.0 / 2.0,
-                    y + CELL.1 * 0.7,
-                    &label,
-                    "middle",
-                    10.0,
-                    ink,
-                );
+                let tip = format!("{name}, layer {layer}, {}: SQNR {label} dB", map.modules[c]);
+                svg.titled(&tip, |svg| {
+                    svg.rect(x, y, CELL.0, CELL.1, &fill);
+                    svg.text(
+                        x + CELL.0 / 2.0,
+                        y + CELL.1 * 0.7,
+                        &label,
+                        "middle",
+                        10.0,
+                        ink,
+                    );
+                });
             }
         }
         x0 += panel_w(map) + GAP;
@@ -360,6 +415,13 @@ impl Svg {
             escape(text)
         )
         .unwrap();
+    }
+
+    /// What `draw` writes, grouped under a `<title>`: browsers show it as the tooltip.
+    fn titled(&mut self, title: &str, draw: impl FnOnce(&mut Svg)) {
+        writeln!(self.body, "<g><title>{}</title>", escape(title)).unwrap();
+        draw(self);
+        self.body.push_str("</g>\n");
     }
 
     /// A boxed legend with one coloured swatch per entry, top-right corner at `(right, y)`,
