@@ -131,9 +131,11 @@ pub(crate) async fn submit_and_read(
 #[derive(Clone)]
 pub(crate) struct RowSplit {
     pub cols: usize,
-    pub parts: Arc<Vec<RowPart>>,
+    pub parts: Vec<RowPart>,
 }
 
+/// Buffers are handles: a clone shares the device memory.
+#[derive(Clone)]
 pub(crate) struct RowPart {
     pub first_row: usize,
     pub rows: usize,
@@ -165,10 +167,7 @@ impl RowSplit {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(RowSplit {
-            cols,
-            parts: Arc::new(parts),
-        })
+        Ok(RowSplit { cols, parts })
     }
 
     /// The part holding `row`, and the row's byte offset in it.

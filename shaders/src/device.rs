@@ -1,8 +1,6 @@
 //! The WebGPU adapter and device: the device is created with the adapter's real limits (not
 //! WebGPU's defaults), and [`DeviceReport`] says what was granted.
 
-use std::sync::Arc;
-
 use qlora_core::{Error, Result};
 
 use crate::kernels::Kernels;
@@ -49,12 +47,12 @@ impl std::fmt::Display for DeviceReport {
     }
 }
 
-/// A device with qlora's kernels compiled for it. Cheap to clone (handles).
+/// A device with qlora's kernels compiled for it. Cheap to clone (wgpu objects are handles).
 #[derive(Clone)]
 pub struct Engine {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
-    pub(crate) kernels: Arc<Kernels>,
+    pub(crate) kernels: Kernels,
     report: DeviceReport,
 }
 
@@ -111,7 +109,7 @@ impl Engine {
             shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
             binding_size,
         };
-        let kernels = Arc::new(Kernels::new(&device));
+        let kernels = Kernels::new(&device);
         Ok(Engine {
             device,
             queue,

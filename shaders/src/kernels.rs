@@ -25,12 +25,14 @@ pub(crate) fn code_table(quant_type: QuantType) -> u32 {
 }
 
 /// The matrix-vector, tiled matrix and unpacking entry points of one weight format.
+#[derive(Clone)]
 pub(crate) struct LinearPipelines {
     pub matvec: wgpu::ComputePipeline,
     pub matmul: wgpu::ComputePipeline,
     pub unpack: wgpu::ComputePipeline,
 }
 
+#[derive(Clone)]
 pub(crate) struct Kernels {
     pub q4: LinearPipelines,
     pub f32: LinearPipelines,
@@ -337,24 +339,17 @@ impl Recorder {
         }
     }
 
-    /// LayerNorm (with `bias`) or RMSNorm (without) of `rows` rows of `dim`: `x` -> `y`.
+    /// LayerNorm (with `bias`) or RMSNorm (without) of `rows` rows: `x` -> `y`.
     pub(crate) fn norm(
         &mut self,
         rows: usize,
-        dim: usize,
-        eps: f32,
+        params: &NormParams,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         weight: &wgpu::Buffer,
         bias: Option<&wgpu::Buffer>,
     ) {
-        let p = uniform(
-            &self.engine,
-            &NormParams {
-                dim: dim as u32,
-                eps,
-            },
-        );
+        let p = uniform(&self.engine, params);
         let groups = (rows as u32, 1);
         match bias {
             Some(b) => dispatch(

@@ -11,7 +11,7 @@ use qlora_core::{DType, Error, Result};
 use crate::buffers::{upload, upload_f32, RowSplit};
 use crate::device::Engine;
 use crate::kernels::{
-    code_table, LinearParams, Q4Params, Recorder, WeightBinding, ACCUMULATE, HAS_BIAS,
+    code_table, LinearParams, NormParams, Q4Params, Recorder, WeightBinding, ACCUMULATE, HAS_BIAS,
 };
 use crate::model::QuantizeOnLoad;
 
@@ -390,8 +390,7 @@ impl Linear {
 
 /// A LayerNorm (with bias) or RMSNorm on the device.
 pub(crate) struct Norm {
-    dim: usize,
-    eps: f32,
+    params: NormParams,
     weight: wgpu::Buffer,
     bias: Option<wgpu::Buffer>,
 }
@@ -409,8 +408,10 @@ impl Norm {
             .map(|name| upload_f32(engine, &name, &checkpoint.f32(&name, &[spec.dim])?))
             .transpose()?;
         Ok(Norm {
-            dim: spec.dim,
-            eps: spec.eps as f32,
+            params: NormParams {
+                dim: spec.dim as u32,
+                eps: spec.eps as f32,
+            },
             weight,
             bias,
         })
@@ -423,15 +424,7 @@ impl Norm {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) {
-        rec.norm(
-            rows,
-            self.dim,
-            self.eps,
-            x,
-            y,
-            &self.weight,
-            self.bias.as_ref(),
-        );
+        rec.norm(rows, &self.params, x, y, &self.weight, self.bias.as_ref());
     }
 }
 

@@ -21,6 +21,7 @@ use qlora_core::quant::QuantType;
 use qlora_shaders::device::request_adapter;
 use qlora_shaders::{
     block_on, Engine, EngineOptions, GenerateOptions, LoadOptions, LoadedModel, QuantizeOnLoad,
+    Sampling,
 };
 use qlora_trainer::cpu::{Mode, Model};
 use qlora_trainer::generate::{generate, Sampler, SamplingParams};
@@ -32,14 +33,18 @@ fn golden(path: &str) -> PathBuf {
     qlora_tests::fixtures().join("golden").join(path)
 }
 
-fn engine(options: EngineOptions) -> Option<Engine> {
+/// An engine on the machine's adapter. Tests run one at a time (a lock): lavapipe crashes
+/// when several devices work at once in one process.
+fn engine(options: EngineOptions) -> Option<(Engine, std::sync::MutexGuard<'static, ()>)> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(adapter) = block_on(request_adapter()) else {
         eprintln!("skipped: no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)");
         return None;
     };
     let engine = block_on(Engine::from_adapter(&adapter, options)).unwrap();
     println!("{}", engine.report());
-    Some(engine)
+    Some((engine, guard))
 }
 
 /// A golden model directory, optionally quantized on load and with an adapter directory.
@@ -201,7 +206,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 
 #[test]
 fn logits_match_the_cpu_path() {
-    let Some(engine) = engine(EngineOptions::default()) else {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
         return;
     };
     let mut worst = 0f32;
@@ -234,7 +239,7 @@ fn logits_match_the_cpu_path() {
 
 #[test]
 fn greedy_generation_matches_the_cpu_path() {
-    let Some(engine) = engine(EngineOptions::default()) else {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
         return;
     };
     for case in cases() {
@@ -264,7 +269,7 @@ fn greedy_generation_matches_the_cpu_path() {
 fn split_tensors_give_the_same_logits() {
     // 16 KiB buffers: tiny BLOOM's embedding (and tied LM head, 128 KiB) in 8 parts, its f32
     // projections in up to 3.
-    let Some(small) = engine(EngineOptions {
+    let Some((small, one_at_a_time)) = engine(EngineOptions {
         max_binding_size: Some(16 << 10),
     }) else {
         return;
@@ -280,10 +285,22 @@ fn split_tensors_give_the_same_logits() {
             quantize: None,
             adapter: None,
         };
+        let plan = small.plan(&case.config(), &options).unwrap();
         let mut gpu = case.gpu(&small, &options).unwrap();
-        let split = &gpu.footprint().split_tensors;
-        println!("{dir}: split {split:?}, {:?}", gpu.footprint());
-        assert!(!split.is_empty(), "{dir}: nothing was split");
+        let footprint = gpu.footprint().clone();
+        println!("{dir}: planned {plan:?}, loaded {footprint:?}");
+        assert!(
+            !footprint.split_tensors.is_empty(),
+            "{dir}: nothing was split"
+        );
+        // The plan, from the config alone, is what the load laid out.
+        let sorted = |mut v: Vec<(String, usize)>| {
+            v.sort();
+            v
+        };
+        assert_eq!(plan.weight_bytes, footprint.weight_bytes);
+        assert_eq!(plan.cache_bytes, footprint.cache_bytes);
+        assert_eq!(sorted(plan.split_tensors), sorted(footprint.split_tensors));
         let cpu = case.cpu();
         for prompt in prompts(dir) {
             let got = block_on(gpu.prefill(&prompt)).unwrap();
@@ -296,7 +313,8 @@ fn split_tensors_give_the_same_logits() {
         }
     }
     // 1 KiB cannot hold a row of tiny BLOOM's attention scores nor its weights.
-    let Some(tiny) = engine(EngineOptions {
+    drop(one_at_a_time);
+    let Some((tiny, _one_at_a_time)) = engine(EngineOptions {
         max_binding_size: Some(1 << 10),
     }) else {
         return;
@@ -316,4 +334,75 @@ fn split_tensors_give_the_same_logits() {
         err.contains("needs a buffer of") && err.contains("binds at most 1024 bytes"),
         "{err}"
     );
+}
+
+#[test]
+fn penalties_stops_and_seeded_sampling() {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
+        return;
+    };
+    let case = Case {
+        dir: "llama/tiny-qwen2-nf4",
+        quantize: None,
+        adapter: None,
+    };
+    let cpu = case.cpu();
+    let mut gpu = case.gpu(&engine, &LoadOptions::default()).unwrap();
+    let prompt = &prompts(case.dir)[0];
+    let mut run =
+        |options: &GenerateOptions| block_on(gpu.generate(prompt, options, |_| false)).unwrap();
+
+    // Greedy with a repetition penalty, as the CPU path chooses.
+    let penalized = GenerateOptions {
+        sampling: Sampling {
+            repetition_penalty: 1.3,
+            ..Sampling::GREEDY
+        },
+        ..GenerateOptions::greedy(32)
+    };
+    let mut sampler = Sampler::new(
+        SamplingParams {
+            repetition_penalty: 1.3,
+            ..SamplingParams::GREEDY
+        },
+        0,
+    )
+    .unwrap();
+    let cpu_options = qlora_trainer::generate::GenerateOptions {
+        max_new_tokens: 32,
+        stop_ids: Vec::new(),
+    };
+    let want = generate(&cpu, prompt, &cpu_options, &mut sampler, |_| false).unwrap();
+    let got = run(&penalized);
+    println!("penalized greedy: {got:?}");
+    assert_eq!(got, want);
+
+    // A stop id ends generation before it.
+    let greedy = run(&GenerateOptions::greedy(32));
+    let stop = greedy[5];
+    let first = greedy.iter().position(|&t| t == stop).unwrap();
+    let stopped = run(&GenerateOptions {
+        stop_ids: vec![stop],
+        ..GenerateOptions::greedy(32)
+    });
+    assert_eq!(stopped, greedy[..first]);
+
+    // Sampling: a seed reproduces a generation, another seed gives another.
+    let sampled = |seed| GenerateOptions {
+        max_new_tokens: 24,
+        stop_ids: Vec::new(),
+        sampling: Sampling {
+            do_sample: true,
+            temperature: 1.5,
+            top_p: 0.95,
+            top_k: 50,
+            repetition_penalty: 1.1,
+        },
+        seed,
+    };
+    let a = run(&sampled(1));
+    println!("sampled: {a:?}");
+    assert_eq!(a, run(&sampled(1)));
+    assert_ne!(a, run(&sampled(2)));
+    assert!(a.iter().all(|&t| (t as usize) < 384));
 }

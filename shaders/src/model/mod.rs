@@ -7,6 +7,7 @@
 
 mod bloom;
 mod llama;
+mod plan;
 
 use qlora_core::arch::{ArchDescription, LmHead, ModelConfig};
 use qlora_core::checkpoint::TensorSource;
@@ -149,7 +150,8 @@ enum Outputs {
 impl Engine {
     /// Loads the model of `config` from `weights` (full precision or HF 4-bit, with or without
     /// the base-model prefix) with the PEFT `adapter` applied unmerged. `progress` sees each
-    /// tensor as it arrives on the device.
+    /// tensor as it arrives on the device. Fails before reading any tensor when a buffer of the
+    /// model cannot fit the device ([`Engine::plan`]).
     pub fn load(
         &self,
         config: &ModelConfig,
@@ -163,6 +165,7 @@ impl Engine {
                 "chunk and max_seq_len must be at least 1".into(),
             ));
         }
+        self.plan(config, options)?;
         let description = config.describe();
         if let Some(adapter) = adapter {
             check_adapter_modules(adapter, &description)?;
