@@ -406,3 +406,39 @@ fn penalties_stops_and_seeded_sampling() {
     assert_ne!(a, run(&sampled(2)));
     assert!(a.iter().all(|&t| (t as usize) < 384));
 }
+
+/// The HF 4-bit checkpoints against the logits transformers + bitsandbytes computed for them
+/// (`reference_logits.safetensors`, the golden inputs; padded positions left out).
+#[test]
+fn four_bit_logits_match_transformers() {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
+        return;
+    };
+    for dir in [
+        "tiny-bloom-nf4",
+        "tiny-bloom-fp4",
+        "llama/tiny-llama-nf4",
+        "llama/tiny-llama-fp4",
+        "llama/tiny-qwen2-nf4",
+        "llama/tiny-qwen2-fp4",
+    ] {
+        let case = Case {
+            dir,
+            quantize: None,
+            adapter: None,
+        };
+        let mut gpu = case.gpu(&engine, &LoadOptions::default()).unwrap();
+        let reference = open_file(&golden(dir).join("reference_logits.safetensors")).unwrap();
+        let raw = reference.read("logits").unwrap();
+        let want = raw.to_f32().unwrap();
+        let (t, v) = (raw.shape[1], raw.shape[2]);
+        let (mut got_all, mut want_all) = (Vec::new(), Vec::new());
+        for (row, prompt) in prompts(dir).iter().enumerate() {
+            got_all.extend(block_on(gpu.prefill(prompt)).unwrap());
+            want_all.extend_from_slice(&want[row * t * v..(row * t + prompt.len()) * v]);
+        }
+        let rel = relative_error(&got_all, &want_all);
+        println!("{dir}: relative logits error against transformers {rel:.2e}");
+        assert!(rel <= TOLERANCE, "{dir}: {rel:e} > {TOLERANCE:e}");
+    }
+}
