@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
-use qlora_core::{Error, Result};
+use qlora_core::{DType, Error, Result};
 use wgpu::util::DeviceExt;
 
 use crate::device::Engine;
@@ -126,11 +126,50 @@ pub(crate) async fn submit_and_read(
     Ok(data)
 }
 
-/// A row-major f32 matrix `[rows, cols]` in as few buffers as the binding limit allows, each
+/// How a full-precision matrix is stored on the device: half-precision checkpoints keep their
+/// dtype (half the memory; weights_dense.wgsl widens them exactly), anything else is f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dense {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+}
+
+impl Dense {
+    /// The value of weights_dense.wgsl's `DTYPE`.
+    pub(crate) fn shader_code(self) -> u32 {
+        self as u32
+    }
+
+    pub(crate) fn size(self) -> usize {
+        match self {
+            Dense::F32 => 4,
+            Dense::F16 | Dense::Bf16 => 2,
+        }
+    }
+
+    /// The storage of a checkpoint tensor of `dtype`.
+    pub(crate) fn of(dtype: DType) -> Dense {
+        match dtype {
+            DType::F16 => Dense::F16,
+            DType::BF16 => Dense::Bf16,
+            _ => Dense::F32,
+        }
+    }
+}
+
+/// A row-major full-precision matrix as little-endian elements of `dtype`.
+pub(crate) struct Matrix {
+    pub dtype: Dense,
+    pub data: Vec<u8>,
+}
+
+/// A row-major matrix `[rows, cols]` in as few buffers as the binding limit allows, each
 /// holding whole rows.
 #[derive(Clone)]
 pub(crate) struct RowSplit {
     pub cols: usize,
+    pub dtype: Dense,
     pub parts: Vec<RowPart>,
 }
 
@@ -142,40 +181,54 @@ pub(crate) struct RowPart {
     pub buffer: wgpu::Buffer,
 }
 
+/// Rows of `cols` elements of `element_size` bytes per buffer, or an error when one row is
+/// too large to bind.
+pub(crate) fn rows_per_buffer(
+    engine: &Engine,
+    name: &str,
+    cols: usize,
+    element_size: usize,
+) -> Result<usize> {
+    let row_bytes = (cols * element_size) as u64;
+    check_fits(engine, &format!("one row of {name}"), row_bytes)?;
+    Ok((engine.binding_size() / row_bytes.max(1)) as usize)
+}
+
 impl RowSplit {
     pub(crate) fn upload(
         engine: &Engine,
         name: &str,
-        values: &[f32],
+        matrix: &Matrix,
         cols: usize,
     ) -> Result<RowSplit> {
-        let row_bytes = (cols * 4) as u64;
-        let rows_per_part = (engine.binding_size() / row_bytes.max(1)) as usize;
-        if rows_per_part == 0 {
-            check_fits(engine, &format!("one row of {name}"), row_bytes)?;
-        }
-        let rows = values.len() / cols.max(1);
+        let size = matrix.dtype.size();
+        let per_part = rows_per_buffer(engine, name, cols, size)?;
+        let rows = matrix.data.len() / (cols * size).max(1);
         let parts = (0..rows)
-            .step_by(rows_per_part.max(1))
+            .step_by(per_part.max(1))
             .map(|first_row| {
-                let n = rows_per_part.min(rows - first_row);
-                let slice = &values[first_row * cols..(first_row + n) * cols];
+                let n = per_part.min(rows - first_row);
+                let bytes = &matrix.data[first_row * cols * size..(first_row + n) * cols * size];
                 Ok(RowPart {
                     first_row,
                     rows: n,
-                    buffer: upload_f32(engine, name, slice)?,
+                    buffer: upload(engine, name, bytes)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(RowSplit { cols, parts })
+        Ok(RowSplit {
+            cols,
+            dtype: matrix.dtype,
+            parts,
+        })
     }
 
-    /// The part holding `row`, and the row's byte offset in it.
-    pub(crate) fn locate(&self, row: usize) -> Option<(&RowPart, u64)> {
+    /// The part holding `row`, and the row's index in it.
+    pub(crate) fn locate(&self, row: usize) -> Option<(&RowPart, usize)> {
         self.parts
             .iter()
             .find(|p| (p.first_row..p.first_row + p.rows).contains(&row))
-            .map(|p| (p, ((row - p.first_row) * self.cols * 4) as u64))
+            .map(|p| (p, row - p.first_row))
     }
 
     pub(crate) fn bytes(&self) -> u64 {

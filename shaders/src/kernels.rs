@@ -5,11 +5,11 @@
 use bytemuck::{Pod, Zeroable};
 use qlora_core::quant::{codebook, dynamic_map_signed, QuantType};
 
-use crate::buffers::uniform;
+use crate::buffers::{uniform, Dense};
 use crate::device::Engine;
 
 const LINEAR: &str = include_str!("../wgsl/linear.wgsl");
-const WEIGHTS_F32: &str = include_str!("../wgsl/weights_f32.wgsl");
+const WEIGHTS_DENSE: &str = include_str!("../wgsl/weights_dense.wgsl");
 const WEIGHTS_Q4: &str = include_str!("../wgsl/weights_q4.wgsl");
 const NORM: &str = include_str!("../wgsl/norm.wgsl");
 const ACTIVATIONS: &str = include_str!("../wgsl/activations.wgsl");
@@ -24,18 +24,20 @@ pub(crate) fn code_table(quant_type: QuantType) -> u32 {
     }
 }
 
-/// The matrix-vector, tiled matrix and unpacking entry points of one weight format.
+/// The entry points of linear.wgsl for one weight format.
 #[derive(Clone)]
 pub(crate) struct LinearPipelines {
     pub matvec: wgpu::ComputePipeline,
     pub matmul: wgpu::ComputePipeline,
     pub unpack: wgpu::ComputePipeline,
+    pub gather_row: wgpu::ComputePipeline,
 }
 
 #[derive(Clone)]
 pub(crate) struct Kernels {
     pub q4: LinearPipelines,
-    pub f32: LinearPipelines,
+    /// By [`Dense`] dtype: f32, f16, bf16.
+    pub dense: [LinearPipelines; 3],
     pub layer_norm: wgpu::ComputePipeline,
     pub rms_norm: wgpu::ComputePipeline,
     pub gelu_tanh: wgpu::ComputePipeline,
@@ -60,24 +62,28 @@ impl Kernels {
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             })
         };
-        let pipeline = |module: &wgpu::ShaderModule, entry: &str| {
+        let specialized = |module: &wgpu::ShaderModule, entry: &str, constants: &[(&str, f64)]| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: None,
                 module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
                 cache: None,
             })
         };
-        let linear = |label: &str, weights: &str| {
-            let m = module(label, format!("{LINEAR}\n{weights}"));
-            LinearPipelines {
-                matvec: pipeline(&m, "matvec"),
-                matmul: pipeline(&m, "matmul"),
-                unpack: pipeline(&m, "unpack"),
-            }
+        let pipeline = |module: &wgpu::ShaderModule, entry: &str| specialized(module, entry, &[]);
+        let linear = |m: &wgpu::ShaderModule, constants: &[(&str, f64)]| LinearPipelines {
+            matvec: specialized(m, "matvec", constants),
+            matmul: specialized(m, "matmul", constants),
+            unpack: specialized(m, "unpack", constants),
+            gather_row: specialized(m, "gather_row", constants),
         };
+        let q4 = module("linear q4", format!("{LINEAR}\n{WEIGHTS_Q4}"));
+        let dense = module("linear dense", format!("{LINEAR}\n{WEIGHTS_DENSE}"));
         let norm = module("norm", NORM.into());
         let activations = module("activations", ACTIVATIONS.into());
         let attention = module("attention", ATTENTION.into());
@@ -95,8 +101,9 @@ impl Kernels {
             },
         );
         Kernels {
-            q4: linear("linear q4", WEIGHTS_Q4),
-            f32: linear("linear f32", WEIGHTS_F32),
+            q4: linear(&q4, &[]),
+            dense: [Dense::F32, Dense::F16, Dense::Bf16]
+                .map(|d| linear(&dense, &[("DTYPE", f64::from(d.shader_code()))])),
             layer_norm: pipeline(&norm, "layer_norm"),
             rms_norm: pipeline(&norm, "rms_norm"),
             gelu_tanh: pipeline(&activations, "gelu_tanh"),
@@ -120,7 +127,7 @@ impl Kernels {
 
 /// `LinearParams` of linear.wgsl.
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
 pub(crate) struct LinearParams {
     pub rows: u32,
     pub n: u32,
@@ -130,6 +137,8 @@ pub(crate) struct LinearParams {
     pub y_offset: u32,
     pub flags: u32,
     pub scale: f32,
+    /// `gather_row` only: the row to copy.
+    pub row: u32,
 }
 
 pub(crate) const ACCUMULATE: u32 = 1;
@@ -193,10 +202,42 @@ pub(crate) struct SampleParams {
     pub u: f32,
 }
 
-/// The weight of a linear dispatch: an f32 matrix, or a 4-bit one with its parameters.
+/// The weight of a linear dispatch: a full-precision matrix, or a 4-bit one with its parameters.
 pub(crate) enum WeightBinding<'a> {
-    F32(&'a wgpu::Buffer),
+    Dense(&'a wgpu::Buffer, Dense),
     Q4(&'a wgpu::Buffer, &'a Q4Params),
+}
+
+impl WeightBinding<'_> {
+    /// The pipelines of this weight's format, and its bindings from 4 on (a 4-bit weight's
+    /// parameters live in the uniform `q4_params`).
+    fn resolve<'k>(
+        &self,
+        kernels: &'k Kernels,
+        q4_params: &'k Option<wgpu::Buffer>,
+    ) -> (&'k LinearPipelines, Vec<(u32, wgpu::Buffer)>) {
+        match (self, q4_params) {
+            (WeightBinding::Dense(w, dtype), _) => {
+                (&kernels.dense[*dtype as usize], vec![(4, (*w).clone())])
+            }
+            (WeightBinding::Q4(w, _), Some(q)) => (
+                &kernels.q4,
+                vec![
+                    (4, q.clone()),
+                    (5, (*w).clone()),
+                    (6, kernels.tables.clone()),
+                ],
+            ),
+            (WeightBinding::Q4(..), None) => unreachable!("a 4-bit weight comes with its params"),
+        }
+    }
+
+    fn q4_params(&self, engine: &Engine) -> Option<wgpu::Buffer> {
+        match self {
+            WeightBinding::Q4(_, q) => Some(uniform(engine, *q)),
+            WeightBinding::Dense(..) => None,
+        }
+    }
 }
 
 /// Records dispatches into one command encoder.
@@ -276,11 +317,8 @@ impl Recorder {
         weight: WeightBinding<'_>,
     ) {
         let p = uniform(&self.engine, params);
-        let kernels = &self.engine.kernels;
-        let (pipelines, q4_params) = match weight {
-            WeightBinding::F32(_) => (&kernels.f32, None),
-            WeightBinding::Q4(_, q) => (&kernels.q4, Some(uniform(&self.engine, q))),
-        };
+        let q4_params = weight.q4_params(&self.engine);
+        let (pipelines, weight_bindings) = weight.resolve(&self.engine.kernels, &q4_params);
         let (pipeline, groups) = if params.rows == 1 {
             (&pipelines.matvec, grid(&self.engine, params.n as usize))
         } else {
@@ -289,19 +327,9 @@ impl Recorder {
                 (params.n.div_ceil(16), params.rows.div_ceil(16)),
             )
         };
-        let mut bindings = vec![
-            (0, &p),
-            (1, x),
-            (2, y),
-            (3, bias.unwrap_or(&kernels.no_bias)),
-        ];
-        match (&weight, &q4_params) {
-            (WeightBinding::F32(w), _) => bindings.push((4, w)),
-            (WeightBinding::Q4(w, _), Some(q)) => {
-                bindings.extend([(4, q), (5, *w), (6, &kernels.tables)])
-            }
-            (WeightBinding::Q4(..), None) => unreachable!("q4 parameters are made above"),
-        }
+        let no_bias = &self.engine.kernels.no_bias;
+        let mut bindings = vec![(0, &p), (1, x), (2, y), (3, bias.unwrap_or(no_bias))];
+        bindings.extend(weight_bindings.iter().map(|(i, b)| (*i, b)));
         dispatch(&self.engine, &mut self.encoder, pipeline, &bindings, groups);
     }
 
@@ -312,31 +340,45 @@ impl Recorder {
         y: &wgpu::Buffer,
         weight: WeightBinding<'_>,
     ) {
-        let p = uniform(&self.engine, params);
-        let kernels = &self.engine.kernels;
         let groups = grid(
             &self.engine,
             (params.n as usize * params.k as usize).div_ceil(64),
         );
-        match weight {
-            WeightBinding::F32(w) => dispatch(
-                &self.engine,
-                &mut self.encoder,
-                &kernels.f32.unpack,
-                &[(0, &p), (2, y), (4, w)],
-                groups,
-            ),
-            WeightBinding::Q4(w, q) => {
-                let q = uniform(&self.engine, q);
-                dispatch(
-                    &self.engine,
-                    &mut self.encoder,
-                    &kernels.q4.unpack,
-                    &[(0, &p), (2, y), (4, &q), (5, w), (6, &kernels.tables)],
-                    groups,
-                )
-            }
-        }
+        self.weight_to(params, y, weight, |p| &p.unpack, groups);
+    }
+
+    /// `y[y_offset ..][..k] = W[row, ..]`, widened to f32 (an embedding lookup).
+    pub(crate) fn gather_row(
+        &mut self,
+        params: &LinearParams,
+        y: &wgpu::Buffer,
+        weight: WeightBinding<'_>,
+    ) {
+        let groups = ((params.k as usize).div_ceil(64) as u32, 1);
+        self.weight_to(params, y, weight, |p| &p.gather_row, groups);
+    }
+
+    /// A dispatch of a weight-reading entry point that writes only `y`.
+    fn weight_to(
+        &mut self,
+        params: &LinearParams,
+        y: &wgpu::Buffer,
+        weight: WeightBinding<'_>,
+        entry: impl Fn(&LinearPipelines) -> &wgpu::ComputePipeline,
+        groups: (u32, u32),
+    ) {
+        let p = uniform(&self.engine, params);
+        let q4_params = weight.q4_params(&self.engine);
+        let (pipelines, weight_bindings) = weight.resolve(&self.engine.kernels, &q4_params);
+        let mut bindings = vec![(0, &p), (2, y)];
+        bindings.extend(weight_bindings.iter().map(|(i, b)| (*i, b)));
+        dispatch(
+            &self.engine,
+            &mut self.encoder,
+            entry(pipelines),
+            &bindings,
+            groups,
+        );
     }
 
     /// LayerNorm (with `bias`) or RMSNorm (without) of `rows` rows: `x` -> `y`.

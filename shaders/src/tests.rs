@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::block_on;
-use crate::buffers::{scratch, submit_and_read, upload, upload_f32};
+use crate::buffers::{scratch, submit_and_read, upload, upload_f32, Dense};
 use crate::device::{request_adapter, Engine, EngineOptions};
 use crate::kernels::{
     AttnParams, LinearParams, NormParams, Recorder, SampleParams, WeightBinding, ACCUMULATE,
@@ -134,6 +134,7 @@ fn four_bit_matvec_and_tiled_matmul_equal_the_dequantized_product() {
                 y_offset: 0,
                 flags: ACCUMULATE | HAS_BIAS,
                 scale: 0.5,
+                ..Default::default()
             };
             rec.linear(&p, &xb, &yb, Some(&bb), WeightBinding::Q4(&buffer, &params));
             let got = read(rec, &yb, rows * n);
@@ -166,12 +167,12 @@ fn f32_linear_writes_its_column_slice() {
         x_stride: k as u32,
         y_stride: width as u32,
         y_offset: offset as u32,
-        flags: 0,
         scale: 1.0,
+        ..Default::default()
     };
-    rec.linear(&p, &xb, &yb, None, WeightBinding::F32(&wb));
+    rec.linear(&p, &xb, &yb, None, WeightBinding::Dense(&wb, Dense::F32));
     let unpacked = scratch(&engine, "w", n * k).unwrap();
-    rec.unpack(&p, &unpacked, WeightBinding::F32(&wb));
+    rec.unpack(&p, &unpacked, WeightBinding::Dense(&wb, Dense::F32));
     let got = read(rec, &yb, rows * width);
     let product = reference_linear(&x, &w, rows, n, k);
     for r in 0..rows {

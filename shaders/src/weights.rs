@@ -8,7 +8,7 @@ use qlora_core::peft::LoraPair;
 use qlora_core::quant::{self, Absmax, Quantized4};
 use qlora_core::{DType, Error, Result};
 
-use crate::buffers::{upload, upload_f32, RowSplit};
+use crate::buffers::{upload, upload_f32, Dense, Matrix, RowSplit};
 use crate::device::Engine;
 use crate::kernels::{
     code_table, LinearParams, NormParams, Q4Params, Recorder, WeightBinding, ACCUMULATE, HAS_BIAS,
@@ -42,7 +42,7 @@ pub(crate) struct Checkpoint<'a> {
 /// A linear weight as read: 4-bit, or full precision `[out, in]`.
 pub(crate) enum LinearData {
     Q4(Quantized4),
-    F32(Vec<f32>),
+    Dense(Matrix),
 }
 
 impl<'a> Checkpoint<'a> {
@@ -72,36 +72,58 @@ impl<'a> Checkpoint<'a> {
             .unwrap_or_else(|| "checkpoint".into())
     }
 
-    /// `name` as f32 values; it must have `shape`.
-    pub(crate) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// `name`, which must be a float tensor of `shape`.
+    fn read(&self, name: &str, shape: &[usize]) -> Result<RawTensor> {
         let stored = self.stored_name(name);
         let raw = self.source.read(stored)?;
-        if raw.shape != shape {
-            return Err(Error::tensor(
-                self.file(stored),
-                stored,
-                format!("shape {:?}, expected {shape:?}", raw.shape),
-            ));
+        let problem = if raw.shape != shape {
+            Some(format!("shape {:?}, expected {shape:?}", raw.shape))
+        } else if !raw.dtype.is_float() {
+            Some(format!("dtype {} is not a float type", raw.dtype))
+        } else if raw.data.len() != shape.iter().product::<usize>() * raw.dtype.size_in_bytes() {
+            Some(format!(
+                "{} bytes do not hold shape {shape:?}",
+                raw.data.len()
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(msg) => Err(Error::tensor(self.file(stored), stored, msg)),
+            None => Ok(raw),
         }
-        let values = raw.to_f32().ok_or_else(|| {
+    }
+
+    /// `name` as f32 values; it must have `shape`.
+    pub(crate) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let raw = self.read(name, shape)?;
+        raw.to_f32().ok_or_else(|| {
+            let stored = self.stored_name(name);
             Error::tensor(
                 self.file(stored),
                 stored,
-                format!("dtype {} is not a float type", raw.dtype),
+                format!("cannot read {} as f32", raw.dtype),
             )
-        })?;
-        if values.len() != shape.iter().product::<usize>() {
-            return Err(Error::tensor(
-                self.file(stored),
-                stored,
-                format!("holds {} values, shape {shape:?} needs more", values.len()),
-            ));
-        }
-        Ok(values)
+        })
     }
 
-    /// The weight of `spec`: as stored when 4-bit, else quantized when `quantize` says so,
-    /// else full precision.
+    /// `name` as a matrix for the device: its own bytes when half precision, else f32.
+    pub(crate) fn matrix(&self, name: &str, shape: &[usize]) -> Result<Matrix> {
+        let raw = self.read(name, shape)?;
+        Ok(match Dense::of(raw.dtype) {
+            Dense::F32 => Matrix {
+                dtype: Dense::F32,
+                data: bytemuck::cast_slice(&self.f32(name, shape)?).to_vec(),
+            },
+            half => Matrix {
+                dtype: half,
+                data: raw.data,
+            },
+        })
+    }
+
+    /// The weight of `spec`: as stored when 4-bit, else quantized (from its own dtype, as
+    /// `QuantizeOnRead` does) when `quantize` says so, else full precision.
     pub(crate) fn linear(
         &self,
         spec: &LinearSpec,
@@ -121,17 +143,19 @@ impl<'a> Checkpoint<'a> {
             }
             return Ok(LinearData::Q4(q));
         }
-        let values = self.f32(&name, &shape)?;
-        match quantize {
-            None => Ok(LinearData::F32(values)),
-            Some(q) => Ok(LinearData::Q4(quant::quantize_4bit(
-                quant::FloatSlice::F32(&values),
-                &shape,
-                q.quant_type,
-                q.blocksize,
-                q.double_quant,
-            )?)),
-        }
+        let Some(q) = quantize else {
+            return Ok(LinearData::Dense(self.matrix(&name, &shape)?));
+        };
+        let raw = self.read(&name, &shape)?;
+        let values = quant::FloatData::from_le_bytes(raw.dtype, &raw.data)
+            .map_err(|e| Error::tensor(self.file(stored), stored, e.to_string()))?;
+        Ok(LinearData::Q4(quant::quantize_4bit(
+            values.as_slice(),
+            &shape,
+            q.quant_type,
+            q.blocksize,
+            q.double_quant,
+        )?))
     }
 }
 
@@ -204,7 +228,7 @@ pub(crate) fn upload_q4(
 
 pub(crate) enum LinearWeight {
     Q4(wgpu::Buffer, Q4Params),
-    F32(RowSplit),
+    Dense(RowSplit),
 }
 
 impl LinearWeight {
@@ -219,8 +243,8 @@ impl LinearWeight {
                 let (buffer, params) = upload_q4(engine, name, q)?;
                 LinearWeight::Q4(buffer, params)
             }
-            LinearData::F32(values) => {
-                LinearWeight::F32(RowSplit::upload(engine, name, values, cols)?)
+            LinearData::Dense(matrix) => {
+                LinearWeight::Dense(RowSplit::upload(engine, name, matrix, cols)?)
             }
         })
     }
@@ -228,7 +252,7 @@ impl LinearWeight {
     pub(crate) fn bytes(&self) -> u64 {
         match self {
             LinearWeight::Q4(b, _) => b.size(),
-            LinearWeight::F32(split) => split.bytes(),
+            LinearWeight::Dense(split) => split.bytes(),
         }
     }
 
@@ -236,7 +260,7 @@ impl LinearWeight {
     pub(crate) fn parts(&self) -> usize {
         match self {
             LinearWeight::Q4(..) => 1,
-            LinearWeight::F32(split) => split.parts.len(),
+            LinearWeight::Dense(split) => split.parts.len(),
         }
     }
 }
@@ -303,12 +327,12 @@ impl Linear {
         })
     }
 
-    /// A bias-free projection of an f32 matrix already on the device (a tied LM head).
+    /// A bias-free projection of a matrix already on the device (the LM head).
     pub(crate) fn from_rows(split: RowSplit, n: usize) -> Linear {
         Linear {
             n,
             k: split.cols,
-            weight: LinearWeight::F32(split),
+            weight: LinearWeight::Dense(split),
             bias: None,
             lora: None,
         }
@@ -338,9 +362,9 @@ impl Linear {
             k: self.k as u32,
             x_stride: self.k as u32,
             y_stride: self.n as u32,
-            y_offset: 0,
             flags,
             scale: 1.0,
+            ..Default::default()
         };
         match &self.weight {
             LinearWeight::Q4(buffer, q) => rec.linear(
@@ -350,7 +374,7 @@ impl Linear {
                 self.bias.as_ref(),
                 WeightBinding::Q4(buffer, q),
             ),
-            LinearWeight::F32(split) => {
+            LinearWeight::Dense(split) => {
                 for part in split.parts.iter() {
                     let params = LinearParams {
                         n: part.rows as u32,
@@ -362,7 +386,7 @@ impl Linear {
                         x,
                         y,
                         self.bias.as_ref(),
-                        WeightBinding::F32(&part.buffer),
+                        WeightBinding::Dense(&part.buffer, split.dtype),
                     );
                 }
             }
@@ -375,7 +399,13 @@ impl Linear {
                 flags: 0,
                 ..params
             };
-            rec.linear(&down, x, lora_scratch, None, WeightBinding::F32(&lora.a));
+            rec.linear(
+                &down,
+                x,
+                lora_scratch,
+                None,
+                WeightBinding::Dense(&lora.a, Dense::F32),
+            );
             let up = LinearParams {
                 k: r,
                 x_stride: r,
@@ -383,7 +413,13 @@ impl Linear {
                 scale: lora.scale,
                 ..params
             };
-            rec.linear(&up, lora_scratch, y, None, WeightBinding::F32(&lora.b));
+            rec.linear(
+                &up,
+                lora_scratch,
+                y,
+                None,
+                WeightBinding::Dense(&lora.b, Dense::F32),
+            );
         }
     }
 }
@@ -439,11 +475,7 @@ impl Engine {
             rows: 1,
             n: 1,
             k: q.numel() as u32,
-            x_stride: 0,
-            y_stride: 0,
-            y_offset: 0,
-            flags: 0,
-            scale: 1.0,
+            ..Default::default()
         };
         rec.unpack(&shape, &out, WeightBinding::Q4(&buffer, &params));
         let bytes =

@@ -1,5 +1,5 @@
 // y = x · Wᵀ (+ bias), optionally scaled and accumulated into y. The weight's storage is not
-// declared here: this file is compiled after weights_q4.wgsl or weights_f32.wgsl, which bind it
+// declared here: this file is compiled after weights_q4.wgsl or weights_dense.wgsl, which bind it
 // (bindings 4..) and define `fn weight(n: u32, k: u32) -> f32`, the element W[n, k].
 //
 // Shapes: x [rows, k] with row stride x_stride; y [rows, *] with row stride y_stride, columns
@@ -15,6 +15,8 @@ struct LinearParams {
     // bit 0: add to y instead of overwriting it; bit 1: add bias[y_offset + n].
     flags: u32,
     scale: f32,
+    // gather_row: the weight row to copy.
+    row: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
@@ -117,5 +119,13 @@ fn unpack(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     let i = flat_group(wg, groups) * 64u + lid;
     if i < p.n * p.k {
         y[i] = weight(i / p.k, i % p.k);
+    }
+}
+
+// An embedding lookup: row p.row of the weight, widened to f32, into y[y_offset .. y_offset + k].
+@compute @workgroup_size(64)
+fn gather_row(@builtin(global_invocation_id) id: vec3<u32>) {
+    if id.x < p.k {
+        y[p.y_offset + id.x] = weight(p.row, id.x);
     }
 }

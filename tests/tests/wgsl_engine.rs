@@ -285,7 +285,8 @@ fn split_tensors_give_the_same_logits() {
             quantize: None,
             adapter: None,
         };
-        let plan = small.plan(&case.config(), &options).unwrap();
+        let source = open_checkpoint(&golden(dir)).unwrap();
+        let plan = small.plan(&case.config(), &source, &options).unwrap();
         let mut gpu = case.gpu(&small, &options).unwrap();
         let footprint = gpu.footprint().clone();
         println!("{dir}: planned {plan:?}, loaded {footprint:?}");
@@ -440,5 +441,91 @@ fn four_bit_logits_match_transformers() {
         let rel = relative_error(&got_all, &want_all);
         println!("{dir}: relative logits error against transformers {rel:.2e}");
         assert!(rel <= TOLERANCE, "{dir}: {rel:e} > {TOLERANCE:e}");
+    }
+}
+
+/// `dir`'s checkpoint with every float tensor cast to `dtype`, in a temporary directory.
+fn cast_checkpoint(dir: &str, dtype: qlora_core::DType) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        golden(dir).join("config.json"),
+        out.path().join("config.json"),
+    )
+    .unwrap();
+    let source = open_checkpoint(&golden(dir)).unwrap();
+    let plan: Vec<_> = source
+        .tensor_infos()
+        .into_iter()
+        .map(|i| qlora_core::checkpoint::TensorInfo { dtype, ..i })
+        .collect();
+    let mut writer = qlora_core::checkpoint::SafetensorsWriter::create(
+        &out.path().join("model.safetensors"),
+        &plan,
+    )
+    .unwrap();
+    for info in &plan {
+        let values = source.read(&info.name).unwrap().to_f32().unwrap();
+        writer
+            .write_tensor(&info.name, &qlora_core::dtype::from_f32(dtype, &values))
+            .unwrap();
+    }
+    writer.commit().unwrap();
+    out
+}
+
+/// Half-precision checkpoints stay half precision on the device (widened exactly in the
+/// kernels), or are quantized from their own dtype as `QuantizeOnRead` does.
+#[test]
+fn half_precision_checkpoints_match_the_cpu_path() {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
+        return;
+    };
+    for (dir, dtype) in [
+        ("tiny-bloom", qlora_core::DType::F16),
+        ("llama/tiny-qwen2", qlora_core::DType::BF16),
+    ] {
+        let cast = cast_checkpoint(dir, dtype);
+        let config = ModelConfig::load(&cast.path().join("config.json")).unwrap();
+        let source = open_checkpoint(cast.path()).unwrap();
+        for quantize in [None, Some(NF4_ON_LOAD)] {
+            let cpu_weights: BoxedSource = match quantize {
+                None => open_checkpoint(cast.path()).unwrap(),
+                Some(q) => quantize_on_read(
+                    &config,
+                    open_checkpoint(cast.path()).unwrap(),
+                    QuantOnLoad {
+                        quant_type: q.quant_type,
+                        double_quant: q.double_quant,
+                        blocksize: q.blocksize,
+                    },
+                )
+                .unwrap(),
+            };
+            let cpu = Model::load(&config, &cpu_weights, None).unwrap();
+            let options = LoadOptions {
+                quantize,
+                ..LoadOptions::default()
+            };
+            let plan = engine.plan(&config, &source, &options).unwrap();
+            let mut gpu = engine
+                .load(&config, &source, None, &options, &mut |_| {})
+                .unwrap();
+            assert_eq!(plan.weight_bytes, gpu.footprint().weight_bytes);
+            // Half the bytes of f32 for the embedding (and the LM head, the projections).
+            let f32_plan = engine
+                .plan(&config, &open_checkpoint(&golden(dir)).unwrap(), &options)
+                .unwrap();
+            assert!(plan.weight_bytes < f32_plan.weight_bytes * 3 / 4);
+            for prompt in prompts(dir) {
+                let got = block_on(gpu.prefill(&prompt)).unwrap();
+                let rel = relative_error(&got, &cpu_logits(&cpu, &prompt));
+                println!(
+                    "{dir} as {dtype}, quantize {:?}: {} bytes of weights, relative logits error {rel:.2e}",
+                    quantize.map(|q| q.quant_type),
+                    plan.weight_bytes
+                );
+                assert!(rel <= TOLERANCE, "{dir} {dtype}: {rel:e}");
+            }
+        }
     }
 }

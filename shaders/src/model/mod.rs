@@ -17,7 +17,7 @@ use qlora_core::{Error, Result};
 
 use crate::buffers::{scratch, submit_and_read, upload_f32, RowSplit};
 use crate::device::Engine;
-use crate::kernels::Recorder;
+use crate::kernels::{LinearParams, Recorder, WeightBinding};
 use crate::weights::{Checkpoint, Linear, Norm};
 
 /// Quantize a full-precision checkpoint's linear weights on load, as `qlora quantize` would.
@@ -165,7 +165,7 @@ impl Engine {
                 "chunk and max_seq_len must be at least 1".into(),
             ));
         }
-        self.plan(config, options)?;
+        self.plan(config, weights, options)?;
         let description = config.describe();
         if let Some(adapter) = adapter {
             check_adapter_modules(adapter, &description)?;
@@ -367,10 +367,10 @@ impl Loader<'_, '_> {
         Ok(norm)
     }
 
-    /// A `[rows, cols]` f32 matrix, split by rows where it exceeds the binding limit.
+    /// A `[rows, cols]` matrix, split by rows where it exceeds the binding limit.
     fn rows(&mut self, name: &str, rows: usize, cols: usize) -> Result<RowSplit> {
-        let values = self.checkpoint.f32(name, &[rows, cols])?;
-        let split = RowSplit::upload(self.engine, name, &values, cols)?;
+        let matrix = self.checkpoint.matrix(name, &[rows, cols])?;
+        let split = RowSplit::upload(self.engine, name, &matrix, cols)?;
         if split.parts.len() > 1 {
             self.footprint
                 .split_tensors
@@ -469,19 +469,20 @@ impl LoadedModel {
         let mut rec = Recorder::new(&self.engine);
         let row_bytes = (d.hidden * 4) as u64;
         for (i, &token) in tokens.iter().enumerate() {
-            let (part, offset) = self.embedding.locate(token as usize).ok_or_else(|| {
+            let (part, row) = self.embedding.locate(token as usize).ok_or_else(|| {
                 Error::Invalid(format!(
                     "token id {token} is outside the vocabulary of {}",
                     d.vocab
                 ))
             })?;
-            rec.copy(
-                &part.buffer,
-                offset,
-                &self.shared.hidden,
-                i as u64 * row_bytes,
-                row_bytes,
-            );
+            let lookup = LinearParams {
+                k: d.hidden as u32,
+                y_offset: (i * d.hidden) as u32,
+                row: row as u32,
+                ..Default::default()
+            };
+            let weight = WeightBinding::Dense(&part.buffer, self.embedding.dtype);
+            rec.gather_row(&lookup, &self.shared.hidden, weight);
         }
         let step = Step {
             dims: d,

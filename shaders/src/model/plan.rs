@@ -2,11 +2,14 @@
 //! limits before any tensor is read, so that a model that cannot fit fails at once with what it
 //! needs and what the device grants.
 
+use std::collections::BTreeMap;
+
 use qlora_core::arch::{ModelConfig, TensorRole};
-use qlora_core::Result;
+use qlora_core::checkpoint::TensorSource;
+use qlora_core::{DType, Result};
 
 use super::{Footprint, LoadOptions};
-use crate::buffers::check_fits;
+use crate::buffers::{check_fits, rows_per_buffer, Dense};
 use crate::device::Engine;
 
 /// bitsandbytes' bytes for `numel` 4-bit values in blocks of `blocksize`: packed codes, then an
@@ -22,35 +25,59 @@ fn four_bit_bytes(numel: usize, blocksize: usize, double_quant: bool) -> usize {
 }
 
 impl Engine {
-    /// The model's footprint as [`Engine::load`] will lay it out (4-bit linear weights of a
-    /// stored 4-bit checkpoint counted with HF's blocks of 64), or an error naming the first
-    /// buffer that exceeds the device's binding limit.
-    pub fn plan(&self, config: &ModelConfig, options: &LoadOptions) -> Result<Footprint> {
+    /// The model's footprint as [`Engine::load`] will lay it out from `weights` (their names,
+    /// shapes and dtypes only; 4-bit linear weights of a stored 4-bit checkpoint counted with
+    /// HF's blocks of 64; of the activations only the two largest, the attention scores and the
+    /// logits), or an error naming the first buffer that exceeds the device's binding limit.
+    pub fn plan(
+        &self,
+        config: &ModelConfig,
+        weights: &dyn TensorSource,
+        options: &LoadOptions,
+    ) -> Result<Footprint> {
+        let dtypes: BTreeMap<String, DType> = weights
+            .tensor_infos()
+            .into_iter()
+            .map(|i| (i.name, i.dtype))
+            .collect();
+        let prefix = config.architecture().base_model_prefix();
+        let dtype_of = |name: &str| {
+            let bare = name.strip_prefix(prefix).unwrap_or(name);
+            dtypes
+                .get(name)
+                .or(dtypes.get(bare))
+                .copied()
+                .unwrap_or(DType::F32)
+        };
         let four_bit = match (&config.quantization, options.quantize) {
             (Some(q), _) => Some((64, q.use_double_quant)),
             (None, Some(q)) => Some((q.blocksize, q.double_quant)),
             (None, None) => None,
         };
-        let binding = self.binding_size() as usize;
         let mut footprint = Footprint::default();
         for tensor in config.describe().tensors() {
             let numel: usize = tensor.shape.iter().product();
-            let row = tensor.shape.last().copied().unwrap_or(1) * 4;
             let bytes = match (tensor.role, four_bit) {
                 (TensorRole::LinearWeight, Some((blocksize, dq))) => {
                     let bytes = four_bit_bytes(numel, blocksize, dq);
                     check_fits(self, &tensor.name, bytes as u64)?;
                     bytes
                 }
-                _ => {
-                    // Split by rows where needed: one row must fit.
-                    check_fits(self, &format!("one row of {}", tensor.name), row as u64)?;
-                    let parts = (numel * 4).div_ceil(binding / row * row);
+                (TensorRole::Embedding | TensorRole::LmHead | TensorRole::LinearWeight, _) => {
+                    // Kept in the checkpoint's dtype, split by rows where needed.
+                    let size = Dense::of(dtype_of(&tensor.name)).size();
+                    let rows = tensor.shape[0];
+                    let per_part = rows_per_buffer(self, &tensor.name, numel / rows, size)?;
+                    let parts = rows.div_ceil(per_part.max(1));
                     if parts > 1 {
                         footprint.split_tensors.push((tensor.name.clone(), parts));
                     }
-                    numel * 4
+                    // Each part padded to whole words.
+                    let part_bytes = |n: usize| (n * numel / rows * size).div_ceil(4) * 4;
+                    (parts - 1) * part_bytes(per_part) + part_bytes(rows - (parts - 1) * per_part)
                 }
+                // Norms and biases: f32.
+                _ => numel * 4,
             };
             footprint.weight_bytes += bytes as u64;
         }
