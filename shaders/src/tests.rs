@@ -110,39 +110,47 @@ fn four_bit_matvec_and_tiled_matmul_equal_the_dequantized_product() {
         return;
     };
     let mut rng = StdRng::seed_from_u64(2);
-    let (n, k) = (45, 192);
-    let w = random(&mut rng, n * k, 1.0);
-    let bias = random(&mut rng, n, 1.0);
-    for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Fp4, false)] {
-        let q = quantize_4bit(qlora_core::quant::FloatSlice::F32(&w), &[n, k], qt, 64, dq).unwrap();
-        let dense = dequantize_4bit(&q).unwrap();
-        let (buffer, params) = upload_q4(&engine, "w", &q).unwrap();
-        // One row (the matrix-vector kernel) and 19 (tiles with ragged edges).
-        for rows in [1, 19] {
-            let x = random(&mut rng, rows * k, 1.0);
-            let start = random(&mut rng, rows * n, 1.0);
-            let xb = upload_f32(&engine, "x", &x).unwrap();
-            let yb = upload_f32(&engine, "y", &start).unwrap();
-            let bb = upload_f32(&engine, "bias", &bias).unwrap();
-            let mut rec = Recorder::new(&engine);
-            let p = LinearParams {
-                rows: rows as u32,
-                n: n as u32,
-                k: k as u32,
-                x_stride: k as u32,
-                y_stride: n as u32,
-                y_offset: 0,
-                flags: ACCUMULATE | HAS_BIAS,
-                scale: 0.5,
-                ..Default::default()
-            };
-            rec.linear(&p, &xb, &yb, Some(&bb), WeightBinding::Q4(&buffer, &params));
-            let got = read(rec, &yb, rows * n);
-            let product = reference_linear(&x, &dense, rows, n, k);
-            let want: Vec<f32> = (0..rows * n)
-                .map(|i| start[i] + (0.5 * product[i] + bias[i % n]))
-                .collect();
-            assert_close(&got, &want, 1e-5, &format!("{qt} dq={dq} rows={rows}"));
+    // Rows of a multiple of 8 (whole words of codes per row) and rows that are not.
+    for (n, k) in [(45, 192), (13, 190)] {
+        let w = random(&mut rng, n * k, 1.0);
+        let bias = random(&mut rng, n, 1.0);
+        for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Fp4, false)] {
+            let q =
+                quantize_4bit(qlora_core::quant::FloatSlice::F32(&w), &[n, k], qt, 64, dq).unwrap();
+            let dense = dequantize_4bit(&q).unwrap();
+            let (buffer, params) = upload_q4(&engine, "w", &q).unwrap();
+            // One row (the matrix-vector kernel) and 19 (tiles with ragged edges).
+            for rows in [1, 19] {
+                let x = random(&mut rng, rows * k, 1.0);
+                let start = random(&mut rng, rows * n, 1.0);
+                let xb = upload_f32(&engine, "x", &x).unwrap();
+                let yb = upload_f32(&engine, "y", &start).unwrap();
+                let bb = upload_f32(&engine, "bias", &bias).unwrap();
+                let mut rec = Recorder::new(&engine);
+                let p = LinearParams {
+                    rows: rows as u32,
+                    n: n as u32,
+                    k: k as u32,
+                    x_stride: k as u32,
+                    y_stride: n as u32,
+                    y_offset: 0,
+                    flags: ACCUMULATE | HAS_BIAS,
+                    scale: 0.5,
+                    ..Default::default()
+                };
+                rec.linear(&p, &xb, &yb, Some(&bb), WeightBinding::Q4(&buffer, &params));
+                let got = read(rec, &yb, rows * n);
+                let product = reference_linear(&x, &dense, rows, n, k);
+                let want: Vec<f32> = (0..rows * n)
+                    .map(|i| start[i] + (0.5 * product[i] + bias[i % n]))
+                    .collect();
+                assert_close(
+                    &got,
+                    &want,
+                    1e-5,
+                    &format!("{qt} dq={dq} rows={rows} k={k}"),
+                );
+            }
         }
     }
 }

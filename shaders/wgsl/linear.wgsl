@@ -1,6 +1,8 @@
 // y = x · Wᵀ (+ bias), optionally scaled and accumulated into y. The weight's storage is not
 // declared here: this file is compiled after weights_q4.wgsl or weights_dense.wgsl, which bind it
-// (bindings 4..) and define `fn weight(n: u32, k: u32) -> f32`, the element W[n, k].
+// (bindings 4..) and define `fn weight(n: u32, k: u32) -> f32`, the element W[n, k], and
+// `fn weight8(n: u32, k: u32) -> array<f32, 8>`, W[n, k .. k + 8] for k a multiple of 8 in rows
+// of a multiple of 8 (one word of 4-bit codes, within one block).
 //
 // Shapes: x [rows, k] with row stride x_stride; y [rows, *] with row stride y_stride, columns
 // y_offset .. y_offset + n (a weight split by rows writes its slice of the columns).
@@ -55,7 +57,14 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     let n = flat_group(wg, groups);
     for (var row = 0u; row < p.rows; row = row + 1u) {
         var acc = 0.0;
-        if n < p.n {
+        if n < p.n && p.k % 8u == 0u {
+            for (var k = 8u * lid; k < p.k; k = k + 8u * MATVEC_THREADS) {
+                let w = weight8(n, k);
+                for (var j = 0u; j < 8u; j = j + 1u) {
+                    acc = acc + x[row * p.x_stride + k + j] * w[j];
+                }
+            }
+        } else if n < p.n {
             for (var k = lid; k < p.k; k = k + MATVEC_THREADS) {
                 acc = acc + x[row * p.x_stride + k] * weight(n, k);
             }

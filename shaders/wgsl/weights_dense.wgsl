@@ -20,3 +20,11 @@ fn weight(n: u32, k: u32) -> f32 {
     }
     return bitcast<f32>(half_bits << 16u);
 }
+
+fn weight8(n: u32, k: u32) -> array<f32, 8> {
+    var w: array<f32, 8>;
+    for (var j = 0u; j < 8u; j = j + 1u) {
+        w[j] = weight(n, k + j);
+    }
+    return w;
+}

@@ -80,3 +80,18 @@ fn weight(n: u32, k: u32) -> f32 {
     let i = n * p.k + k;
     return round_to_dtype(mul_ftz(tables[q.code_table + code(i)], block_absmax(i / q.blocksize)));
 }
+
+// Eight codes of one word share one block (blocks are multiples of 32 elements): the absmax
+// is expanded once.
+fn weight8(n: u32, k: u32) -> array<f32, 8> {
+    let i = n * p.k + k;
+    let absmax = block_absmax(i / q.blocksize);
+    let word = q4[i / 8u];
+    var w: array<f32, 8>;
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        let byte = (word >> (8u * j)) & 0xffu;
+        w[2u * j] = round_to_dtype(mul_ftz(tables[q.code_table + (byte >> 4u)], absmax));
+        w[2u * j + 1u] = round_to_dtype(mul_ftz(tables[q.code_table + (byte & 0xfu)], absmax));
+    }
+    return w;
+}

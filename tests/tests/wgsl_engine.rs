@@ -380,6 +380,24 @@ fn penalties_stops_and_seeded_sampling() {
 
     // A stop id ends generation before it.
     let greedy = run(&GenerateOptions::greedy(32));
+    drop(run);
+    // A prompt longer than a chunk goes through in pieces; a full cache ends generation (the
+    // last token chosen from the last cached position's logits).
+    let mut small = case
+        .gpu(
+            &engine,
+            &LoadOptions {
+                chunk: 4,
+                max_seq_len: prompt.len() + 5,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+    let limited =
+        block_on(small.generate(prompt, &GenerateOptions::greedy(32), |_| false)).unwrap();
+    assert_eq!(limited, greedy[..6]);
+    let mut run =
+        |options: &GenerateOptions| block_on(gpu.generate(prompt, options, |_| false)).unwrap();
     let stop = greedy[5];
     let first = greedy.iter().position(|&t| t == stop).unwrap();
     let stopped = run(&GenerateOptions {
