@@ -380,7 +380,6 @@ fn penalties_stops_and_seeded_sampling() {
 
     // A stop id ends generation before it.
     let greedy = run(&GenerateOptions::greedy(32));
-    drop(run);
     // A prompt longer than a chunk goes through in pieces; a full cache ends generation (the
     // last token chosen from the last cached position's logits).
     let mut small = case
