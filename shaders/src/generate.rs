@@ -82,7 +82,8 @@ impl GenerateOptions {
 impl LoadedModel {
     /// Generates after `prompt` (the cache is reset first). `on_token(generated)` sees the ids
     /// so far after each new token and returns `true` to stop. Returns the generated ids
-    /// without a stop id; generation also ends when the KV cache is full.
+    /// without a stop id; generation also ends when the KV cache is full. Afterwards the cache
+    /// holds the prompt and every generated id but the last.
     pub async fn generate(
         &mut self,
         prompt: &[u32],
@@ -101,6 +102,11 @@ impl LoadedModel {
             self.engine().queue.submit([rec.encoder.finish()]);
         }
         let mut rec = self.record_forward_last(last)?;
+        if options.max_new_tokens == 0 {
+            // The cache must still hold the whole prompt.
+            self.engine().queue.submit([rec.encoder.finish()]);
+            return Ok(Vec::new());
+        }
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut context: Vec<u32> = prompt.to_vec();
         let mut generated = Vec::new();

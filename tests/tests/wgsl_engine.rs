@@ -423,6 +423,21 @@ fn penalties_stops_and_seeded_sampling() {
     assert_eq!(a, run(&sampled(1)));
     assert_ne!(a, run(&sampled(2)));
     assert!(a.iter().all(|&t| (t as usize) < 384));
+
+    // With no new tokens the prompt is still cached (another prompt than the cache held
+    // before): the next step continues it.
+    let other = &prompts(case.dir)[1];
+    let none = block_on(gpu.generate(other, &GenerateOptions::greedy(0), |_| false)).unwrap();
+    assert!(none.is_empty());
+    let step = block_on(gpu.decode_step(greedy[0])).unwrap();
+    let mut longer = other.clone();
+    longer.push(greedy[0]);
+    let full = cpu_logits(&cpu, &longer);
+    let rel = relative_error(&step, &full[other.len() * gpu.vocab_size()..]);
+    assert!(
+        rel <= TOLERANCE,
+        "decode after an empty generation: {rel:e}"
+    );
 }
 
 /// The HF 4-bit checkpoints against the logits transformers + bitsandbytes computed for them
