@@ -209,33 +209,21 @@ pub(crate) enum WeightBinding<'a> {
 }
 
 impl WeightBinding<'_> {
-    /// The pipelines of this weight's format, and its bindings from 4 on (a 4-bit weight's
-    /// parameters live in the uniform `q4_params`).
-    fn resolve<'k>(
-        &self,
-        kernels: &'k Kernels,
-        q4_params: &'k Option<wgpu::Buffer>,
-    ) -> (&'k LinearPipelines, Vec<(u32, wgpu::Buffer)>) {
-        match (self, q4_params) {
-            (WeightBinding::Dense(w, dtype), _) => {
+    /// The pipelines of this weight's format, and its bindings from 4 on.
+    fn resolve<'e>(&self, engine: &'e Engine) -> (&'e LinearPipelines, Vec<(u32, wgpu::Buffer)>) {
+        let kernels = &engine.kernels;
+        match self {
+            WeightBinding::Dense(w, dtype) => {
                 (&kernels.dense[*dtype as usize], vec![(4, (*w).clone())])
             }
-            (WeightBinding::Q4(w, _), Some(q)) => (
+            WeightBinding::Q4(w, q) => (
                 &kernels.q4,
                 vec![
-                    (4, q.clone()),
+                    (4, uniform(engine, *q)),
                     (5, (*w).clone()),
                     (6, kernels.tables.clone()),
                 ],
             ),
-            (WeightBinding::Q4(..), None) => unreachable!("a 4-bit weight comes with its params"),
-        }
-    }
-
-    fn q4_params(&self, engine: &Engine) -> Option<wgpu::Buffer> {
-        match self {
-            WeightBinding::Q4(_, q) => Some(uniform(engine, *q)),
-            WeightBinding::Dense(..) => None,
         }
     }
 }
@@ -317,8 +305,7 @@ impl Recorder {
         weight: WeightBinding<'_>,
     ) {
         let p = uniform(&self.engine, params);
-        let q4_params = weight.q4_params(&self.engine);
-        let (pipelines, weight_bindings) = weight.resolve(&self.engine.kernels, &q4_params);
+        let (pipelines, weight_bindings) = weight.resolve(&self.engine);
         let (pipeline, groups) = if params.rows == 1 {
             (&pipelines.matvec, grid(&self.engine, params.n as usize))
         } else {
@@ -368,8 +355,7 @@ impl Recorder {
         groups: (u32, u32),
     ) {
         let p = uniform(&self.engine, params);
-        let q4_params = weight.q4_params(&self.engine);
-        let (pipelines, weight_bindings) = weight.resolve(&self.engine.kernels, &q4_params);
+        let (pipelines, weight_bindings) = weight.resolve(&self.engine);
         let mut bindings = vec![(0, &p), (2, y)];
         bindings.extend(weight_bindings.iter().map(|(i, b)| (*i, b)));
         dispatch(
