@@ -1,0 +1,237 @@
+//! Device buffers: uploads, scratch space, read-back (the one await of the engine), and
+//! matrices split by rows across buffers that each fit the device's binding limit.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use qlora_core::{DType, Error, Result};
+use wgpu::util::DeviceExt;
+
+use crate::device::Engine;
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Checks that a buffer of `bytes` for `what` fits the device, with a message that says what
+/// was needed and what the device grants.
+pub(crate) fn check_fits(engine: &Engine, what: &str, bytes: u64) -> Result<()> {
+    let limit = engine.binding_size();
+    if bytes > limit {
+        return Err(Error::Invalid(format!(
+            "{what} needs a buffer of {bytes} bytes; the device binds at most {limit} bytes \
+             ({})",
+            engine.report()
+        )));
+    }
+    Ok(())
+}
+
+/// A storage buffer holding `data` (padded to whole 4-byte words; never empty).
+pub(crate) fn upload(engine: &Engine, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
+    let padded = data.len().div_ceil(4).max(1) * 4;
+    check_fits(engine, label, padded as u64)?;
+    let mut contents = data.to_vec();
+    contents.resize(padded, 0);
+    Ok(engine
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &contents,
+            usage: STORAGE,
+        }))
+}
+
+pub(crate) fn upload_f32(engine: &Engine, label: &str, values: &[f32]) -> Result<wgpu::Buffer> {
+    upload(engine, label, bytemuck::cast_slice(values))
+}
+
+/// A zeroed storage buffer of `words` 4-byte elements.
+pub(crate) fn scratch(engine: &Engine, label: &str, words: usize) -> Result<wgpu::Buffer> {
+    let bytes = (words.max(1) * 4) as u64;
+    check_fits(engine, label, bytes)?;
+    Ok(engine.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes,
+        usage: STORAGE,
+        mapped_at_creation: false,
+    }))
+}
+
+/// A uniform buffer holding `params`, padded to 16 bytes.
+pub(crate) fn uniform<T: bytemuck::Pod>(engine: &Engine, params: &T) -> wgpu::Buffer {
+    let mut contents = bytemuck::bytes_of(params).to_vec();
+    contents.resize(contents.len().div_ceil(16) * 16, 0);
+    engine
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: &contents,
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+}
+
+/// Submits `encoder` after copying `bytes` from the start of `source`, and returns them once
+/// the GPU is done.
+pub(crate) async fn submit_and_read(
+    engine: &Engine,
+    mut encoder: wgpu::CommandEncoder,
+    source: &wgpu::Buffer,
+    bytes: u64,
+) -> Result<Vec<u8>> {
+    let staging = engine.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("read-back"),
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    encoder.copy_buffer_to_buffer(source, 0, &staging, 0, bytes);
+    engine.queue.submit([encoder.finish()]);
+    type Slot = (
+        Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+        Option<Waker>,
+    );
+    let slot: Arc<Mutex<Slot>> = Arc::default();
+    let callback_slot = Arc::clone(&slot);
+    staging.map_async(wgpu::MapMode::Read, .., move |result| {
+        let mut slot = callback_slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.0 = Some(result);
+        if let Some(waker) = slot.1.take() {
+            waker.wake();
+        }
+    });
+    // Natively the callback runs inside a poll; in the browser the event loop runs it.
+    #[cfg(not(target_arch = "wasm32"))]
+    engine
+        .device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Invalid(format!("WebGPU device poll failed: {e}")))?;
+    std::future::poll_fn(|cx| {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.0.take() {
+            Some(result) => Poll::Ready(result),
+            None => {
+                slot.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?;
+    let data = staging
+        .get_mapped_range(..)
+        .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?
+        .to_vec();
+    staging.unmap();
+    Ok(data)
+}
+
+/// How a full-precision matrix is stored on the device: half-precision checkpoints keep their
+/// dtype (half the memory; weights_dense.wgsl widens them exactly), anything else is f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dense {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+}
+
+impl Dense {
+    /// The value of weights_dense.wgsl's `DTYPE`.
+    pub(crate) fn shader_code(self) -> u32 {
+        self as u32
+    }
+
+    pub(crate) fn size(self) -> usize {
+        match self {
+            Dense::F32 => 4,
+            Dense::F16 | Dense::Bf16 => 2,
+        }
+    }
+
+    /// The storage of a checkpoint tensor of `dtype`.
+    pub(crate) fn of(dtype: DType) -> Dense {
+        match dtype {
+            DType::F16 => Dense::F16,
+            DType::BF16 => Dense::Bf16,
+            _ => Dense::F32,
+        }
+    }
+}
+
+/// A row-major full-precision matrix as little-endian elements of `dtype`.
+pub(crate) struct Matrix {
+    pub dtype: Dense,
+    pub data: Vec<u8>,
+}
+
+/// A row-major matrix `[rows, cols]` in as few buffers as the binding limit allows, each
+/// holding whole rows.
+#[derive(Clone)]
+pub(crate) struct RowSplit {
+    pub cols: usize,
+    pub dtype: Dense,
+    pub parts: Vec<RowPart>,
+}
+
+/// Buffers are handles: a clone shares the device memory.
+#[derive(Clone)]
+pub(crate) struct RowPart {
+    pub first_row: usize,
+    pub rows: usize,
+    pub buffer: wgpu::Buffer,
+}
+
+/// Rows of `cols` elements of `element_size` bytes per buffer, or an error when one row is
+/// too large to bind.
+pub(crate) fn rows_per_buffer(
+    engine: &Engine,
+    name: &str,
+    cols: usize,
+    element_size: usize,
+) -> Result<usize> {
+    let row_bytes = (cols * element_size) as u64;
+    check_fits(engine, &format!("one row of {name}"), row_bytes)?;
+    Ok((engine.binding_size() / row_bytes.max(1)) as usize)
+}
+
+impl RowSplit {
+    pub(crate) fn upload(
+        engine: &Engine,
+        name: &str,
+        matrix: &Matrix,
+        cols: usize,
+    ) -> Result<RowSplit> {
+        let size = matrix.dtype.size();
+        let per_part = rows_per_buffer(engine, name, cols, size)?;
+        let rows = matrix.data.len() / (cols * size).max(1);
+        let parts = (0..rows)
+            .step_by(per_part.max(1))
+            .map(|first_row| {
+                let n = per_part.min(rows - first_row);
+                let bytes = &matrix.data[first_row * cols * size..(first_row + n) * cols * size];
+                Ok(RowPart {
+                    first_row,
+                    rows: n,
+                    buffer: upload(engine, name, bytes)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RowSplit {
+            cols,
+            dtype: matrix.dtype,
+            parts,
+        })
+    }
+
+    /// The part holding `row`, and the row's index in it.
+    pub(crate) fn locate(&self, row: usize) -> Option<(&RowPart, usize)> {
+        self.parts
+            .iter()
+            .find(|p| (p.first_row..p.first_row + p.rows).contains(&row))
+            .map(|p| (p, row - p.first_row))
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.buffer.size()).sum()
+    }
+}
