@@ -89,3 +89,9 @@ extern "C" __global__ void embedding_fwd(const unsigned int* __restrict__ ids, c
     const T* src = table + (long long)ids[row] * hidden;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[row * hidden + c] = src[c];
 }
+
+// acc (f32) += x (T): a gradient summed in f32 from several products.
+extern "C" __global__ void add_into_f32(float* acc, const T* __restrict__ x, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) acc[i] += ld(x[i]);
+}

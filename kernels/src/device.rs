@@ -94,9 +94,6 @@ impl Gpu {
     fn open_checked(ordinal: usize) -> Result<Gpu> {
         result::init().map_err(|e| match e.0 {
             sys::CUresult::CUDA_ERROR_NO_DEVICE => error("no CUDA device found: use --device cpu"),
-            sys::CUresult::CUDA_ERROR_INSUFFICIENT_DRIVER => error(
-                "the NVIDIA driver is too old for CUDA 13 (driver 580 or newer needed): update it or use --device cpu",
-            ),
             _ => driver_error("initializing the driver (cuInit)", e),
         })?;
         let mut version = 0;

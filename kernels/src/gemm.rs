@@ -136,10 +136,17 @@ enum Algo {
     Cublas,
 }
 
+/// A shape's cuBLASLt descriptors (kept: making them costs more host time than a small
+/// product's GPU time) and algorithm.
+struct Plan {
+    d: Descriptors,
+    algo: Algo,
+}
+
 pub(crate) struct GemmState {
     handle: sys::cublasLtHandle_t,
     workspace: u64,
-    algos: HashMap<AlgoKey, Algo>,
+    plans: HashMap<AlgoKey, Plan>,
     /// Created on the first shape that needs it.
     cublas: Option<cudarc::cublas::sys::cublasHandle_t>,
 }
@@ -170,13 +177,13 @@ impl GemmState {
         Ok(GemmState {
             handle,
             workspace,
-            algos: HashMap::new(),
+            plans: HashMap::new(),
             cublas: None,
         })
     }
 }
 
-/// Destroys cuBLASLt descriptors when a call returns, on every path.
+/// cuBLASLt descriptors, destroyed with their plan (or when making one fails).
 struct Descriptors {
     layouts: Vec<sys::cublasLtMatrixLayout_t>,
     desc: Option<sys::cublasLtMatmulDesc_t>,
@@ -227,74 +234,6 @@ impl Gpu {
             *guard = Some(GemmState::new(&self.inner)?);
         }
         let state = guard.as_mut().expect("set above");
-        // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS's A is our B.
-        let (m, n, k) = (g.n as u64, g.m as u64, g.k as u64);
-        let (ta, tb) = (g.b_trans, g.a_trans);
-        let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
-        let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
-        let mut d = Descriptors {
-            layouts: Vec::new(),
-            desc: None,
-            pref: None,
-        };
-        let layout = |d: &mut Descriptors,
-                      p: Precision,
-                      rows: u64,
-                      cols: u64,
-                      ld: usize,
-                      stride: usize|
-         -> Result<sys::cublasLtMatrixLayout_t> {
-            let l = lt::create_matrix_layout(data_type(p), rows, cols, ld as i64)
-                .map_err(|e| lt_error("creating a layout", e))?;
-            d.layouts.push(l);
-            if let Some((count, ..)) = g.batch {
-                let count = count as i32;
-                let stride = stride as i64;
-                // SAFETY: attributes of a layout created above, with values of their types.
-                unsafe {
-                    set_attr(
-                        lt::set_matrix_layout_attribute,
-                        l,
-                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
-                        &count,
-                    )?;
-                    set_attr(lt::set_matrix_layout_attribute, l, sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride)?;
-                }
-            }
-            Ok(l)
-        };
-        let (sa, sb, sc) = g.batch.map(|(_, a, b, c)| (a, b, c)).unwrap_or((0, 0, 0));
-        let a_layout = layout(&mut d, g.ab, a_rows, a_cols, g.ldb, sb)?;
-        let b_layout = layout(&mut d, g.ab, b_rows, b_cols, g.lda, sa)?;
-        let c_layout = layout(&mut d, g.c_type, m, n, g.ldc, sc)?;
-        let desc = lt::create_matmul_desc(
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cudaDataType::CUDA_R_32F,
-        )
-        .map_err(|e| lt_error("creating a matmul descriptor", e))?;
-        d.desc = Some(desc);
-        let op = |t: bool| {
-            if t {
-                cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        // SAFETY: attributes of the descriptor created above.
-        unsafe {
-            set_attr(
-                lt::set_matmul_desc_attribute,
-                desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                &op(ta),
-            )?;
-            set_attr(
-                lt::set_matmul_desc_attribute,
-                desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                &op(tb),
-            )?;
-        }
         let key = AlgoKey {
             dims: [g.m, g.n, g.k, g.lda, g.ldb, g.ldc],
             trans: (g.a_trans, g.b_trans),
@@ -303,73 +242,19 @@ impl Gpu {
             align: [alignment(g.a), alignment(g.b), alignment(g.c)],
             beta_zero: g.beta == 0.0,
         };
-        let algo = match state.algos.get(&key) {
-            Some(a) => *a,
-            None => {
-                let pref =
-                    lt::create_matmul_pref().map_err(|e| lt_error("creating a preference", e))?;
-                d.pref = Some(pref);
-                let ws = WORKSPACE_BYTES as u64;
-                // SAFETY: attributes of the preference created above.
-                unsafe {
-                    use sys::cublasLtMatmulPreferenceAttributes_t as P;
-                    set_attr(
-                        lt::set_matmul_pref_attribute,
-                        pref,
-                        P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                        &ws,
-                    )?;
-                    set_attr(
-                        lt::set_matmul_pref_attribute,
-                        pref,
-                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                        &key.align[1],
-                    )?;
-                    set_attr(
-                        lt::set_matmul_pref_attribute,
-                        pref,
-                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                        &key.align[0],
-                    )?;
-                    set_attr(
-                        lt::set_matmul_pref_attribute,
-                        pref,
-                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                        &key.align[2],
-                    )?;
-                    set_attr(
-                        lt::set_matmul_pref_attribute,
-                        pref,
-                        P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                        &key.align[2],
-                    )?;
-                }
-                // SAFETY: every descriptor is live.
-                let algo = match unsafe {
-                    lt::get_matmul_algo_heuristic(
-                        state.handle,
-                        desc,
-                        a_layout,
-                        b_layout,
-                        c_layout,
-                        c_layout,
-                        pref,
-                    )
-                } {
-                    Ok(h) => Algo::Lt(h.algo),
-                    Err(_) => Algo::Cublas,
-                };
-                state.algos.insert(key, algo);
-                algo
-            }
-        };
-        if let Algo::Cublas = algo {
-            return self.cublas_gemm(state, g, ta, tb, (m, n, k));
+        if !state.plans.contains_key(&key) {
+            let plan = plan(state.handle, g, &key)?;
+            state.plans.insert(key, plan);
         }
-        let Algo::Lt(algo) = algo else {
-            unreachable!("handled above")
+        let plan = &state.plans[&key];
+        let algo = match plan.algo {
+            Algo::Cublas => return self.cublas_gemm(state, g),
+            Algo::Lt(algo) => algo,
         };
-        // SAFETY: the operands are device ranges the caller sized for this product.
+        let [a_layout, b_layout, c_layout] = [0, 1, 2].map(|i| plan.d.layouts[i]);
+        let desc = plan.d.desc.expect("made with the plan");
+        // SAFETY: the operands are device ranges the caller sized for this product; cuBLAS's A
+        // is our B (see `plan`).
         unsafe {
             lt::matmul(
                 state.handle,
@@ -394,14 +279,9 @@ impl Gpu {
     }
 
     /// `g` through cuBLAS (column-major operands as prepared by [`Gpu::gemm`]).
-    fn cublas_gemm(
-        &self,
-        state: &mut GemmState,
-        g: &Gemm,
-        ta: bool,
-        tb: bool,
-        (m, n, k): (u64, u64, u64),
-    ) -> Result<()> {
+    fn cublas_gemm(&self, state: &mut GemmState, g: &Gemm) -> Result<()> {
+        let (m, n, k) = (g.n as u64, g.m as u64, g.k as u64);
+        let (ta, tb) = (g.b_trans, g.a_trans);
         use cudarc::cublas::{result as blas, sys as bsys};
         let blas_error =
             |what: &str, e: blas::CublasError| error(format!("cuBLAS: {what} failed ({:?})", e.0));
@@ -458,4 +338,118 @@ impl Gpu {
         }
         .map_err(|e| blas_error(&format!("running {g:?}"), e))
     }
+}
+
+/// The cuBLASLt descriptors and algorithm of products of `g`'s shape. Row-major
+/// `C = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`: cuBLAS's A is our B.
+fn plan(handle: sys::cublasLtHandle_t, g: &Gemm, key: &AlgoKey) -> Result<Plan> {
+    let (m, n, k) = (g.n as u64, g.m as u64, g.k as u64);
+    let (ta, tb) = (g.b_trans, g.a_trans);
+    let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
+    let mut d = Descriptors {
+        layouts: Vec::new(),
+        desc: None,
+        pref: None,
+    };
+    let (sa, sb, sc) = g.batch.map(|(_, a, b, c)| (a, b, c)).unwrap_or((0, 0, 0));
+    for (p, rows, cols, ld, stride) in [
+        (g.ab, a_rows, a_cols, g.ldb, sb),
+        (g.ab, b_rows, b_cols, g.lda, sa),
+        (g.c_type, m, n, g.ldc, sc),
+    ] {
+        let l = lt::create_matrix_layout(data_type(p), rows, cols, ld as i64)
+            .map_err(|e| lt_error("creating a layout", e))?;
+        d.layouts.push(l);
+        if let Some((count, ..)) = g.batch {
+            let (count, stride) = (count as i32, stride as i64);
+            use sys::cublasLtMatrixLayoutAttribute_t as L;
+            // SAFETY: attributes of the layout created above, with values of their types.
+            unsafe {
+                set_attr(
+                    lt::set_matrix_layout_attribute,
+                    l,
+                    L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                    &count,
+                )?;
+                set_attr(
+                    lt::set_matrix_layout_attribute,
+                    l,
+                    L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    &stride,
+                )?;
+            }
+        }
+    }
+    let desc = lt::create_matmul_desc(
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cudaDataType::CUDA_R_32F,
+    )
+    .map_err(|e| lt_error("creating a matmul descriptor", e))?;
+    d.desc = Some(desc);
+    let op = |t: bool| {
+        if t {
+            cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let pref = lt::create_matmul_pref().map_err(|e| lt_error("creating a preference", e))?;
+    d.pref = Some(pref);
+    let ws = WORKSPACE_BYTES as u64;
+    // SAFETY: attributes of the descriptor and preference created above.
+    unsafe {
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        set_attr(
+            lt::set_matmul_desc_attribute,
+            desc,
+            D::CUBLASLT_MATMUL_DESC_TRANSA,
+            &op(ta),
+        )?;
+        set_attr(
+            lt::set_matmul_desc_attribute,
+            desc,
+            D::CUBLASLT_MATMUL_DESC_TRANSB,
+            &op(tb),
+        )?;
+        set_attr(
+            lt::set_matmul_pref_attribute,
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &ws,
+        )?;
+        set_attr(
+            lt::set_matmul_pref_attribute,
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            &key.align[1],
+        )?;
+        set_attr(
+            lt::set_matmul_pref_attribute,
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            &key.align[0],
+        )?;
+        set_attr(
+            lt::set_matmul_pref_attribute,
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            &key.align[2],
+        )?;
+        set_attr(
+            lt::set_matmul_pref_attribute,
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            &key.align[2],
+        )?;
+    }
+    let [a, b, c] = [0, 1, 2].map(|i| d.layouts[i]);
+    // SAFETY: every descriptor is live.
+    let algo = match unsafe { lt::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref) } {
+        Ok(h) => Algo::Lt(h.algo),
+        // cuBLASLt has no kernel for some shapes (rank-4 bf16 LoRA matrices): cuBLAS has.
+        Err(_) => Algo::Cublas,
+    };
+    Ok(Plan { d, algo })
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use qlora_core::quant::{codebook, dynamic_map_signed, Absmax, Quantized4};
+use qlora_core::quant::{decode_table, dynamic_map_signed, Absmax, Quantized4};
 use qlora_core::Result;
 
 use crate::buffer::DeviceBuffer;
@@ -23,7 +23,7 @@ const SOURCES: [&str; 7] = [
     include_str!("../cuda/adamw.cu"),
 ];
 
-const NAMES: [&str; 24] = [
+const NAMES: [&str; 26] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -48,6 +48,8 @@ const NAMES: [&str; 24] = [
     "softmax_bwd",
     "cross_entropy_fwd_bwd",
     "adamw",
+    "add_into_f32",
+    "dequant_4bit_x8",
 ];
 
 /// The compiled kernels for one activation precision.
@@ -166,6 +168,11 @@ impl Kernels {
     /// `out = a + b` (T; out may alias a or b).
     pub fn add(&self, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
         launch!(self, "add", grid(n, 256), a, b, out, n as i64)
+    }
+
+    /// `acc (f32) += x (T)`.
+    pub fn add_into_f32(&self, acc: u64, x: u64, n: usize) -> Result<()> {
+        launch!(self, "add_into_f32", grid(n, 256), acc, x, n as i64)
     }
 
     /// `out[r, :] += bias` for `rows` rows of `cols` (T).
@@ -562,6 +569,25 @@ impl Kernels {
                 *nested_blocksize as i32,
             ),
         };
+        if w.numel.is_multiple_of(8) {
+            let groups = w.numel / 8;
+            return launch!(
+                self,
+                "dequant_4bit_x8",
+                grid(groups, 256),
+                w.packed.ptr(),
+                absmax,
+                q8,
+                code2,
+                absmax2,
+                offset,
+                nested,
+                w.code.ptr(),
+                out,
+                groups as i64,
+                w.blocksize as i32
+            );
+        }
         let bytes = w.numel.div_ceil(2);
         launch!(
             self,
@@ -641,7 +667,7 @@ impl DeviceQuantized {
             blocksize: q.blocksize,
             packed: gpu.upload(&q.packed, name)?,
             absmax,
-            code: gpu.upload(codebook(q.quant_type), name)?,
+            code: gpu.upload(decode_table(q.quant_type), name)?,
         })
     }
 

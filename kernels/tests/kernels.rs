@@ -92,28 +92,31 @@ fn each_precision(mut f: impl FnMut(&Gpu, &Kernels, Precision)) {
 #[test]
 fn dequantization_equals_the_cpu_dequantization_rounded_to_the_precision() {
     each_precision(|gpu, k, p| {
-        // 33 x 65 = 2145 values: an odd count and a short last block.
-        let x = random(33 * 65, 1);
-        for qt in [QuantType::Nf4, QuantType::Fp4] {
-            for dq in [false, true] {
-                for bs in [64, 256] {
-                    let q = quantize_4bit(FloatSlice::F32(&x), &[33, 65], qt, bs, dq).unwrap();
-                    let cpu = dequantize_4bit(&q).unwrap();
-                    let w = DeviceQuantized::upload(gpu, &q, "test").unwrap();
-                    let out = gpu.alloc(k.bytes(x.len()), "test").unwrap();
-                    k.dequantize(&w, out.ptr()).unwrap();
-                    let ours = down(gpu, p, &out, x.len());
-                    let expected = rounded(p, &cpu);
-                    let mismatches = ours
-                        .iter()
-                        .zip(&expected)
-                        .filter(|(a, b)| a.to_bits() != b.to_bits())
-                        .count();
-                    println!(
-                        "dequant {qt} dq={dq} bs={bs} {p:?}: {mismatches} of {} differ",
-                        x.len()
-                    );
-                    assert_eq!(mismatches, 0);
+        // 33 x 65 = 2145 values: an odd count and a short last block (the one-byte-per-thread
+        // kernel); 48 x 96: a multiple of 8 (the eight-values-per-thread kernel).
+        for shape in [[33, 65], [48, 96]] {
+            let x = random(shape[0] * shape[1], 1);
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for dq in [false, true] {
+                    for bs in [64, 256] {
+                        let q = quantize_4bit(FloatSlice::F32(&x), &shape, qt, bs, dq).unwrap();
+                        let cpu = dequantize_4bit(&q).unwrap();
+                        let w = DeviceQuantized::upload(gpu, &q, "test").unwrap();
+                        let out = gpu.alloc(k.bytes(x.len()), "test").unwrap();
+                        k.dequantize(&w, out.ptr()).unwrap();
+                        let ours = down(gpu, p, &out, x.len());
+                        let expected = rounded(p, &cpu);
+                        let mismatches = ours
+                            .iter()
+                            .zip(&expected)
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        println!(
+                            "dequant {qt} dq={dq} bs={bs} {p:?}: {mismatches} of {} differ",
+                            x.len()
+                        );
+                        assert_eq!(mismatches, 0);
+                    }
                 }
             }
         }

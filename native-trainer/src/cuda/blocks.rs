@@ -9,8 +9,9 @@ use qlora_kernels::DeviceBuffer;
 
 use super::attention::{self, Shape};
 use super::batch::GpuBatch;
-use super::linear::{Ctx, Linear, LinearSaved};
+use super::linear::{Ctx, GradOut, Linear, LinearSaved};
 use super::weights::Norm;
+use qlora_kernels::Precision;
 
 /// A normalization's output and the row statistics its backward pass needs.
 pub(crate) struct NormSaved {
@@ -90,6 +91,50 @@ impl Norm {
                 accumulate,
             ),
         }
+    }
+}
+
+/// The gradient of a norm's output, which several projections add into: summed in f32, then
+/// handed to the norm's backward pass in the activation precision (one rounding, not one per
+/// projection).
+struct NormGrad {
+    sum: DeviceBuffer,
+    /// The sum in the activation precision (bf16 runs).
+    rounded: Option<DeviceBuffer>,
+    len: usize,
+}
+
+impl NormGrad {
+    fn new(ctx: &Ctx<'_>, len: usize) -> Result<NormGrad> {
+        Ok(NormGrad {
+            sum: ctx.gpu.alloc(4 * len, "norm gradient")?,
+            rounded: None,
+            len,
+        })
+    }
+
+    fn out(&self, accumulate: bool) -> GradOut {
+        GradOut {
+            ptr: self.sum.ptr(),
+            precision: Precision::F32,
+            accumulate,
+        }
+    }
+
+    /// The sum so far, as the activation precision.
+    fn in_precision(&mut self, ctx: &Ctx<'_>) -> Result<u64> {
+        if ctx.p() == Precision::F32 {
+            return Ok(self.sum.ptr());
+        }
+        let rounded = match self.rounded.take() {
+            Some(r) => r,
+            None => ctx.act(self.len, "norm gradient")?,
+        };
+        ctx.k
+            .cast_from_f32(self.sum.ptr(), rounded.ptr(), self.len)?;
+        let ptr = rounded.ptr();
+        self.rounded = Some(rounded);
+        Ok(ptr)
     }
 }
 
@@ -394,29 +439,27 @@ impl Block {
                     grad,
                     n,
                     down_lin,
-                    Some((dup.ptr(), false)),
+                    Some(GradOut {
+                        ptr: dup.ptr(),
+                        precision: ctx.p(),
+                        accumulate: false,
+                    }),
                 )?;
                 ctx.k
                     .gelu_bwd(up_pre.ptr(), dup.ptr(), dup.ptr(), n * 4 * h)?;
-                let dln2 = ctx.act(n * h, "norm gradient")?;
+                let mut dln2 = NormGrad::new(ctx, n * h)?;
                 blk.dense_h_to_4h.backward(
                     ctx,
                     ln2.out.ptr(),
                     dup.ptr(),
                     n,
                     up_lin,
-                    Some((dln2.ptr(), false)),
+                    Some(dln2.out(false)),
                 )?;
                 drop(dup);
-                blk.post_attention_layernorm.backward(
-                    ctx,
-                    mid.ptr(),
-                    ln2,
-                    dln2.ptr(),
-                    grad,
-                    n,
-                    true,
-                )?;
+                let dy = dln2.in_precision(ctx)?;
+                blk.post_attention_layernorm
+                    .backward(ctx, mid.ptr(), ln2, dy, grad, n, true)?;
                 // grad is now dL/d mid.
                 let dcontext = ctx.act(n * h, "attention gradient")?;
                 blk.dense.backward(
@@ -425,7 +468,11 @@ impl Block {
                     grad,
                     n,
                     dense_lin,
-                    Some((dcontext.ptr(), false)),
+                    Some(GradOut {
+                        ptr: dcontext.ptr(),
+                        precision: ctx.p(),
+                        accumulate: false,
+                    }),
                 )?;
                 let dheads = ctx.act(n * h, "attention gradient")?;
                 ctx.k.heads_from_tokens(
@@ -454,10 +501,11 @@ impl Block {
                         dqkv.ptr(),
                         n,
                         qkv_lin,
-                        Some((dln2.ptr(), false)),
+                        Some(dln2.out(false)),
                     )?;
+                    let dy = dln2.in_precision(ctx)?;
                     blk.input_layernorm
-                        .backward(ctx, x, ln1, dln2.ptr(), grad, n, true)?;
+                        .backward(ctx, x, ln1, dy, grad, n, true)?;
                 } else {
                     blk.query_key_value.backward(
                         ctx,
@@ -506,7 +554,11 @@ impl Block {
                     grad,
                     n,
                     down_lin,
-                    Some((dact.ptr(), false)),
+                    Some(GradOut {
+                        ptr: dact.ptr(),
+                        precision: ctx.p(),
+                        accumulate: false,
+                    }),
                 )?;
                 let dgate = ctx.act(n * i, "MLP gradient")?;
                 ctx.k.swiglu_bwd(
@@ -517,14 +569,14 @@ impl Block {
                     dact.ptr(),
                     n * i,
                 )?;
-                let dln2 = ctx.act(n * h, "norm gradient")?;
+                let mut dln2 = NormGrad::new(ctx, n * h)?;
                 blk.gate_proj.backward(
                     ctx,
                     ln2.out.ptr(),
                     dgate.ptr(),
                     n,
                     gate_lin,
-                    Some((dln2.ptr(), false)),
+                    Some(dln2.out(false)),
                 )?;
                 blk.up_proj.backward(
                     ctx,
@@ -532,18 +584,12 @@ impl Block {
                     dact.ptr(),
                     n,
                     up_lin,
-                    Some((dln2.ptr(), true)),
+                    Some(dln2.out(true)),
                 )?;
                 drop((dact, dgate));
-                blk.post_attention_layernorm.backward(
-                    ctx,
-                    mid.ptr(),
-                    ln2,
-                    dln2.ptr(),
-                    grad,
-                    n,
-                    true,
-                )?;
+                let dy = dln2.in_precision(ctx)?;
+                blk.post_attention_layernorm
+                    .backward(ctx, mid.ptr(), ln2, dy, grad, n, true)?;
                 let dcontext = ctx.act(n * blk.heads * hd, "attention gradient")?;
                 blk.o_proj.backward(
                     ctx,
@@ -551,7 +597,11 @@ impl Block {
                     grad,
                     n,
                     o_lin,
-                    Some((dcontext.ptr(), false)),
+                    Some(GradOut {
+                        ptr: dcontext.ptr(),
+                        precision: ctx.p(),
+                        accumulate: false,
+                    }),
                 )?;
                 let dheads = ctx.act(shape.q_len(), "attention gradient")?;
                 ctx.k
@@ -590,13 +640,14 @@ impl Block {
                     let tokens = ctx.act(n * heads * hd, "attention gradient")?;
                     ctx.k
                         .tokens_from_heads(d.ptr(), tokens.ptr(), b, t, heads, 1, 0, hd)?;
-                    let dx = input_grad.then_some((dln2.ptr(), !first));
+                    let dx = input_grad.then(|| dln2.out(!first));
                     lin.backward(ctx, ln1.out.ptr(), tokens.ptr(), n, lsaved, dx)?;
                     first = false;
                 }
                 if input_grad {
+                    let dy = dln2.in_precision(ctx)?;
                     blk.input_layernorm
-                        .backward(ctx, x, ln1, dln2.ptr(), grad, n, true)?;
+                        .backward(ctx, x, ln1, dy, grad, n, true)?;
                 }
                 Ok(())
             }

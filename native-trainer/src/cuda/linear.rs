@@ -2,6 +2,9 @@
 //! backward pass, which computes the input gradient and accumulates the LoRA gradients (the
 //! frozen `W` and `b` get none).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use qlora_core::Result;
 use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, Precision};
 
@@ -19,9 +22,22 @@ pub(crate) struct Ctx<'a> {
     pub train: bool,
     /// Seeds this micro-batch's dropout masks.
     pub seed: u64,
+    /// While set, dequantized weights are kept by projection id: a block recomputed for its
+    /// backward pass (gradient checkpointing) then dequantizes each weight once, not twice.
+    pub weight_cache: RefCell<Option<HashMap<u64, DeviceBuffer>>>,
 }
 
 impl Ctx<'_> {
+    /// Keeps dequantized weights from now on (until [`Ctx::end_weight_cache`]).
+    pub(crate) fn begin_weight_cache(&self) {
+        *self.weight_cache.borrow_mut() = Some(HashMap::new());
+    }
+
+    /// Frees the kept weights.
+    pub(crate) fn end_weight_cache(&self) {
+        *self.weight_cache.borrow_mut() = None;
+    }
+
     pub(crate) fn p(&self) -> Precision {
         self.k.precision
     }
@@ -59,6 +75,16 @@ pub(crate) struct Linear {
     pub id: u64,
 }
 
+/// Where a projection's input gradient goes: `precision` values at `ptr`, overwritten or (with
+/// `accumulate`) added to. An f32 target keeps the sum of several projections' gradients (q, k
+/// and v; gate and up) from being rounded to bf16 after each one.
+#[derive(Clone, Copy)]
+pub(crate) struct GradOut {
+    pub ptr: u64,
+    pub precision: Precision,
+    pub accumulate: bool,
+}
+
 /// What the backward pass needs from the forward pass besides the input: `dropout(x) A^T`.
 pub(crate) struct LinearSaved {
     xa: Option<DeviceBuffer>,
@@ -70,8 +96,19 @@ impl Linear {
         match &self.weight {
             FrozenWeight::Dense(d) => Ok(d.ptr()),
             FrozenWeight::Packed(q) => {
-                ctx.k.dequantize(q, ctx.scratch.ptr())?;
-                Ok(ctx.scratch.ptr())
+                let mut cache = ctx.weight_cache.borrow_mut();
+                let Some(kept) = cache.as_mut() else {
+                    ctx.k.dequantize(q, ctx.scratch.ptr())?;
+                    return Ok(ctx.scratch.ptr());
+                };
+                if let Some(buf) = kept.get(&self.id) {
+                    return Ok(buf.ptr());
+                }
+                let buf = ctx.act(q.numel, "dequantized weights of one layer")?;
+                ctx.k.dequantize(q, buf.ptr())?;
+                let ptr = buf.ptr();
+                kept.insert(self.id, buf);
+                Ok(ptr)
             }
         }
     }
@@ -118,7 +155,7 @@ impl Linear {
     }
 
     /// Given `dy [n, out]` and the forward input `x`, accumulates the LoRA gradients and, when
-    /// `dx` is given, writes (or with `accumulate` adds) the input gradient `[n, in]`.
+    /// `dx` is given, writes (or adds) the input gradient `[n, in]` there.
     pub(crate) fn backward(
         &self,
         ctx: &Ctx<'_>,
@@ -126,13 +163,14 @@ impl Linear {
         dy: u64,
         n: usize,
         saved: &LinearSaved,
-        dx: Option<(u64, bool)>,
+        dx: Option<GradOut>,
     ) -> Result<()> {
         let (i, o) = (self.in_features, self.out_features);
-        if let Some((dx, accumulate)) = dx {
+        if let Some(dx) = dx {
             let w = self.weight_ptr(ctx)?;
-            let g = ctx.gemm(n, i, o, dy, false, w, false, dx);
-            ctx.gpu.gemm(&if accumulate { g.accumulate() } else { g })?;
+            let g = Gemm::new(n, i, o, dy, false, w, false, dx.ptr, ctx.p(), dx.precision);
+            ctx.gpu
+                .gemm(&if dx.accumulate { g.accumulate() } else { g })?;
         }
         let (Some(slot), Some(xa)) = (self.lora, &saved.xa) else {
             return Ok(());
@@ -181,13 +219,22 @@ impl Linear {
             .accumulate(),
         )?;
         // dx += dropout'(dxa A) (dx already holds dy W).
-        if let Some((dx, _)) = dx {
+        if let Some(dx) = dx {
             match dropped {
                 None => {
-                    ctx.gpu.gemm(
-                        &ctx.gemm(n, i, s.r, dxa.ptr(), false, ctx.lora.a(slot), false, dx)
-                            .accumulate(),
-                    )?;
+                    let g = Gemm::new(
+                        n,
+                        i,
+                        s.r,
+                        dxa.ptr(),
+                        false,
+                        ctx.lora.a(slot),
+                        false,
+                        dx.ptr,
+                        ctx.p(),
+                        dx.precision,
+                    );
+                    ctx.gpu.gemm(&g.accumulate())?;
                 }
                 Some(buf) => {
                     // Reuses the dropped-input buffer for dxa A, then applies the same mask.
@@ -208,7 +255,11 @@ impl Linear {
                         s.dropout,
                         self.dropout_seed(ctx),
                     )?;
-                    ctx.k.add(dx, buf.ptr(), dx, n * i)?;
+                    if dx.precision == ctx.p() {
+                        ctx.k.add(dx.ptr, buf.ptr(), dx.ptr, n * i)?;
+                    } else {
+                        ctx.k.add_into_f32(dx.ptr, buf.ptr(), n * i)?;
+                    }
                 }
             }
         }

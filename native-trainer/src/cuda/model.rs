@@ -277,6 +277,7 @@ impl CudaModel {
             lora: &self.lora,
             train,
             seed,
+            weight_cache: Default::default(),
         }
     }
 
@@ -378,12 +379,15 @@ impl CudaModel {
             let s = match saved[i].take() {
                 Some(s) => s,
                 None => {
-                    // Recompute the block; its output is not needed again.
+                    // Recompute the block; its output is not needed again. Its weights stay
+                    // dequantized for the backward pass that follows.
+                    ctx.begin_weight_cache();
                     let scratch_out = ctx.act(n * self.hidden, "recomputed block output")?;
                     block.forward(&ctx, &inputs, x, scratch_out.ptr())?
                 }
             };
             block.backward(&ctx, &inputs, x, &s, grad.ptr(), i > 0)?;
+            ctx.end_weight_cache();
             xs.truncate(i + 1);
         }
         Ok(loss)
