@@ -8,8 +8,21 @@ use qlora_kernels::{Gemm, Precision};
 use super::batch::GpuBatch;
 use super::linear::Ctx;
 
-/// f32 logits per chunk at most (the gradient chunk adds half or as much again).
-const CHUNK_BYTES: usize = 256 << 20;
+/// f32 logits per chunk at most (the gradient chunk adds half or as much again). Large enough
+/// that the chunk's `dL/dlogits . table` product, whose output is only `[rows, H]`, has enough
+/// output tiles to fill the GPU.
+const CHUNK_BYTES: usize = 1 << 30;
+
+/// Rows per chunk: a multiple of 128 (the GEMM tile height) when more than that fit.
+fn chunk_rows(tokens: usize, vocab: usize) -> usize {
+    let fit = CHUNK_BYTES / (4 * vocab);
+    let rows = if fit >= 128 {
+        fit / 128 * 128
+    } else {
+        fit.max(1)
+    };
+    rows.min(tokens)
+}
 
 /// Mean next-token loss of `hidden [N, H]` (after the final norm) against the batch's targets,
 /// with `dL/d hidden` written to `dhidden` scaled by `grad_scale` (1 / micro-batches).
@@ -26,7 +39,7 @@ pub(crate) fn loss_and_grad(
     grad_scale: f32,
 ) -> Result<f64> {
     let n = batch.tokens();
-    let chunk = (CHUNK_BYTES / (4 * vocab)).clamp(1, n);
+    let chunk = chunk_rows(n, vocab);
     let logits = ctx
         .gpu
         .alloc(4 * chunk * vocab, "LM-head logits (one chunk)")?;
@@ -67,4 +80,18 @@ pub(crate) fn loss_and_grad(
     }
     let per_token = ctx.gpu.read::<f32>(losses.ptr(), n)?;
     Ok(per_token.iter().map(|&l| f64::from(l)).sum::<f64>() / batch.count as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_rows;
+
+    #[test]
+    fn chunks_are_whole_tiles_and_never_exceed_the_tokens() {
+        assert_eq!(chunk_rows(2048, 250_880), 1024);
+        assert_eq!(chunk_rows(512, 250_880), 512);
+        assert_eq!(chunk_rows(10, 512), 10);
+        // A vocabulary too large for one tile of rows still makes progress.
+        assert_eq!(chunk_rows(100, 1 << 30), 1);
+    }
 }
