@@ -14,7 +14,7 @@ use crate::error;
 fn include_dir() -> String {
     ["CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .map(|root| PathBuf::from(root).join("include"))
         .find(|p| p.join("cuda_bf16.h").exists())
         .unwrap_or_else(|| PathBuf::from("/usr/local/cuda/include"))

@@ -300,7 +300,8 @@ impl Case {
                 "one gradient pair per adapter"
             );
             let (mut worst, mut worst_norm) = (0f64, 0f64);
-            for ((m, a, b), (cm, ca, cb)) in grads.iter().zip(&cpu.grads) {
+            for (g, (cm, ca, cb)) in grads.iter().zip(&cpu.grads) {
+                let (m, a, b) = (&g.module, &g.a, &g.b);
                 assert_eq!(m, cm);
                 worst = worst.max(relative(a, ca)).max(relative(b, cb));
                 worst_norm = worst_norm

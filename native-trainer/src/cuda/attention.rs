@@ -47,9 +47,7 @@ pub(crate) struct Saved {
 pub(crate) fn forward(
     ctx: &Ctx<'_>,
     s: Shape,
-    q: DeviceBuffer,
-    k: DeviceBuffer,
-    v: DeviceBuffer,
+    [q, k, v]: [DeviceBuffer; 3],
     batch: &GpuBatch,
     slopes: Option<&DeviceBuffer>,
     context: u64,

@@ -58,6 +58,7 @@ impl Norm {
     }
 
     /// `dx (+)= d norm(x) / dx . dy`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         &self,
         ctx: &Ctx<'_>,
@@ -176,8 +177,8 @@ pub(crate) struct BlockInputs<'a> {
 }
 
 pub(crate) enum Block {
-    Bloom(BloomBlock),
-    Llama(LlamaBlock),
+    Bloom(Box<BloomBlock>),
+    Llama(Box<LlamaBlock>),
 }
 
 /// What a block's backward pass needs from its forward pass.
@@ -254,9 +255,7 @@ impl Block {
                 let attn = attention::forward(
                     ctx,
                     shape,
-                    q,
-                    k,
-                    v,
+                    [q, k, v],
                     inp.batch,
                     inp.alibi_slopes,
                     heads_ctx.ptr(),
@@ -345,7 +344,7 @@ impl Block {
                 }
                 let heads_ctx = ctx.act(shape.q_len(), "attention context")?;
                 let attn =
-                    attention::forward(ctx, shape, q, k, v, inp.batch, None, heads_ctx.ptr())?;
+                    attention::forward(ctx, shape, [q, k, v], inp.batch, None, heads_ctx.ptr())?;
                 let context = ctx.act(n * blk.heads * hd, "attention context")?;
                 ctx.k.tokens_from_heads(
                     heads_ctx.ptr(),

@@ -8,6 +8,16 @@ use qlora_kernels::{AdamWCoefficients, DeviceBuffer, Gpu, Kernels, Precision};
 
 use crate::train::optimizer::AdamWParams;
 
+/// The gradients of one adapter's matrices.
+pub struct LoraGradients {
+    /// The adapted module's path.
+    pub module: String,
+    /// `dL/dA`, `[r, in_features]`.
+    pub a: Vec<f32>,
+    /// `dL/dB`, `[out_features, r]`.
+    pub b: Vec<f32>,
+}
+
 pub(crate) struct Slot {
     pub module: String,
     pub r: usize,
@@ -179,18 +189,16 @@ impl LoraStore {
             .collect())
     }
 
-    /// The fp32 gradients of every adapter as `(module, dA, dB)`.
-    pub(crate) fn gradients(&self, gpu: &Gpu) -> Result<Vec<(String, Vec<f32>, Vec<f32>)>> {
+    /// The fp32 gradients of every adapter.
+    pub(crate) fn gradients(&self, gpu: &Gpu) -> Result<Vec<LoraGradients>> {
         let all = gpu.read::<f32>(self.grad.ptr(), self.len)?;
         Ok(self
             .slots
             .iter()
-            .map(|s| {
-                (
-                    s.module.clone(),
-                    all[s.a..s.a + s.r * s.in_features].to_vec(),
-                    all[s.b..s.b + s.out_features * s.r].to_vec(),
-                )
+            .map(|s| LoraGradients {
+                module: s.module.clone(),
+                a: all[s.a..s.a + s.r * s.in_features].to_vec(),
+                b: all[s.b..s.b + s.out_features * s.r].to_vec(),
             })
             .collect())
     }

@@ -19,5 +19,6 @@ pub mod trainer;
 mod weights;
 
 pub use batch::GpuBatch;
+pub use lora::LoraGradients;
 pub use model::{CudaModel, CudaOptions};
 pub use qlora_kernels::{Gpu, Precision};

@@ -13,7 +13,7 @@ use super::batch::GpuBatch;
 use super::blocks::{Block, BlockInputs, BloomBlock, LlamaBlock, Saved};
 use super::head;
 use super::linear::{Ctx, Linear};
-use super::lora::{InitialAdapter, LoraStore};
+use super::lora::{InitialAdapter, LoraGradients, LoraStore};
 use super::weights::{Loader, Norm};
 use crate::cpu::lora::{AdapterFactory, LoraSetup};
 use crate::cpu::weights::Weights;
@@ -140,7 +140,7 @@ impl CudaModel {
                 for layer in &d.layers {
                     let mut lin =
                         |s: &LinearSpec| linear(&loader, s, factory.as_mut(), &mut adapters);
-                    blocks.push(Block::Bloom(BloomBlock {
+                    blocks.push(Block::Bloom(Box::new(BloomBlock {
                         input_layernorm: loader.norm(&layer.input_layernorm)?,
                         query_key_value: lin(&layer.query_key_value)?,
                         dense: lin(&layer.dense)?,
@@ -149,7 +149,7 @@ impl CudaModel {
                         dense_4h_to_h: lin(&layer.dense_4h_to_h)?,
                         n_head: c.n_head,
                         hidden: c.hidden_size,
-                    }));
+                    })));
                 }
                 (
                     loader.embedding(&d.word_embeddings)?,
@@ -166,7 +166,7 @@ impl CudaModel {
                 for layer in &d.layers {
                     let mut lin =
                         |s: &LinearSpec| linear(&loader, s, factory.as_mut(), &mut adapters);
-                    blocks.push(Block::Llama(LlamaBlock {
+                    blocks.push(Block::Llama(Box::new(LlamaBlock {
                         input_layernorm: loader.norm(&layer.input_layernorm)?,
                         q_proj: lin(&layer.q_proj)?,
                         k_proj: lin(&layer.k_proj)?,
@@ -181,7 +181,7 @@ impl CudaModel {
                         head_dim: c.head_dim,
                         hidden: c.hidden_size,
                         intermediate: c.intermediate_size,
-                    }));
+                    })));
                 }
                 (
                     loader.embedding(&d.embed_tokens)?,
@@ -438,8 +438,8 @@ impl CudaModel {
         self.lora.adamw_step(&self.kernels, params, lr)
     }
 
-    /// `(module, dL/dA [r, in], dL/dB [out, r])` of every adapter, as accumulated so far.
-    pub fn lora_gradients(&self) -> Result<Vec<(String, Vec<f32>, Vec<f32>)>> {
+    /// The gradients of every adapter, as accumulated since [`CudaModel::zero_grad`].
+    pub fn lora_gradients(&self) -> Result<Vec<LoraGradients>> {
         self.lora.gradients(&self.gpu)
     }
 
