@@ -5,6 +5,7 @@
 //! - [`generate`]: decoding with a KV cache, sampling, streaming and the ADGEN evaluation.
 
 pub mod cpu;
+pub mod cuda;
 pub mod generate;
 pub mod load;
 pub mod merge;

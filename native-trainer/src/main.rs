@@ -31,6 +31,8 @@ enum Command {
     Predict(commands::predict::Args),
     /// Generate for a validation file and report ROUGE-1/2/L and BLEU-4.
     Eval(commands::eval::Args),
+    /// Measure: `qlora bench train` (CUDA training on BLOOM-7b1 shapes, random weights).
+    Bench(commands::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Merge(args) => commands::merge::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -377,6 +377,10 @@ impl<S: TensorSource> TensorSource for Dequantizing<S> {
     fn file_of(&self, name: &str) -> Option<String> {
         self.inner.file_of(name)
     }
+
+    fn quantized(&self, name: &str) -> Option<Result<Quantized4>> {
+        Dequantizing::quantized(self, name)
+    }
 }
 
 /// dtype and shape from a weight's quant state, or `None` if it cannot be read (the error then
@@ -439,20 +443,7 @@ impl<S: TensorSource> TensorSource for QuantizeOnRead<S> {
         if !self.linear.contains(name) {
             return Ok(raw);
         }
-        let data = quant::FloatData::from_le_bytes(raw.dtype, &raw.data).map_err(|e| {
-            Error::tensor(
-                self.inner.file_of(name).unwrap_or_default(),
-                name,
-                e.to_string(),
-            )
-        })?;
-        let q = quant::quantize_4bit(
-            data.as_slice(),
-            &raw.shape,
-            self.quant_type,
-            self.blocksize,
-            self.double_quant,
-        )?;
+        let q = self.quantize(name, &raw)?;
         let values = quant::dequantize_4bit(&q)?;
         Ok(RawTensor {
             dtype: raw.dtype,
@@ -463,6 +454,37 @@ impl<S: TensorSource> TensorSource for QuantizeOnRead<S> {
 
     fn file_of(&self, name: &str) -> Option<String> {
         self.inner.file_of(name)
+    }
+
+    fn quantized(&self, name: &str) -> Option<Result<Quantized4>> {
+        if !self.linear.contains(name) {
+            return None;
+        }
+        Some(
+            self.inner
+                .read(name)
+                .and_then(|raw| self.quantize(name, &raw)),
+        )
+    }
+}
+
+impl<S: TensorSource> QuantizeOnRead<S> {
+    /// `raw` (the full-precision weight `name`) quantized as this source's settings say.
+    fn quantize(&self, name: &str, raw: &RawTensor) -> Result<Quantized4> {
+        let data = quant::FloatData::from_le_bytes(raw.dtype, &raw.data).map_err(|e| {
+            Error::tensor(
+                self.inner.file_of(name).unwrap_or_default(),
+                name,
+                e.to_string(),
+            )
+        })?;
+        quant::quantize_4bit(
+            data.as_slice(),
+            &raw.shape,
+            self.quant_type,
+            self.blocksize,
+            self.double_quant,
+        )
     }
 }
 

@@ -65,6 +65,11 @@ pub trait TensorSource {
     fn read(&self, name: &str) -> Result<RawTensor>;
     /// The file that holds `name` (for messages).
     fn file_of(&self, name: &str) -> Option<String>;
+    /// The bitsandbytes 4-bit form of weight `name`, for engines that keep the base packed (the
+    /// CUDA path); `None` when this source does not hold `name` as 4-bit.
+    fn quantized(&self, _name: &str) -> Option<Result<crate::quant::Quantized4>> {
+        None
+    }
 }
 
 impl<T: TensorSource + ?Sized> TensorSource for Box<T> {
@@ -76,5 +81,8 @@ impl<T: TensorSource + ?Sized> TensorSource for Box<T> {
     }
     fn file_of(&self, name: &str) -> Option<String> {
         (**self).file_of(name)
+    }
+    fn quantized(&self, name: &str) -> Option<Result<crate::quant::Quantized4>> {
+        (**self).quantized(name)
     }
 }

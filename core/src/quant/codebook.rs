@@ -98,7 +98,7 @@ pub fn codebook(quant_type: QuantType) -> &'static [f32; 16] {
 }
 
 /// The values the dequantization kernel multiplies by absmax, by code.
-pub(crate) fn decode_table(quant_type: QuantType) -> &'static [f32; 16] {
+pub fn decode_table(quant_type: QuantType) -> &'static [f32; 16] {
     match quant_type {
         QuantType::Nf4 => &NF4_CODE,
         QuantType::Fp4 => &FP4_DECODE,

@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use half::{bf16, f16};
 
-pub use codebook::codebook;
+pub use codebook::{codebook, decode_table};
 pub use double_quant::{DoubleQuant, NESTED_BLOCKSIZE};
 pub use dynamic_map::dynamic_map_signed;
 pub use float_slice::{FloatData, FloatSlice};

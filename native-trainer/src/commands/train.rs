@@ -19,6 +19,8 @@ use qlora_core::prompt::PromptTemplate;
 use qlora_core::quant::QuantType;
 use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
+use qlora_trainer::cuda::trainer::train as cuda_train;
+use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
 use qlora_trainer::generate::model::load_for_generation;
 use qlora_trainer::generate::{evaluate, EvalOptions, Example};
 use qlora_trainer::load::{load_base, QuantOnLoad};
@@ -152,8 +154,16 @@ pub struct Args {
     /// Seeds the adapters' initial values, the shuffle and the dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: Device,
+    /// Where to train [default: cuda when a CUDA device opens, else cpu].
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// CUDA: keep only each layer's input and recompute the layer in the backward pass (less
+    /// memory, about a third more compute).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// CUDA: activation precision (f32 is the exact check mode, slower and larger).
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub precision: CudaPrecision,
     /// Output directory: train_log.jsonl, best_model/, final/ [default: output; demo: runs/demo].
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -173,6 +183,28 @@ pub enum BaseQuant {
 pub enum Device {
     Cpu,
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CudaPrecision {
+    Bf16,
+    F32,
+}
+
+/// The CUDA device to train on, or `None` for the CPU: `--device cuda` must open one;
+/// without `--device`, a device that does not open means the CPU (said in the log).
+fn choose_device(device: Option<Device>) -> Result<Option<Gpu>> {
+    match device {
+        Some(Device::Cpu) => Ok(None),
+        Some(Device::Cuda) => Ok(Some(Gpu::open(0)?)),
+        None => match Gpu::open(0) {
+            Ok(gpu) => Ok(Some(gpu)),
+            Err(e) => {
+                tracing::info!("training on the CPU: {e}");
+                Ok(None)
+            }
+        },
+    }
 }
 
 /// The settings a run without the flag gets: the seed project's, or the demo's.
@@ -293,8 +325,9 @@ impl DataFile {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.device == Device::Cuda {
-        bail!("the CUDA trainer is not built yet: train with --device cpu");
+    let gpu = choose_device(args.device)?;
+    if let Some(gpu) = &gpu {
+        tracing::info!("training on {}", gpu.describe());
     }
     let demo = args.model_name_or_path.is_none() && args.train_file.is_none();
     let (model_path, train_file, validation_file, defaults) = if demo {
@@ -410,7 +443,6 @@ pub fn run(args: Args) -> Result<()> {
         config: lora,
         init: LoraInit::Random { seed: args.seed },
     };
-    let model = Model::load(&base.config, &*base.weights, Some(&setup))?;
 
     let pad_id = base
         .tokenizer
@@ -471,15 +503,50 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     };
-    let summary = train(
-        &model,
-        &train_examples.examples,
-        validation_examples.as_ref().map(|v| v.examples.as_slice()),
-        &options,
-        &adapter_config,
-        &out_dir,
-        &mut on_step,
-    );
+    let validation = validation_examples.as_ref().map(|v| v.examples.as_slice());
+    let summary = match &gpu {
+        Some(_) if options.resume_from.is_some() => bail!(
+            "--resume_from_checkpoint is not supported with --device cuda yet (CUDA checkpoints \
+             hold the adapter only); resume with --device cpu or start a new run"
+        ),
+        Some(gpu) => {
+            let cuda_options = CudaOptions {
+                precision: match args.precision {
+                    CudaPrecision::Bf16 => Precision::Bf16,
+                    CudaPrecision::F32 => Precision::F32,
+                },
+                gradient_checkpointing: args.gradient_checkpointing,
+            };
+            let mut model = CudaModel::load(
+                gpu,
+                &base.config,
+                &*base.weights,
+                Some(&setup),
+                cuda_options,
+            )?;
+            cuda_train(
+                &mut model,
+                &train_examples.examples,
+                validation,
+                &options,
+                &adapter_config,
+                &out_dir,
+                &mut on_step,
+            )
+        }
+        None => {
+            let model = Model::load(&base.config, &*base.weights, Some(&setup))?;
+            train(
+                &model,
+                &train_examples.examples,
+                validation,
+                &options,
+                &adapter_config,
+                &out_dir,
+                &mut on_step,
+            )
+        }
+    };
     bar.finish_and_clear();
     let summary = summary?;
     print_summary(&summary, &out_dir);

@@ -96,7 +96,7 @@ impl<'a> AdapterFactory<'a> {
     }
 
     /// The adapter of `linear`, or `None` when it is not a target.
-    fn adapter(&mut self, linear: &LinearSpec) -> Result<Option<LoraAdapter>> {
+    pub(crate) fn adapter(&mut self, linear: &LinearSpec) -> Result<Option<LoraAdapter>> {
         if !self.config.is_target(linear) {
             return Ok(None);
         }

@@ -21,7 +21,7 @@ pub mod llama;
 pub mod lora;
 mod loss;
 mod ops;
-mod weights;
+pub(crate) mod weights;
 
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;

@@ -31,11 +31,18 @@ impl<'a> Weights<'a> {
 
     /// The tensor `name` as f32, which must have `shape`. Errors name the file and the tensor.
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let stored = self
-            .strip_prefix
+        read_f32(self.source, self.stored_name(name), shape)
+    }
+
+    /// The name `name` has in the checkpoint.
+    pub(crate) fn stored_name<'n>(&self, name: &'n str) -> &'n str {
+        self.strip_prefix
             .and_then(|prefix| name.strip_prefix(prefix))
-            .unwrap_or(name);
-        read_f32(self.source, stored, shape)
+            .unwrap_or(name)
+    }
+
+    pub(crate) fn source(&self) -> &'a dyn TensorSource {
+        self.source
     }
 
     pub(crate) fn embedding(&self, spec: &EmbeddingSpec) -> Result<Tensor> {

@@ -11,12 +11,12 @@ use crate::cpu::{compute_error, Model};
 
 /// The adapter of `model` (f32, as PEFT saves a QLoRA adapter trained in f32).
 pub fn model_adapter(model: &Model, config: &AdapterConfig) -> Result<LoraAdapter> {
-    let mut modules = BTreeMap::new();
+    let mut pairs = Vec::new();
     for adapter in model.lora_adapters() {
         let (r, in_features) = adapter.a.as_tensor().dims2().map_err(compute_error)?;
         let (out_features, _) = adapter.b.as_tensor().dims2().map_err(compute_error)?;
         let flat = |t: &candle_core::Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-        modules.insert(
+        pairs.push((
             adapter.module.clone(),
             LoraPair {
                 a: flat(adapter.a.as_tensor()).map_err(compute_error)?,
@@ -25,13 +25,18 @@ pub fn model_adapter(model: &Model, config: &AdapterConfig) -> Result<LoraAdapte
                 in_features,
                 out_features,
             },
-        );
+        ));
     }
-    Ok(LoraAdapter {
+    Ok(adapter_from_pairs(pairs, config))
+}
+
+/// An f32 adapter of `(module path, A/B pair)`s (any engine's trained matrices).
+pub fn adapter_from_pairs(pairs: Vec<(String, LoraPair)>, config: &AdapterConfig) -> LoraAdapter {
+    LoraAdapter {
         config: config.clone(),
-        modules,
+        modules: pairs.into_iter().collect::<BTreeMap<_, _>>(),
         dtype: DType::F32,
-    })
+    }
 }
 
 /// Writes `adapter` to `dir` as a whole: built beside it and renamed into place, replacing an

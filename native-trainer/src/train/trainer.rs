@@ -79,7 +79,7 @@ impl TrainOptions {
             .unwrap_or(self.epochs * self.steps_per_epoch(examples))
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         let positive = [
             ("batch_size", Some(self.batch_size)),
             ("gradient_steps", Some(self.gradient_steps)),
@@ -207,6 +207,15 @@ pub fn validation_loss(
 
 fn scalar(t: &Tensor) -> Result<f64> {
     t.to_scalar::<f32>().map(f64::from).map_err(compute_error)
+}
+
+/// The error of a CUDA step whose `what` is not finite (the CPU loop's [`diverged`] also names
+/// the batch).
+pub(crate) fn not_finite(what: &str, value: f64, step: usize, epoch: usize) -> Error {
+    Error::Invalid(format!(
+        "{what} is {value} at step {step} (epoch {}): training diverged; try a lower --lr",
+        epoch + 1
+    ))
 }
 
 /// The LoRA matrices as the optimizer sees them: the model's Vars, f32 copies of their values,

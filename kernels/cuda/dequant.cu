@@ -1,0 +1,87 @@
+// bitsandbytes 4-bit dequantization (NF4 / FP4, blockwise absmax, optionally double-quantized):
+// out[i] = code[nibble(i)] * absmax(block of i), one f32 product rounded to T, the even element
+// in the high nibble. With double quant the block's absmax is itself
+// ftz(code2[q8[b]] * absmax2[b / nested]) + offset, as bitsandbytes expands it.
+
+__device__ __forceinline__ float ftz(float x) { return fabsf(x) < 1.17549435e-38f ? copysignf(0.0f, x) : x; }
+
+extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ packed,
+                                        const float* __restrict__ absmax,
+                                        const unsigned char* __restrict__ absmax_q8,
+                                        const float* __restrict__ code2,
+                                        const float* __restrict__ absmax2,
+                                        float offset, int nested_blocksize,
+                                        const float* __restrict__ code16,
+                                        T* __restrict__ out, long long numel, int blocksize) {
+    __shared__ float code[16];
+    __shared__ float code_nested[256];
+    if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
+    if (absmax_q8 != nullptr)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code_nested[i] = code2[i];
+    __syncthreads();
+    long long byte = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long first = byte * 2;
+    if (first >= numel) return;
+    unsigned char b = packed[byte];
+    for (int half = 0; half < 2; half++) {
+        long long i = first + half;
+        if (i >= numel) break;
+        long long block = i / blocksize;
+        float scale;
+        if (absmax_q8 != nullptr) {
+            scale = __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]),
+                                            ftz(absmax2[block / nested_blocksize]))), offset);
+        } else {
+            scale = absmax[block];
+        }
+        int q = half == 0 ? (b >> 4) : (b & 15);
+        st(&out[i], __fmul_rn(code[q], scale));
+    }
+}
+
+// Eight values (four packed bytes) per thread, one absmax lookup and vector stores: for tensors
+// whose element count is a multiple of 8 (every block size is).
+__device__ __forceinline__ void store8(float* out, const float* v) {
+    reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* out, const float* v) {
+    union { __nv_bfloat162 h[4]; uint4 u; } pack;
+    for (int j = 0; j < 4; j++) pack.h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+    *reinterpret_cast<uint4*>(out) = pack.u;
+}
+
+extern "C" __global__ void dequant_4bit_x8(const unsigned int* __restrict__ packed,
+                                           const float* __restrict__ absmax,
+                                           const unsigned char* __restrict__ absmax_q8,
+                                           const float* __restrict__ code2,
+                                           const float* __restrict__ absmax2,
+                                           float offset, int nested_blocksize,
+                                           const float* __restrict__ code16,
+                                           T* __restrict__ out, long long groups, int blocksize) {
+    __shared__ float code[16];
+    __shared__ float code_nested[256];
+    if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
+    if (absmax_q8 != nullptr)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code_nested[i] = code2[i];
+    __syncthreads();
+    long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= groups) return;
+    long long first = g * 8;
+    long long block = first / blocksize;
+    float scale;
+    if (absmax_q8 != nullptr) {
+        scale = __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]),
+                                        ftz(absmax2[block / nested_blocksize]))), offset);
+    } else {
+        scale = absmax[block];
+    }
+    unsigned int word = packed[g];
+    float v[8];
+    for (int j = 0; j < 4; j++) {
+        unsigned int b = (word >> (8 * j)) & 0xffu;
+        v[2 * j] = __fmul_rn(code[b >> 4], scale);
+        v[2 * j + 1] = __fmul_rn(code[b & 15u], scale);
+    }
+    store8(out + first, v);
+}

@@ -1,0 +1,686 @@
+//! Host wrappers of the CUDA C kernels (`kernels/cuda/*.cu`): one method per kernel, taking
+//! device addresses and explicit sizes. Tensors of the activation type `T` are f32 or bf16 as
+//! the [`Precision`] these kernels were compiled for.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use qlora_core::quant::{decode_table, dynamic_map_signed, Absmax, Quantized4};
+use qlora_core::Result;
+
+use crate::buffer::DeviceBuffer;
+use crate::compile::compile;
+use crate::device::Gpu;
+use crate::{error, Precision};
+
+const SOURCES: [&str; 7] = [
+    include_str!("../cuda/common.cuh"),
+    include_str!("../cuda/dequant.cu"),
+    include_str!("../cuda/elementwise.cu"),
+    include_str!("../cuda/norm.cu"),
+    include_str!("../cuda/attention.cu"),
+    include_str!("../cuda/loss.cu"),
+    include_str!("../cuda/adamw.cu"),
+];
+
+const NAMES: [&str; 26] = [
+    "dequant_4bit",
+    "cast_f32_to_t",
+    "cast_t_to_f32",
+    "add",
+    "add_bias",
+    "scale_f32",
+    "sum_squares_f32",
+    "gelu_fwd",
+    "gelu_bwd",
+    "swiglu_fwd",
+    "swiglu_bwd",
+    "dropout",
+    "embedding_fwd",
+    "layernorm_fwd",
+    "layernorm_bwd",
+    "rmsnorm_fwd",
+    "rmsnorm_bwd",
+    "heads_from_tokens",
+    "tokens_from_heads",
+    "rope",
+    "softmax_fwd",
+    "softmax_bwd",
+    "cross_entropy_fwd_bwd",
+    "adamw",
+    "add_into_f32",
+    "dequant_4bit_x8",
+];
+
+/// The compiled kernels for one activation precision.
+pub struct Kernels {
+    pub precision: Precision,
+    stream: Arc<CudaStream>,
+    functions: Vec<CudaFunction>,
+}
+
+fn grid(n: usize, block: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(block).max(1) as u32, 1, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn rows(n: usize, block: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per block for a per-row kernel over rows of `dim`.
+fn row_block(dim: usize) -> usize {
+    dim.div_ceil(32).clamp(1, 32) * 32
+}
+
+macro_rules! launch {
+    ($self:ident, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $self.function($name);
+        let mut b = $self.stream.launch_builder(f);
+        // Each argument is bound first: the builder keeps references until the launch.
+        $( let arg = $arg; b.arg(&arg); )*
+        // SAFETY: the arguments match the kernel's signature in kernels/cuda (checked by the
+        // kernel tests), and the callers pass device ranges of the sizes they describe.
+        unsafe { b.launch($cfg) }
+            .map(|_| ())
+            .map_err(|e| error(format!("CUDA: launching {} failed: {e:?}", $name)))
+    }};
+}
+
+/// Arguments of [`Kernels::softmax_fwd`].
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxArgs {
+    /// `[batch, kv_heads, group * seq, keys]` f32.
+    pub scores: u64,
+    /// Same shape, `T`.
+    pub probs: u64,
+    /// `[batch, keys]` f32: 1 real key, 0 padding.
+    pub key_mask: u64,
+    /// `[kv_heads * group]` f32 ALiBi slopes, or 0 for none.
+    pub slopes: u64,
+    /// `[batch, keys]` f32 ALiBi positions (ignored without slopes).
+    pub positions: u64,
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub seq: usize,
+    pub keys: usize,
+    pub scale: f32,
+}
+
+impl Kernels {
+    pub(crate) fn load(gpu: &Gpu, precision: Precision) -> Result<Kernels> {
+        let source = SOURCES.concat();
+        let ptx = compile(
+            &source,
+            gpu.inner.arch,
+            &[format!("QLORA_T={}", precision.c_type())],
+        )?;
+        let module = gpu
+            .inner
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| error(format!("CUDA: loading the compiled kernels failed: {e:?}")))?;
+        let functions = NAMES
+            .iter()
+            .map(|n| {
+                module
+                    .load_function(n)
+                    .map_err(|e| error(format!("CUDA: kernel {n} not found in the module: {e:?}")))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Kernels {
+            precision,
+            stream: gpu.inner.stream.clone(),
+            functions,
+        })
+    }
+
+    fn function(&self, name: &str) -> &CudaFunction {
+        let i = NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("kernel name listed in NAMES");
+        &self.functions[i]
+    }
+
+    fn t(&self) -> usize {
+        self.precision.size()
+    }
+
+    /// `out[i] = x[i]` f32 -> T.
+    pub fn cast_from_f32(&self, x: u64, out: u64, n: usize) -> Result<()> {
+        launch!(self, "cast_f32_to_t", grid(n, 256), x, out, n as i64)
+    }
+
+    /// `out[i] = x[i]` T -> f32.
+    pub fn cast_to_f32(&self, x: u64, out: u64, n: usize) -> Result<()> {
+        launch!(self, "cast_t_to_f32", grid(n, 256), x, out, n as i64)
+    }
+
+    /// `out = a + b` (T; out may alias a or b).
+    pub fn add(&self, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
+        launch!(self, "add", grid(n, 256), a, b, out, n as i64)
+    }
+
+    /// `acc (f32) += x (T)`.
+    pub fn add_into_f32(&self, acc: u64, x: u64, n: usize) -> Result<()> {
+        launch!(self, "add_into_f32", grid(n, 256), acc, x, n as i64)
+    }
+
+    /// `out[r, :] += bias` for `rows` rows of `cols` (T).
+    pub fn add_bias(&self, out: u64, bias: u64, rows: usize, cols: usize) -> Result<()> {
+        launch!(
+            self,
+            "add_bias",
+            grid(rows * cols, 256),
+            out,
+            bias,
+            rows as i64,
+            cols as i32
+        )
+    }
+
+    /// `x *= factor` (f32).
+    pub fn scale_f32(&self, x: u64, factor: f32, n: usize) -> Result<()> {
+        launch!(self, "scale_f32", grid(n, 256), x, factor, n as i64)
+    }
+
+    /// `*total (f64) += sum(x^2)` (x f32).
+    pub fn sum_squares(&self, x: u64, n: usize, total: u64) -> Result<()> {
+        launch!(self, "sum_squares_f32", grid(n, 256), x, n as i64, total)
+    }
+
+    pub fn gelu_fwd(&self, x: u64, out: u64, n: usize) -> Result<()> {
+        launch!(self, "gelu_fwd", grid(n, 256), x, out, n as i64)
+    }
+
+    /// `dx = gelu'(x) * dy` (dx may alias dy).
+    pub fn gelu_bwd(&self, x: u64, dy: u64, dx: u64, n: usize) -> Result<()> {
+        launch!(self, "gelu_bwd", grid(n, 256), x, dy, dx, n as i64)
+    }
+
+    /// `out = silu(gate) * up`.
+    pub fn swiglu_fwd(&self, gate: u64, up: u64, out: u64, n: usize) -> Result<()> {
+        launch!(self, "swiglu_fwd", grid(n, 256), gate, up, out, n as i64)
+    }
+
+    pub fn swiglu_bwd(
+        &self,
+        gate: u64,
+        up: u64,
+        dy: u64,
+        dgate: u64,
+        dup: u64,
+        n: usize,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "swiglu_bwd",
+            grid(n, 256),
+            gate,
+            up,
+            dy,
+            dgate,
+            dup,
+            n as i64
+        )
+    }
+
+    /// Inverted dropout with the mask of `seed` (the same call on a gradient is its backward).
+    pub fn dropout(&self, x: u64, out: u64, n: usize, p: f32, seed: u64) -> Result<()> {
+        launch!(self, "dropout", grid(n, 256), x, out, n as i64, p, seed)
+    }
+
+    /// `out [n, hidden] = table[ids]` (ids u32).
+    pub fn embedding(&self, ids: u64, table: u64, out: u64, n: usize, hidden: usize) -> Result<()> {
+        launch!(
+            self,
+            "embedding_fwd",
+            rows(n, row_block(hidden).min(256)),
+            ids,
+            table,
+            out,
+            hidden as i32
+        )
+    }
+
+    /// LayerNorm of `n` rows of `dim`; `bias` may be 0. Saves mean and rstd (f32 `[n]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_fwd(
+        &self,
+        x: u64,
+        w: u64,
+        bias: u64,
+        out: u64,
+        mean: u64,
+        rstd: u64,
+        n: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "layernorm_fwd",
+            rows(n, row_block(dim).min(1024)),
+            x,
+            w,
+            bias,
+            out,
+            mean,
+            rstd,
+            dim as i32,
+            eps
+        )
+    }
+
+    /// Input gradient of LayerNorm; adds into `dx` when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_bwd(
+        &self,
+        dy: u64,
+        x: u64,
+        w: u64,
+        mean: u64,
+        rstd: u64,
+        dx: u64,
+        n: usize,
+        dim: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "layernorm_bwd",
+            rows(n, row_block(dim).min(1024)),
+            dy,
+            x,
+            w,
+            mean,
+            rstd,
+            dx,
+            dim as i32,
+            accumulate as i32
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_fwd(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        rstd: u64,
+        n: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "rmsnorm_fwd",
+            rows(n, row_block(dim).min(1024)),
+            x,
+            w,
+            out,
+            rstd,
+            dim as i32,
+            eps
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_bwd(
+        &self,
+        dy: u64,
+        x: u64,
+        w: u64,
+        rstd: u64,
+        dx: u64,
+        n: usize,
+        dim: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "rmsnorm_bwd",
+            rows(n, row_block(dim).min(1024)),
+            dy,
+            x,
+            w,
+            rstd,
+            dx,
+            dim as i32,
+            accumulate as i32
+        )
+    }
+
+    /// Slot `group` of `src [B, T, heads, groups, hd]` -> `dst [B, heads, T, hd]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn heads_from_tokens(
+        &self,
+        src: u64,
+        dst: u64,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        groups: usize,
+        group: usize,
+        hd: usize,
+    ) -> Result<()> {
+        let n = batch * seq * heads * hd;
+        launch!(
+            self,
+            "heads_from_tokens",
+            grid(n, 256),
+            src,
+            dst,
+            batch as i32,
+            seq as i32,
+            heads as i32,
+            groups as i32,
+            group as i32,
+            hd as i32
+        )
+    }
+
+    /// `src [B, heads, T, hd]` -> slot `group` of `dst [B, T, heads, groups, hd]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tokens_from_heads(
+        &self,
+        src: u64,
+        dst: u64,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        groups: usize,
+        group: usize,
+        hd: usize,
+    ) -> Result<()> {
+        let n = batch * seq * heads * hd;
+        launch!(
+            self,
+            "tokens_from_heads",
+            grid(n, 256),
+            src,
+            dst,
+            batch as i32,
+            seq as i32,
+            heads as i32,
+            groups as i32,
+            group as i32,
+            hd as i32
+        )
+    }
+
+    /// RoPE in place on `x [rows = B * heads * T, hd]` with f32 tables `[T, hd]`; `inverse`
+    /// rotates back (the backward pass).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: u64,
+        cos: u64,
+        sin: u64,
+        rows_: usize,
+        seq: usize,
+        hd: usize,
+        half_split: bool,
+        inverse: bool,
+    ) -> Result<()> {
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        launch!(
+            self,
+            "rope",
+            grid(rows_ * hd / 2, 256),
+            x,
+            cos,
+            sin,
+            rows_ as i64,
+            seq as i32,
+            hd as i32,
+            half_split as i32,
+            sign
+        )
+    }
+
+    pub fn softmax_fwd(&self, a: &SoftmaxArgs) -> Result<()> {
+        let n = a.batch * a.kv_heads * a.group * a.seq;
+        launch!(
+            self,
+            "softmax_fwd",
+            grid(n * 32, 256),
+            a.scores,
+            a.probs,
+            a.key_mask,
+            a.slopes,
+            a.positions,
+            n as i64,
+            a.kv_heads as i32,
+            a.group as i32,
+            a.seq as i32,
+            a.keys as i32,
+            a.scale
+        )
+    }
+
+    /// `dscores = scale * p * (dp - sum(p dp))` over `rows` rows of `keys`.
+    pub fn softmax_bwd(
+        &self,
+        probs: u64,
+        dprobs: u64,
+        dscores: u64,
+        rows_: usize,
+        keys: usize,
+        scale: f32,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "softmax_bwd",
+            grid(rows_ * 32, 256),
+            probs,
+            dprobs,
+            dscores,
+            rows_ as i64,
+            keys as i32,
+            scale
+        )
+    }
+
+    /// Per-row loss (f32 `[n]`) and logit gradient (T `[n, vocab]`) of f32 logits `[n, vocab]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy(
+        &self,
+        logits: u64,
+        targets: u64,
+        weights: u64,
+        loss: u64,
+        grad: u64,
+        n: usize,
+        vocab: usize,
+        inv_count: f32,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "cross_entropy_fwd_bwd",
+            rows(n, 1024),
+            logits,
+            targets,
+            weights,
+            loss,
+            grad,
+            vocab as i32,
+            inv_count
+        )
+    }
+
+    /// One AdamW update of `n` f32 parameters (and their T copy `param_t`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        &self,
+        param: u64,
+        grad: u64,
+        m: u64,
+        v: u64,
+        param_t: u64,
+        n: usize,
+        c: &AdamWCoefficients,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "adamw",
+            grid(n, 256),
+            param,
+            grad,
+            m,
+            v,
+            param_t,
+            n as i64,
+            c.decay,
+            c.one_minus_beta1,
+            c.beta2,
+            c.one_minus_beta2,
+            c.step_size,
+            c.bias_correction2_sqrt,
+            c.eps
+        )
+    }
+
+    /// Dequantizes `w` into `out` (T, `w.numel` values).
+    pub fn dequantize(&self, w: &DeviceQuantized, out: u64) -> Result<()> {
+        let (absmax, q8, code2, absmax2, offset, nested) = match &w.absmax {
+            DeviceAbsmax::Plain(a) => (a.ptr(), 0u64, 0u64, 0u64, 0f32, 1i32),
+            DeviceAbsmax::Double {
+                quantized,
+                code,
+                nested_absmax,
+                offset,
+                nested_blocksize,
+            } => (
+                0u64,
+                quantized.ptr(),
+                code.ptr(),
+                nested_absmax.ptr(),
+                *offset,
+                *nested_blocksize as i32,
+            ),
+        };
+        if w.numel.is_multiple_of(8) {
+            let groups = w.numel / 8;
+            return launch!(
+                self,
+                "dequant_4bit_x8",
+                grid(groups, 256),
+                w.packed.ptr(),
+                absmax,
+                q8,
+                code2,
+                absmax2,
+                offset,
+                nested,
+                w.code.ptr(),
+                out,
+                groups as i64,
+                w.blocksize as i32
+            );
+        }
+        let bytes = w.numel.div_ceil(2);
+        launch!(
+            self,
+            "dequant_4bit",
+            grid(bytes, 256),
+            w.packed.ptr(),
+            absmax,
+            q8,
+            code2,
+            absmax2,
+            offset,
+            nested,
+            w.code.ptr(),
+            out,
+            w.numel as i64,
+            w.blocksize as i32
+        )
+    }
+
+    /// Bytes of `n` activations.
+    pub fn bytes(&self, n: usize) -> usize {
+        n * self.t()
+    }
+}
+
+/// AdamW's per-step scalars, computed on the host exactly as train/optimizer.rs does.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWCoefficients {
+    pub decay: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub step_size: f32,
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
+}
+
+/// The absmax of a 4-bit weight on the device.
+pub enum DeviceAbsmax {
+    Plain(DeviceBuffer),
+    Double {
+        quantized: DeviceBuffer,
+        /// The 256-entry signed dynamic map.
+        code: DeviceBuffer,
+        nested_absmax: DeviceBuffer,
+        offset: f32,
+        nested_blocksize: usize,
+    },
+}
+
+/// A bitsandbytes 4-bit weight kept packed on the device (dequantized just in time).
+pub struct DeviceQuantized {
+    pub shape: Vec<usize>,
+    pub numel: usize,
+    pub blocksize: usize,
+    packed: DeviceBuffer,
+    absmax: DeviceAbsmax,
+    code: DeviceBuffer,
+}
+
+impl DeviceQuantized {
+    pub fn upload(gpu: &Gpu, q: &Quantized4, name: &str) -> Result<DeviceQuantized> {
+        q.validate()?;
+        let absmax = match &q.absmax {
+            Absmax::Plain(a) => DeviceAbsmax::Plain(gpu.upload(a, name)?),
+            Absmax::Double(d) => DeviceAbsmax::Double {
+                quantized: gpu.upload(&d.quantized, name)?,
+                code: gpu.upload(&dynamic_map_signed(), name)?,
+                nested_absmax: gpu.upload(&d.nested_absmax, name)?,
+                offset: d.offset,
+                nested_blocksize: d.nested_blocksize,
+            },
+        };
+        Ok(DeviceQuantized {
+            shape: q.shape.clone(),
+            numel: q.numel(),
+            blocksize: q.blocksize,
+            packed: gpu.upload(&q.packed, name)?,
+            absmax,
+            code: gpu.upload(decode_table(q.quant_type), name)?,
+        })
+    }
+
+    /// Device bytes held (packed codes and absmax).
+    pub fn bytes(&self) -> usize {
+        self.packed.bytes()
+            + match &self.absmax {
+                DeviceAbsmax::Plain(a) => a.bytes(),
+                DeviceAbsmax::Double {
+                    quantized,
+                    nested_absmax,
+                    ..
+                } => quantized.bytes() + nested_absmax.bytes(),
+            }
+    }
+}

@@ -1,0 +1,610 @@
+//! Every kernel against a CPU reference written out here in f64 (or, for dequantization, against
+//! qlora-core's bitsandbytes-exact CPU dequantization). Skipped, with a printed reason, where no
+//! CUDA device opens; `--nocapture` prints each kernel's max relative error.
+
+use half::bf16;
+use qlora_core::quant::{dequantize_4bit, quantize_4bit, FloatSlice, QuantType};
+use qlora_kernels::{DeviceBuffer, DeviceQuantized, Gemm, Gpu, Kernels, Precision, SoftmaxArgs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// `values` on the device in precision `p`.
+fn up(gpu: &Gpu, p: Precision, values: &[f32]) -> DeviceBuffer {
+    match p {
+        Precision::F32 => gpu.upload(values, "test").unwrap(),
+        Precision::Bf16 => gpu
+            .upload(
+                &values
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect::<Vec<_>>(),
+                "test",
+            )
+            .unwrap(),
+    }
+}
+
+fn down(gpu: &Gpu, p: Precision, buf: &DeviceBuffer, n: usize) -> Vec<f32> {
+    match p {
+        Precision::F32 => gpu.read::<f32>(buf.ptr(), n).unwrap(),
+        Precision::Bf16 => gpu
+            .read::<bf16>(buf.ptr(), n)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+    }
+}
+
+/// The values a bf16 run sees: `values` rounded to `p`.
+fn rounded(p: Precision, values: &[f32]) -> Vec<f32> {
+    match p {
+        Precision::F32 => values.to_vec(),
+        Precision::Bf16 => values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+    }
+}
+
+fn rel(ours: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .map(|(&a, &b)| (f64::from(a) - b).abs())
+        .fold(0.0, f64::max);
+    let scale = reference
+        .iter()
+        .map(|b| b.abs())
+        .fold(0.0, f64::max)
+        .max(1e-30);
+    diff / scale
+}
+
+fn tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::F32 => 1e-5,
+        Precision::Bf16 => 1e-2,
+    }
+}
+
+fn each_precision(mut f: impl FnMut(&Gpu, &Kernels, Precision)) {
+    let Some(gpu) = gpu() else { return };
+    for p in [Precision::F32, Precision::Bf16] {
+        let k = gpu.kernels(p).unwrap();
+        f(&gpu, &k, p);
+    }
+}
+
+#[test]
+fn dequantization_equals_the_cpu_dequantization_rounded_to_the_precision() {
+    each_precision(|gpu, k, p| {
+        // 33 x 65 = 2145 values: an odd count and a short last block (the one-byte-per-thread
+        // kernel); 48 x 96: a multiple of 8 (the eight-values-per-thread kernel).
+        for shape in [[33, 65], [48, 96]] {
+            let x = random(shape[0] * shape[1], 1);
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for dq in [false, true] {
+                    for bs in [64, 256] {
+                        let q = quantize_4bit(FloatSlice::F32(&x), &shape, qt, bs, dq).unwrap();
+                        let cpu = dequantize_4bit(&q).unwrap();
+                        let w = DeviceQuantized::upload(gpu, &q, "test").unwrap();
+                        let out = gpu.alloc(k.bytes(x.len()), "test").unwrap();
+                        k.dequantize(&w, out.ptr()).unwrap();
+                        let ours = down(gpu, p, &out, x.len());
+                        let expected = rounded(p, &cpu);
+                        let mismatches = ours
+                            .iter()
+                            .zip(&expected)
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        println!(
+                            "dequant {qt} dq={dq} bs={bs} {p:?}: {mismatches} of {} differ",
+                            x.len()
+                        );
+                        assert_eq!(mismatches, 0);
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn cpu_matmul(a: &[f32], at: bool, b: &[f32], bt: bool, m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for l in 0..k {
+                let av = if at { a[l * m + i] } else { a[i * k + l] };
+                let bv = if bt { b[j * k + l] } else { b[l * n + j] };
+                s += f64::from(av) * f64::from(bv);
+            }
+            c[i * n + j] = s;
+        }
+    }
+    c
+}
+
+#[test]
+fn gemm_matches_a_cpu_product_for_every_transpose_and_batching() {
+    each_precision(|gpu, _k, p| {
+        let (m, n, kk, batches) = (37, 45, 70, 3);
+        for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = rounded(p, &random(batches * m * kk, 2));
+            let b = rounded(p, &random(batches * kk * n, 3));
+            let c0 = random(batches * m * n, 4);
+            let (ga, gb, gc) = (
+                up(gpu, p, &a),
+                up(gpu, p, &b),
+                gpu.upload(&c0, "test").unwrap(),
+            );
+            let g = Gemm::new(
+                m,
+                n,
+                kk,
+                ga.ptr(),
+                at,
+                gb.ptr(),
+                bt,
+                gc.ptr(),
+                p,
+                Precision::F32,
+            )
+            .alpha(0.5)
+            .accumulate()
+            .batched(batches, m * kk, kk * n, m * n);
+            gpu.gemm(&g).unwrap();
+            let ours = gpu.read::<f32>(gc.ptr(), batches * m * n).unwrap();
+            let mut expected = Vec::new();
+            for i in 0..batches {
+                let c = cpu_matmul(&a[i * m * kk..], at, &b[i * kk * n..], bt, m, n, kk);
+                expected.extend(
+                    c.iter()
+                        .zip(&c0[i * m * n..])
+                        .map(|(v, c)| 0.5 * v + f64::from(*c)),
+                );
+            }
+            let r = rel(&ours, &expected);
+            println!("gemm {p:?} at={at} bt={bt}: rel {r:.2e}");
+            assert!(r <= tolerance(p), "{r}");
+        }
+    });
+}
+
+#[test]
+fn norms_forward_and_backward_match_the_cpu() {
+    each_precision(|gpu, k, p| {
+        let (n, d) = (7, 300);
+        let x = rounded(
+            p,
+            &random(n * d, 5)
+                .iter()
+                .map(|v| v * 3.0 + 0.5)
+                .collect::<Vec<_>>(),
+        );
+        let w = rounded(p, &random(d, 6));
+        let bias = rounded(p, &random(d, 7));
+        let dy = rounded(p, &random(n * d, 8));
+        let dx0 = rounded(p, &random(n * d, 9));
+        let (gx, gw, gb, gdy) = (
+            up(gpu, p, &x),
+            up(gpu, p, &w),
+            up(gpu, p, &bias),
+            up(gpu, p, &dy),
+        );
+        let out = gpu.alloc(k.bytes(n * d), "t").unwrap();
+        let (mean, rstd) = (
+            gpu.alloc(4 * n, "t").unwrap(),
+            gpu.alloc(4 * n, "t").unwrap(),
+        );
+        for layer in [true, false] {
+            let eps = 1e-5;
+            if layer {
+                k.layernorm_fwd(
+                    gx.ptr(),
+                    gw.ptr(),
+                    gb.ptr(),
+                    out.ptr(),
+                    mean.ptr(),
+                    rstd.ptr(),
+                    n,
+                    d,
+                    eps,
+                )
+                .unwrap();
+            } else {
+                k.rmsnorm_fwd(gx.ptr(), gw.ptr(), out.ptr(), rstd.ptr(), n, d, eps)
+                    .unwrap();
+            }
+            let gdx = up(gpu, p, &dx0);
+            if layer {
+                k.layernorm_bwd(
+                    gdy.ptr(),
+                    gx.ptr(),
+                    gw.ptr(),
+                    mean.ptr(),
+                    rstd.ptr(),
+                    gdx.ptr(),
+                    n,
+                    d,
+                    true,
+                )
+                .unwrap();
+            } else {
+                k.rmsnorm_bwd(
+                    gdy.ptr(),
+                    gx.ptr(),
+                    gw.ptr(),
+                    rstd.ptr(),
+                    gdx.ptr(),
+                    n,
+                    d,
+                    true,
+                )
+                .unwrap();
+            }
+            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+            for r in 0..n {
+                let row: Vec<f64> = x[r * d..(r + 1) * d]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect();
+                let mu = if layer {
+                    row.iter().sum::<f64>() / d as f64
+                } else {
+                    0.0
+                };
+                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / d as f64;
+                let rs = 1.0 / (var + f64::from(eps)).sqrt();
+                let xhat: Vec<f64> = row.iter().map(|v| (v - mu) * rs).collect();
+                let g: Vec<f64> = (0..d)
+                    .map(|c| f64::from(dy[r * d + c]) * f64::from(w[c]))
+                    .collect();
+                let mg = if layer {
+                    g.iter().sum::<f64>() / d as f64
+                } else {
+                    0.0
+                };
+                let mgx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+                for c in 0..d {
+                    fwd.push(
+                        xhat[c] * f64::from(w[c]) + if layer { f64::from(bias[c]) } else { 0.0 },
+                    );
+                    bwd.push(rs * (g[c] - mg - xhat[c] * mgx) + f64::from(dx0[r * d + c]));
+                }
+            }
+            let (rf, rb) = (
+                rel(&down(gpu, p, &out, n * d), &fwd),
+                rel(&down(gpu, p, &gdx, n * d), &bwd),
+            );
+            println!(
+                "{} {p:?}: forward rel {rf:.2e}, backward rel {rb:.2e}",
+                if layer { "layernorm" } else { "rmsnorm" }
+            );
+            assert!(rf <= tolerance(p) && rb <= tolerance(p), "{rf} {rb}");
+        }
+    });
+}
+
+#[test]
+fn activations_forward_and_backward_match_the_cpu() {
+    each_precision(|gpu, k, p| {
+        let n = 1000;
+        let x = rounded(
+            p,
+            &random(n, 10).iter().map(|v| v * 4.0).collect::<Vec<_>>(),
+        );
+        let u = rounded(p, &random(n, 11));
+        let dy = rounded(p, &random(n, 12));
+        let (gx, gu, gdy) = (up(gpu, p, &x), up(gpu, p, &u), up(gpu, p, &dy));
+        let out = gpu.alloc(k.bytes(n), "t").unwrap();
+        let out2 = gpu.alloc(k.bytes(n), "t").unwrap();
+        let f = |i: usize| f64::from(x[i]);
+        // tanh GELU and its derivative.
+        k.gelu_fwd(gx.ptr(), out.ptr(), n).unwrap();
+        k.gelu_bwd(gx.ptr(), gdy.ptr(), out2.ptr(), n).unwrap();
+        let inner = |v: f64| 0.79788456 * v * (1.0 + 0.044715 * v * v);
+        let gelu: Vec<f64> = (0..n)
+            .map(|i| 0.5 * f(i) * (1.0 + inner(f(i)).tanh()))
+            .collect();
+        let dgelu: Vec<f64> = (0..n)
+            .map(|i| {
+                let t = inner(f(i)).tanh();
+                let v = f(i);
+                (0.5 * v * (1.0 - t * t) * (0.79788456 + 0.1070322243 * v * v) + 0.5 * (1.0 + t))
+                    * f64::from(dy[i])
+            })
+            .collect();
+        let (r1, r2) = (
+            rel(&down(gpu, p, &out, n), &gelu),
+            rel(&down(gpu, p, &out2, n), &dgelu),
+        );
+        println!("gelu {p:?}: forward rel {r1:.2e}, backward rel {r2:.2e}");
+        assert!(r1 <= tolerance(p) && r2 <= tolerance(p));
+        // silu(gate) * up and its two gradients.
+        k.swiglu_fwd(gx.ptr(), gu.ptr(), out.ptr(), n).unwrap();
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let fwd: Vec<f64> = (0..n).map(|i| f(i) * sig(f(i)) * f64::from(u[i])).collect();
+        let r3 = rel(&down(gpu, p, &out, n), &fwd);
+        k.swiglu_bwd(gx.ptr(), gu.ptr(), gdy.ptr(), out.ptr(), out2.ptr(), n)
+            .unwrap();
+        let dgate: Vec<f64> = (0..n)
+            .map(|i| {
+                f64::from(dy[i]) * f64::from(u[i]) * sig(f(i)) * (1.0 + f(i) * (1.0 - sig(f(i))))
+            })
+            .collect();
+        let dup: Vec<f64> = (0..n)
+            .map(|i| f64::from(dy[i]) * f(i) * sig(f(i)))
+            .collect();
+        let (r4, r5) = (
+            rel(&down(gpu, p, &out, n), &dgate),
+            rel(&down(gpu, p, &out2, n), &dup),
+        );
+        println!("swiglu {p:?}: forward rel {r3:.2e}, backward rel {r4:.2e} / {r5:.2e}");
+        assert!(r3 <= tolerance(p) && r4 <= tolerance(p) && r5 <= tolerance(p));
+    });
+}
+
+#[test]
+fn rope_rotates_pairs_and_its_inverse_undoes_it() {
+    each_precision(|gpu, k, p| {
+        let (rows, seq, hd) = (2 * 3 * 5, 5, 8);
+        for half in [true, false] {
+            let x = rounded(p, &random(rows * hd, 13));
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for t in 0..seq {
+                for c in 0..hd {
+                    let pair = if half { c % (hd / 2) } else { c / 2 };
+                    let a = t as f64 * 0.3f64.powi(pair as i32);
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+            let (gc, gs, gx) = (
+                gpu.upload(&cos, "t").unwrap(),
+                gpu.upload(&sin, "t").unwrap(),
+                up(gpu, p, &x),
+            );
+            k.rope(gx.ptr(), gc.ptr(), gs.ptr(), rows, seq, hd, half, false)
+                .unwrap();
+            let mut expected = Vec::new();
+            for r in 0..rows {
+                let t = r % seq;
+                for c in 0..hd {
+                    let xv = |i: usize| f64::from(x[r * hd + i]);
+                    let rotated = match (half, c) {
+                        (true, c) if c < hd / 2 => -xv(c + hd / 2),
+                        (true, c) => xv(c - hd / 2),
+                        (false, c) if c % 2 == 0 => -xv(c + 1),
+                        (false, c) => xv(c - 1),
+                    };
+                    expected.push(
+                        xv(c) * f64::from(cos[t * hd + c]) + rotated * f64::from(sin[t * hd + c]),
+                    );
+                }
+            }
+            let r1 = rel(&down(gpu, p, &gx, rows * hd), &expected);
+            k.rope(gx.ptr(), gc.ptr(), gs.ptr(), rows, seq, hd, half, true)
+                .unwrap();
+            let back: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+            let r2 = rel(&down(gpu, p, &gx, rows * hd), &back);
+            println!("rope half_split={half} {p:?}: forward rel {r1:.2e}, inverse rel {r2:.2e}");
+            assert!(r1 <= tolerance(p) && r2 <= 2.0 * tolerance(p));
+        }
+    });
+}
+
+#[test]
+fn masked_softmax_with_alibi_and_its_backward_match_the_cpu() {
+    each_precision(|gpu, k, p| {
+        let (b, heads, t) = (2, 3, 6);
+        let rows = b * heads * t;
+        let scores = random(rows * t, 14)
+            .iter()
+            .map(|v| v * 5.0)
+            .collect::<Vec<_>>();
+        // Row 1: the first key is padding (left padding), so its query 0 sees no key at all.
+        let key_mask: Vec<f32> = (0..b * t).map(|i| if i == t { 0.0 } else { 1.0 }).collect();
+        let positions: Vec<f32> = (0..b * t).map(|i| (i % t) as f32).collect();
+        let slopes = [0.5f32, 0.25, 0.125];
+        let scale = 0.4f32;
+        let gs = gpu.upload(&scores, "t").unwrap();
+        let probs = gpu.alloc(k.bytes(rows * t), "t").unwrap();
+        let (gm, gp, gsl) = (
+            gpu.upload(&key_mask, "t").unwrap(),
+            gpu.upload(&positions, "t").unwrap(),
+            gpu.upload(&slopes, "t").unwrap(),
+        );
+        k.softmax_fwd(&SoftmaxArgs {
+            scores: gs.ptr(),
+            probs: probs.ptr(),
+            key_mask: gm.ptr(),
+            slopes: gsl.ptr(),
+            positions: gp.ptr(),
+            batch: b,
+            kv_heads: heads,
+            group: 1,
+            seq: t,
+            keys: t,
+            scale,
+        })
+        .unwrap();
+        let mut expected = Vec::new();
+        for r in 0..rows {
+            let (i, h, bb) = (r % t, (r / t) % heads, r / (t * heads));
+            let visible: Vec<bool> = (0..t)
+                .map(|j| j <= i && key_mask[bb * t + j] != 0.0)
+                .collect();
+            let v: Vec<f64> = (0..t)
+                .map(|j| {
+                    f64::from(scores[r * t + j]) * f64::from(scale)
+                        + f64::from(slopes[h]) * f64::from(positions[bb * t + j])
+                })
+                .collect();
+            if !visible.iter().any(|&x| x) {
+                expected.extend(std::iter::repeat_n(1.0 / t as f64, t));
+                continue;
+            }
+            let mx = (0..t)
+                .filter(|&j| visible[j])
+                .map(|j| v[j])
+                .fold(f64::MIN, f64::max);
+            let sum: f64 = (0..t)
+                .filter(|&j| visible[j])
+                .map(|j| (v[j] - mx).exp())
+                .sum();
+            expected.extend((0..t).map(|j| {
+                if visible[j] {
+                    (v[j] - mx).exp() / sum
+                } else {
+                    0.0
+                }
+            }));
+        }
+        let ours = down(gpu, p, &probs, rows * t);
+        let r1 = rel(&ours, &expected);
+        let dp = random(rows * t, 15);
+        let gdp = gpu.upload(&dp, "t").unwrap();
+        let ds = gpu.alloc(k.bytes(rows * t), "t").unwrap();
+        k.softmax_bwd(probs.ptr(), gdp.ptr(), ds.ptr(), rows, t, scale)
+            .unwrap();
+        let mut dexp = Vec::new();
+        for r in 0..rows {
+            let pr: Vec<f64> = ours[r * t..(r + 1) * t]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let dot: f64 = (0..t).map(|j| pr[j] * f64::from(dp[r * t + j])).sum();
+            dexp.extend(
+                (0..t).map(|j| f64::from(scale) * pr[j] * (f64::from(dp[r * t + j]) - dot)),
+            );
+        }
+        let r2 = rel(&down(gpu, p, &ds, rows * t), &dexp);
+        println!("softmax {p:?}: forward rel {r1:.2e}, backward rel {r2:.2e}");
+        assert!(r1 <= tolerance(p) && r2 <= tolerance(p));
+    });
+}
+
+#[test]
+fn cross_entropy_loss_and_gradient_match_the_cpu() {
+    each_precision(|gpu, k, p| {
+        let (n, v) = (5, 3000);
+        let logits = random(n * v, 16)
+            .iter()
+            .map(|x| x * 8.0)
+            .collect::<Vec<_>>();
+        let targets = [3u32, 0, 2999, 17, 5];
+        let weights = [1.0f32, 0.0, 1.0, 1.0, 1.0];
+        let inv_count = 0.25f32;
+        let (gl, gt, gw) = (
+            gpu.upload(&logits, "t").unwrap(),
+            gpu.upload(&targets, "t").unwrap(),
+            gpu.upload(&weights, "t").unwrap(),
+        );
+        let loss = gpu.alloc(4 * n, "t").unwrap();
+        let grad = gpu.alloc(k.bytes(n * v), "t").unwrap();
+        k.cross_entropy(
+            gl.ptr(),
+            gt.ptr(),
+            gw.ptr(),
+            loss.ptr(),
+            grad.ptr(),
+            n,
+            v,
+            inv_count,
+        )
+        .unwrap();
+        let (mut el, mut eg) = (Vec::new(), Vec::new());
+        for r in 0..n {
+            let row: Vec<f64> = logits[r * v..(r + 1) * v]
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let mx = row.iter().copied().fold(f64::MIN, f64::max);
+            let sum: f64 = row.iter().map(|x| (x - mx).exp()).sum();
+            let w = f64::from(weights[r]);
+            el.push(w * (mx + sum.ln() - row[targets[r] as usize]));
+            for (j, x) in row.iter().enumerate() {
+                let onehot = if j == targets[r] as usize { 1.0 } else { 0.0 };
+                eg.push(w * f64::from(inv_count) * ((x - mx).exp() / sum - onehot));
+            }
+        }
+        let r1 = rel(&gpu.read::<f32>(loss.ptr(), n).unwrap(), &el);
+        let r2 = rel(&down(gpu, p, &grad, n * v), &eg);
+        println!("cross-entropy {p:?}: loss rel {r1:.2e}, gradient rel {r2:.2e}");
+        assert!(r1 <= 1e-5 && r2 <= tolerance(p));
+    });
+}
+
+#[test]
+fn embedding_dropout_and_head_layout_kernels() {
+    each_precision(|gpu, k, p| {
+        let (vocab, hidden) = (50, 24);
+        let table = rounded(p, &random(vocab * hidden, 17));
+        let ids = [3u32, 49, 0, 3];
+        let (gt, gi) = (up(gpu, p, &table), gpu.upload(&ids, "t").unwrap());
+        let out = gpu.alloc(k.bytes(ids.len() * hidden), "t").unwrap();
+        k.embedding(gi.ptr(), gt.ptr(), out.ptr(), ids.len(), hidden)
+            .unwrap();
+        let rows: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| table[i as usize * hidden..(i as usize + 1) * hidden].to_vec())
+            .collect();
+        assert_eq!(down(gpu, p, &out, ids.len() * hidden), rows);
+
+        // Dropout: about p zeroed, the rest scaled by 1/(1-p); the same seed, the same mask.
+        let n = 20000;
+        let ones = up(gpu, p, &vec![1.0; n]);
+        let (d1, d2) = (
+            gpu.alloc(k.bytes(n), "t").unwrap(),
+            gpu.alloc(k.bytes(n), "t").unwrap(),
+        );
+        k.dropout(ones.ptr(), d1.ptr(), n, 0.25, 7).unwrap();
+        k.dropout(ones.ptr(), d2.ptr(), n, 0.25, 7).unwrap();
+        let (a, b) = (down(gpu, p, &d1, n), down(gpu, p, &d2, n));
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+        assert!((zeros - 0.25).abs() < 0.02, "{zeros}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-2));
+
+        // [B, T, heads, 3, hd] slot 1 -> [B, heads, T, hd] and back.
+        let (bb, t, heads, hd) = (2, 3, 4, 5);
+        let src = rounded(p, &random(bb * t * heads * 3 * hd, 18));
+        let gsrc = up(gpu, p, &src);
+        let dst = gpu.alloc(k.bytes(bb * heads * t * hd), "t").unwrap();
+        k.heads_from_tokens(gsrc.ptr(), dst.ptr(), bb, t, heads, 3, 1, hd)
+            .unwrap();
+        let got = down(gpu, p, &dst, bb * heads * t * hd);
+        for (i, v) in got.iter().enumerate() {
+            let (d, tt, h, b0) = (
+                i % hd,
+                (i / hd) % t,
+                (i / (hd * t)) % heads,
+                i / (hd * t * heads),
+            );
+            assert_eq!(*v, src[(((b0 * t + tt) * heads + h) * 3 + 1) * hd + d]);
+        }
+        let back = up(gpu, p, &vec![0.0; src.len()]);
+        k.tokens_from_heads(dst.ptr(), back.ptr(), bb, t, heads, 3, 1, hd)
+            .unwrap();
+        let back = down(gpu, p, &back, src.len());
+        for (i, v) in back.iter().enumerate() {
+            let slot = (i / hd) % 3;
+            assert_eq!(*v, if slot == 1 { src[i] } else { 0.0 });
+        }
+    });
+}

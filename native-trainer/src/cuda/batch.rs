@@ -1,0 +1,98 @@
+//! A collated micro-batch on the GPU: token ids, the padding mask, ALiBi positions, and the
+//! next-token targets with their weights.
+
+use qlora_core::data::{Batch, IGNORE_INDEX};
+use qlora_core::{Error, Result};
+use qlora_kernels::{DeviceBuffer, Gpu};
+
+pub struct GpuBatch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// `[B * T]` u32.
+    pub ids: DeviceBuffer,
+    /// `[B * T]` f32: 1 real token, 0 padding.
+    pub key_mask: DeviceBuffer,
+    /// `[B * T]` f32: each key's position counting real tokens only (ALiBi), 0 on padding.
+    pub positions: DeviceBuffer,
+    /// `[B * T]` u32: the label of the next position (0 where there is none).
+    pub targets: DeviceBuffer,
+    /// `[B * T]` f32: 1 where row `(b, t)` predicts a label, else 0.
+    pub weights: DeviceBuffer,
+    /// Positions the loss averages over.
+    pub count: usize,
+}
+
+impl GpuBatch {
+    /// Checks `batch` against the vocabulary and uploads it.
+    pub fn upload(gpu: &Gpu, batch: &Batch, vocab: usize) -> Result<GpuBatch> {
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        if b == 0 || t < 2 {
+            return Err(Error::Invalid(format!(
+                "a batch of {b} sequence(s) of {t} token(s) has no next token to predict"
+            )));
+        }
+        if batch.input_ids.len() != b * t
+            || batch.attention_mask.len() != b * t
+            || batch.labels.len() != b * t
+        {
+            return Err(Error::Invalid(
+                "batch tensors disagree with [batch, seq]".into(),
+            ));
+        }
+        if let Some(&bad) = batch.input_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Invalid(format!(
+                "input_ids: token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let key_mask: Vec<f32> = batch
+            .attention_mask
+            .iter()
+            .map(|&m| if m != 0 { 1.0 } else { 0.0 })
+            .collect();
+        let mut positions = Vec::with_capacity(b * t);
+        for row in key_mask.chunks_exact(t) {
+            let mut real = 0f32;
+            for &is_real in row {
+                real += is_real;
+                positions.push((real - 1.0) * is_real);
+            }
+        }
+        let mut targets = vec![0u32; b * t];
+        let mut weights = vec![0f32; b * t];
+        for (row, labels) in batch.labels.chunks_exact(t).enumerate() {
+            for (i, &label) in labels[1..].iter().enumerate() {
+                if label == IGNORE_INDEX {
+                    continue;
+                }
+                if !(0..vocab as i64).contains(&label) {
+                    return Err(Error::Invalid(format!(
+                        "label {label} is neither -100 nor a token id below {vocab}"
+                    )));
+                }
+                targets[row * t + i] = label as u32;
+                weights[row * t + i] = 1.0;
+            }
+        }
+        let count = weights.iter().filter(|&&w| w > 0.0).count();
+        if count == 0 {
+            return Err(Error::Invalid(
+                "every label is -100: there is nothing to predict".into(),
+            ));
+        }
+        Ok(GpuBatch {
+            batch_size: b,
+            seq_len: t,
+            ids: gpu.upload(&batch.input_ids, "token ids")?,
+            key_mask: gpu.upload(&key_mask, "the attention mask")?,
+            positions: gpu.upload(&positions, "ALiBi positions")?,
+            targets: gpu.upload(&targets, "targets")?,
+            weights: gpu.upload(&weights, "target weights")?,
+            count,
+        })
+    }
+
+    /// Rows `B * T`.
+    pub fn tokens(&self) -> usize {
+        self.batch_size * self.seq_len
+    }
+}

@@ -1,0 +1,24 @@
+//! The CUDA training path: BLOOM and LLaMA-family forward and backward passes written out by
+//! hand (llm.c style) on the kernels of `qlora-kernels`, with the frozen base kept 4-bit on the
+//! GPU and dequantized just in time per projection, LoRA matrices in fp32 master copies, an
+//! LM head fused with the cross-entropy in token chunks, AdamW on the GPU, and optional
+//! per-layer recomputation.
+//!
+//! The CPU path ([`crate::cpu`]) is the reference: the same checkpoint, LoRA initialization
+//! and batch give the same loss and LoRA gradients (to f32 rounding in the `F32` precision).
+
+mod attention;
+mod batch;
+pub mod bench;
+mod blocks;
+mod head;
+mod linear;
+mod lora;
+pub mod model;
+pub mod trainer;
+mod weights;
+
+pub use batch::GpuBatch;
+pub use lora::LoraGradients;
+pub use model::{CudaModel, CudaOptions};
+pub use qlora_kernels::{Gpu, Precision};
