@@ -1,29 +1,46 @@
 // Attention pieces around the batched GEMMs: head layout changes, RoPE, and the masked softmax
 // (causal + key padding, optional ALiBi) with its backward.
 
-// src [B, T, heads, groups, hd] (slot `group`) -> dst [B, heads, T, hd]. BLOOM's fused
-// query_key_value is [B, T, nh, 3, hd]; a plain projection has groups = 1.
-extern "C" __global__ void heads_from_tokens(const T* __restrict__ src, T* __restrict__ dst, int batch, int seq,
-                                             int heads, int groups, int group, int hd) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long n = (long long)batch * seq * heads * hd;
-    if (i >= n) return;
+// Where element i of [B, heads, T, hd] lives in [B, T, heads, groups, hd] (slot `group`).
+// BLOOM's fused query_key_value is [B, T, nh, 3, hd]; a plain projection has groups = 1.
+__device__ __forceinline__ long long token_index(long long i, int seq, int heads, int groups, int group, int hd) {
     int d = i % hd; long long r = i / hd;
     int t = r % seq; r /= seq;
-    int h = r % heads; int b = r / heads;
-    dst[i] = src[((((long long)b * seq + t) * heads + h) * groups + group) * hd + d];
+    int h = r % heads; long long b = r / heads;
+    return (((b * seq + t) * heads + h) * groups + group) * hd + d;
+}
+
+// src [B, T, heads, groups, hd] (slot `group`) -> dst [B, heads, T, hd], a pack per thread
+// (packs stay within a head's row when hd is a multiple of PACK).
+extern "C" __global__ void heads_from_tokens(const T* __restrict__ src, T* __restrict__ dst, int batch, int seq,
+                                             int heads, int groups, int group, int hd) {
+    long long i = pack_start();
+    long long n = (long long)batch * seq * heads * hd;
+    if (i >= n) return;
+    if (hd % PACK == 0) {
+        float v[PACK];
+        long long s = token_index(i, seq, heads, groups, group, hd);
+        load_pack(src, s, s + PACK, v);
+        store_pack(dst, i, n, v);
+        return;
+    }
+    for (long long j = i; j < i + PACK && j < n; j++) dst[j] = src[token_index(j, seq, heads, groups, group, hd)];
 }
 
 // The inverse: src [B, heads, T, hd] -> slot `group` of dst [B, T, heads, groups, hd].
 extern "C" __global__ void tokens_from_heads(const T* __restrict__ src, T* __restrict__ dst, int batch, int seq,
                                              int heads, int groups, int group, int hd) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long i = pack_start();
     long long n = (long long)batch * seq * heads * hd;
     if (i >= n) return;
-    int d = i % hd; long long r = i / hd;
-    int t = r % seq; r /= seq;
-    int h = r % heads; int b = r / heads;
-    dst[((((long long)b * seq + t) * heads + h) * groups + group) * hd + d] = src[i];
+    if (hd % PACK == 0) {
+        float v[PACK];
+        long long d = token_index(i, seq, heads, groups, group, hd);
+        load_pack(src, i, n, v);
+        store_pack(dst, d, d + PACK, v);
+        return;
+    }
+    for (long long j = i; j < i + PACK && j < n; j++) dst[token_index(j, seq, heads, groups, group, hd)] = src[j];
 }
 
 // x [B, heads, T, hd] in place: x * cos + rotate(x) * sin with tables [T, hd]; rotate maps a

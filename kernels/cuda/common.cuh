@@ -67,3 +67,62 @@ __device__ __forceinline__ float uniform_hash(unsigned long long seed, unsigned 
     z ^= z >> 31;
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
+
+// Element-wise kernels give each thread a pack of PACK consecutive values: whole, 16-byte
+// aligned packs move with vector accesses (scalar 2-byte accesses leave HBM half idle), the
+// ragged end and misaligned views element by element. Values travel as f32, so a bf16 pack
+// round-trips exactly.
+#define PACK 8
+
+// The first index of this thread's pack.
+__device__ __forceinline__ long long pack_start() {
+    return ((long long)blockIdx.x * blockDim.x + threadIdx.x) * PACK;
+}
+
+__device__ __forceinline__ bool pack_whole(const void* p, long long i, long long n) {
+    return i + PACK <= n && ((unsigned long long)p & 15ull) == 0;
+}
+
+// Values p[i .. i + PACK) below n (0 beyond).
+__device__ __forceinline__ void load_pack(const float* p, long long i, long long n, float* v) {
+    if (pack_whole(p + i, i, n)) {
+        float4 a = reinterpret_cast<const float4*>(p + i)[0];
+        float4 b = reinterpret_cast<const float4*>(p + i)[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        return;
+    }
+    for (int k = 0; k < PACK; k++) v[k] = i + k < n ? p[i + k] : 0.0f;
+}
+__device__ __forceinline__ void load_pack(const __nv_bfloat16* p, long long i, long long n, float* v) {
+    if (pack_whole(p + i, i, n)) {
+        uint4 u = *reinterpret_cast<const uint4*>(p + i);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+        for (int k = 0; k < PACK / 2; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            v[2 * k] = f.x; v[2 * k + 1] = f.y;
+        }
+        return;
+    }
+    for (int k = 0; k < PACK; k++) v[k] = i + k < n ? __bfloat162float(p[i + k]) : 0.0f;
+}
+
+// p[i .. i + PACK) = v, below n.
+__device__ __forceinline__ void store_pack(float* p, long long i, long long n, const float* v) {
+    if (pack_whole(p + i, i, n)) {
+        reinterpret_cast<float4*>(p + i)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(p + i)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        return;
+    }
+    for (int k = 0; k < PACK; k++) if (i + k < n) p[i + k] = v[k];
+}
+__device__ __forceinline__ void store_pack(__nv_bfloat16* p, long long i, long long n, const float* v) {
+    if (pack_whole(p + i, i, n)) {
+        uint4 u;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+        for (int k = 0; k < PACK / 2; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        *reinterpret_cast<uint4*>(p + i) = u;
+        return;
+    }
+    for (int k = 0; k < PACK; k++) if (i + k < n) p[i + k] = __float2bfloat16_rn(v[k]);
+}

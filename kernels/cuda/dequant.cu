@@ -65,23 +65,25 @@ extern "C" __global__ void dequant_4bit_x8(const unsigned int* __restrict__ pack
     if (absmax_q8 != nullptr)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code_nested[i] = code2[i];
     __syncthreads();
-    long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (g >= groups) return;
-    long long first = g * 8;
-    long long block = first / blocksize;
-    float scale;
-    if (absmax_q8 != nullptr) {
-        scale = __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]),
-                                        ftz(absmax2[block / nested_blocksize]))), offset);
-    } else {
-        scale = absmax[block];
+    // Grid-stride: a bounded grid loads the code tables once per block, not once per 256 groups.
+    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
+         g += (long long)gridDim.x * blockDim.x) {
+        long long first = g * 8;
+        long long block = first / blocksize;
+        float scale;
+        if (absmax_q8 != nullptr) {
+            scale = __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]),
+                                            ftz(absmax2[block / nested_blocksize]))), offset);
+        } else {
+            scale = absmax[block];
+        }
+        unsigned int word = packed[g];
+        float v[8];
+        for (int j = 0; j < 4; j++) {
+            unsigned int b = (word >> (8 * j)) & 0xffu;
+            v[2 * j] = __fmul_rn(code[b >> 4], scale);
+            v[2 * j + 1] = __fmul_rn(code[b & 15u], scale);
+        }
+        store8(out + first, v);
     }
-    unsigned int word = packed[g];
-    float v[8];
-    for (int j = 0; j < 4; j++) {
-        unsigned int b = (word >> (8 * j)) & 0xffu;
-        v[2 * j] = __fmul_rn(code[b >> 4], scale);
-        v[2 * j + 1] = __fmul_rn(code[b & 15u], scale);
-    }
-    store8(out + first, v);
 }

@@ -23,7 +23,7 @@ const SOURCES: [&str; 7] = [
     include_str!("../cuda/adamw.cu"),
 ];
 
-const NAMES: [&str; 26] = [
+const NAMES: [&str; 27] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -37,6 +37,7 @@ const NAMES: [&str; 26] = [
     "swiglu_bwd",
     "dropout",
     "embedding_fwd",
+    "scatter_rows",
     "layernorm_fwd",
     "layernorm_bwd",
     "rmsnorm_fwd",
@@ -65,6 +66,26 @@ fn grid(n: usize, block: usize) -> LaunchConfig {
         block_dim: (block as u32, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Blocks of a grid-stride kernel at most: enough to fill every SM of an H100 (132 SMs of 8
+/// resident 256-thread blocks) twice over.
+const MAX_STRIDE_BLOCKS: usize = 2048;
+
+/// One thread per item of `n`, capped at [`MAX_STRIDE_BLOCKS`] (the kernel strides over the rest).
+fn bounded_grid(n: usize, block: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(block).clamp(1, MAX_STRIDE_BLOCKS) as u32, 1, 1),
+        ..grid(n, block)
+    }
+}
+
+/// Values per thread of the packed element-wise kernels (`PACK` in common.cuh).
+const PACK: usize = 8;
+
+/// One thread per pack of [`PACK`] values of `n`.
+fn packs(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(PACK), 256)
 }
 
 fn rows(n: usize, block: usize) -> LaunchConfig {
@@ -167,12 +188,12 @@ impl Kernels {
 
     /// `out = a + b` (T; out may alias a or b).
     pub fn add(&self, a: u64, b: u64, out: u64, n: usize) -> Result<()> {
-        launch!(self, "add", grid(n, 256), a, b, out, n as i64)
+        launch!(self, "add", packs(n), a, b, out, n as i64)
     }
 
     /// `acc (f32) += x (T)`.
     pub fn add_into_f32(&self, acc: u64, x: u64, n: usize) -> Result<()> {
-        launch!(self, "add_into_f32", grid(n, 256), acc, x, n as i64)
+        launch!(self, "add_into_f32", packs(n), acc, x, n as i64)
     }
 
     /// `out[r, :] += bias` for `rows` rows of `cols` (T).
@@ -180,7 +201,7 @@ impl Kernels {
         launch!(
             self,
             "add_bias",
-            grid(rows * cols, 256),
+            packs(rows * cols),
             out,
             bias,
             rows as i64,
@@ -199,12 +220,12 @@ impl Kernels {
     }
 
     pub fn gelu_fwd(&self, x: u64, out: u64, n: usize) -> Result<()> {
-        launch!(self, "gelu_fwd", grid(n, 256), x, out, n as i64)
+        launch!(self, "gelu_fwd", packs(n), x, out, n as i64)
     }
 
     /// `dx = gelu'(x) * dy` (dx may alias dy).
     pub fn gelu_bwd(&self, x: u64, dy: u64, dx: u64, n: usize) -> Result<()> {
-        launch!(self, "gelu_bwd", grid(n, 256), x, dy, dx, n as i64)
+        launch!(self, "gelu_bwd", packs(n), x, dy, dx, n as i64)
     }
 
     /// `out = silu(gate) * up`.
@@ -236,7 +257,7 @@ impl Kernels {
 
     /// Inverted dropout with the mask of `seed` (the same call on a gradient is its backward).
     pub fn dropout(&self, x: u64, out: u64, n: usize, p: f32, seed: u64) -> Result<()> {
-        launch!(self, "dropout", grid(n, 256), x, out, n as i64, p, seed)
+        launch!(self, "dropout", packs(n), x, out, n as i64, p, seed)
     }
 
     /// `out [n, hidden] = table[ids]` (ids u32).
@@ -247,6 +268,27 @@ impl Kernels {
             rows(n, row_block(hidden).min(256)),
             ids,
             table,
+            out,
+            hidden as i32
+        )
+    }
+
+    /// `out[ids[i]] = src [n, hidden][i]` (ids u32, distinct): rows back to where
+    /// [`Kernels::embedding`] gathered them from.
+    pub fn scatter_rows(
+        &self,
+        ids: u64,
+        src: u64,
+        out: u64,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        launch!(
+            self,
+            "scatter_rows",
+            rows(n, row_block(hidden).min(256)),
+            ids,
+            src,
             out,
             hidden as i32
         )
@@ -377,7 +419,7 @@ impl Kernels {
         launch!(
             self,
             "heads_from_tokens",
-            grid(n, 256),
+            packs(n),
             src,
             dst,
             batch as i32,
@@ -406,7 +448,7 @@ impl Kernels {
         launch!(
             self,
             "tokens_from_heads",
-            grid(n, 256),
+            packs(n),
             src,
             dst,
             batch as i32,
@@ -574,7 +616,7 @@ impl Kernels {
             return launch!(
                 self,
                 "dequant_4bit_x8",
-                grid(groups, 256),
+                bounded_grid(groups, 256),
                 w.packed.ptr(),
                 absmax,
                 q8,

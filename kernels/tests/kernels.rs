@@ -565,6 +565,19 @@ fn embedding_dropout_and_head_layout_kernels() {
             .flat_map(|&i| table[i as usize * hidden..(i as usize + 1) * hidden].to_vec())
             .collect();
         assert_eq!(down(gpu, p, &out, ids.len() * hidden), rows);
+        // The first three (distinct) gathered rows scattered back into a cleared table.
+        let scattered = up(gpu, p, &vec![0.0; vocab * hidden]);
+        k.scatter_rows(gi.ptr(), out.ptr(), scattered.ptr(), 3, hidden)
+            .unwrap();
+        let back = down(gpu, p, &scattered, vocab * hidden);
+        for (r, row) in back.chunks_exact(hidden).enumerate() {
+            let kept = ids[..3].contains(&(r as u32));
+            let want = &table[r * hidden..(r + 1) * hidden];
+            assert!(row
+                .iter()
+                .zip(want)
+                .all(|(&g, &w)| g == if kept { w } else { 0.0 }));
+        }
 
         // Dropout: about p zeroed, the rest scaled by 1/(1-p); the same seed, the same mask.
         let n = 20000;
@@ -581,30 +594,33 @@ fn embedding_dropout_and_head_layout_kernels() {
         assert!((zeros - 0.25).abs() < 0.02, "{zeros}");
         assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-2));
 
-        // [B, T, heads, 3, hd] slot 1 -> [B, heads, T, hd] and back.
-        let (bb, t, heads, hd) = (2, 3, 4, 5);
-        let src = rounded(p, &random(bb * t * heads * 3 * hd, 18));
-        let gsrc = up(gpu, p, &src);
-        let dst = gpu.alloc(k.bytes(bb * heads * t * hd), "t").unwrap();
-        k.heads_from_tokens(gsrc.ptr(), dst.ptr(), bb, t, heads, 3, 1, hd)
-            .unwrap();
-        let got = down(gpu, p, &dst, bb * heads * t * hd);
-        for (i, v) in got.iter().enumerate() {
-            let (d, tt, h, b0) = (
-                i % hd,
-                (i / hd) % t,
-                (i / (hd * t)) % heads,
-                i / (hd * t * heads),
-            );
-            assert_eq!(*v, src[(((b0 * t + tt) * heads + h) * 3 + 1) * hd + d]);
-        }
-        let back = up(gpu, p, &vec![0.0; src.len()]);
-        k.tokens_from_heads(dst.ptr(), back.ptr(), bb, t, heads, 3, 1, hd)
-            .unwrap();
-        let back = down(gpu, p, &back, src.len());
-        for (i, v) in back.iter().enumerate() {
-            let slot = (i / hd) % 3;
-            assert_eq!(*v, if slot == 1 { src[i] } else { 0.0 });
+        // [B, T, heads, 3, hd] slot 1 -> [B, heads, T, hd] and back, element by element (hd 5)
+        // and in packs of eight (hd 16).
+        for hd in [5, 16] {
+            let (bb, t, heads) = (2, 3, 4);
+            let src = rounded(p, &random(bb * t * heads * 3 * hd, 18));
+            let gsrc = up(gpu, p, &src);
+            let dst = gpu.alloc(k.bytes(bb * heads * t * hd), "t").unwrap();
+            k.heads_from_tokens(gsrc.ptr(), dst.ptr(), bb, t, heads, 3, 1, hd)
+                .unwrap();
+            let got = down(gpu, p, &dst, bb * heads * t * hd);
+            for (i, v) in got.iter().enumerate() {
+                let (d, tt, h, b0) = (
+                    i % hd,
+                    (i / hd) % t,
+                    (i / (hd * t)) % heads,
+                    i / (hd * t * heads),
+                );
+                assert_eq!(*v, src[(((b0 * t + tt) * heads + h) * 3 + 1) * hd + d]);
+            }
+            let back = up(gpu, p, &vec![0.0; src.len()]);
+            k.tokens_from_heads(dst.ptr(), back.ptr(), bb, t, heads, 3, 1, hd)
+                .unwrap();
+            let back = down(gpu, p, &back, src.len());
+            for (i, v) in back.iter().enumerate() {
+                let slot = (i / hd) % 3;
+                assert_eq!(*v, if slot == 1 { src[i] } else { 0.0 });
+            }
         }
     });
 }

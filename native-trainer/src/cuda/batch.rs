@@ -14,9 +14,12 @@ pub struct GpuBatch {
     pub key_mask: DeviceBuffer,
     /// `[B * T]` f32: each key's position counting real tokens only (ALiBi), 0 on padding.
     pub positions: DeviceBuffer,
-    /// `[B * T]` u32: the label of the next position (0 where there is none).
+    /// `[count]` u32: the rows `b * T + t` that predict a label, ascending. Only these rows
+    /// enter the LM head: the others have no loss and a zero gradient.
+    pub labeled_rows: DeviceBuffer,
+    /// `[count]` u32: the label each of those rows predicts.
     pub targets: DeviceBuffer,
-    /// `[B * T]` f32: 1 where row `(b, t)` predicts a label, else 0.
+    /// `[count]` f32: each labeled row's loss weight (1: every labeled position counts once).
     pub weights: DeviceBuffer,
     /// Positions the loss averages over.
     pub count: usize,
@@ -57,8 +60,8 @@ impl GpuBatch {
                 positions.push((real - 1.0) * is_real);
             }
         }
-        let mut targets = vec![0u32; b * t];
-        let mut weights = vec![0f32; b * t];
+        let mut labeled_rows = Vec::new();
+        let mut targets = Vec::new();
         for (row, labels) in batch.labels.chunks_exact(t).enumerate() {
             for (i, &label) in labels[1..].iter().enumerate() {
                 if label == IGNORE_INDEX {
@@ -69,11 +72,11 @@ impl GpuBatch {
                         "label {label} is neither -100 nor a token id below {vocab}"
                     )));
                 }
-                targets[row * t + i] = label as u32;
-                weights[row * t + i] = 1.0;
+                labeled_rows.push((row * t + i) as u32);
+                targets.push(label as u32);
             }
         }
-        let count = weights.iter().filter(|&&w| w > 0.0).count();
+        let count = targets.len();
         if count == 0 {
             return Err(Error::Invalid(
                 "every label is -100: there is nothing to predict".into(),
@@ -85,8 +88,9 @@ impl GpuBatch {
             ids: gpu.upload(&batch.input_ids, "token ids")?,
             key_mask: gpu.upload(&key_mask, "the attention mask")?,
             positions: gpu.upload(&positions, "ALiBi positions")?,
+            labeled_rows: gpu.upload(&labeled_rows, "labeled rows")?,
             targets: gpu.upload(&targets, "targets")?,
-            weights: gpu.upload(&weights, "target weights")?,
+            weights: gpu.upload(&vec![1f32; count], "target weights")?,
             count,
         })
     }

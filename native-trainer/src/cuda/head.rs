@@ -1,6 +1,7 @@
 //! The LM head fused with the cross-entropy: logits are made, turned into their gradient and
 //! multiplied back into the hidden state's gradient one chunk of tokens at a time, so the full
-//! `[tokens, vocab]` logits never exist.
+//! `[tokens, vocab]` logits never exist. Only the rows that predict a label go through the head
+//! (gathered into a compact block): the others add nothing to the loss and get a zero gradient.
 
 use qlora_core::Result;
 use qlora_kernels::{Gemm, Precision};
@@ -38,18 +39,25 @@ pub(crate) fn loss_and_grad(
     dhidden: Option<u64>,
     grad_scale: f32,
 ) -> Result<f64> {
-    let n = batch.tokens();
+    // Rows through the head: the labeled ones.
+    let n = batch.count;
+    let t = ctx.p().size();
+    let labeled = ctx.act(n * dim, "labeled hidden states")?;
+    ctx.k
+        .embedding(batch.labeled_rows.ptr(), hidden, labeled.ptr(), n, dim)?;
+    let dlabeled = dhidden
+        .map(|_| ctx.act(n * dim, "labeled hidden-state gradient"))
+        .transpose()?;
     let chunk = chunk_rows(n, vocab);
     let logits = ctx
         .gpu
         .alloc(4 * chunk * vocab, "LM-head logits (one chunk)")?;
     let dlogits = ctx.act(chunk * vocab, "LM-head gradient (one chunk)")?;
     let losses = ctx.gpu.alloc(4 * n, "per-token loss")?;
-    let t = ctx.p().size();
     let inv_count = grad_scale / batch.count as f32;
     for start in (0..n).step_by(chunk) {
         let rows = chunk.min(n - start);
-        let h = hidden + (start * dim * t) as u64;
+        let h = labeled.ptr() + (start * dim * t) as u64;
         ctx.gpu.gemm(&Gemm::new(
             rows,
             vocab,
@@ -72,11 +80,16 @@ pub(crate) fn loss_and_grad(
             vocab,
             inv_count,
         )?;
-        if let Some(dh) = dhidden {
-            let dh = dh + (start * dim * t) as u64;
+        if let Some(dl) = &dlabeled {
+            let dh = dl.ptr() + (start * dim * t) as u64;
             ctx.gpu
                 .gemm(&ctx.gemm(rows, dim, vocab, dlogits.ptr(), false, table, false, dh))?;
         }
+    }
+    if let (Some(dh), Some(dl)) = (dhidden, &dlabeled) {
+        ctx.gpu.memset_zero(dh, batch.tokens() * dim * t)?;
+        ctx.k
+            .scatter_rows(batch.labeled_rows.ptr(), dl.ptr(), dh, n, dim)?;
     }
     let per_token = ctx.gpu.read::<f32>(losses.ptr(), n)?;
     Ok(per_token.iter().map(|&l| f64::from(l)).sum::<f64>() / batch.count as f64)
