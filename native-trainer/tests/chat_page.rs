@@ -5,6 +5,8 @@
 //! CLI's, with the adapter on and switched off. Screenshot: target/artifacts/chat.png. Skips,
 //! saying why, where Chromium, chromedriver, trunk or wasm-bindgen is missing.
 
+// The harness is shared by the browser tests; this one uses part of it.
+#[allow(dead_code)]
 mod browser;
 
 use std::path::{Path, PathBuf};
