@@ -17,6 +17,7 @@ pub mod peft;
 pub mod prompt;
 pub mod pyjson;
 pub mod quant;
+pub mod response;
 pub mod tokenizer;
 
 pub use dtype::DType;

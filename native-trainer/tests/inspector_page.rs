@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use browser::server::StaticServer;
 use browser::webdriver::Browser;
-use browser::{app, which};
+use browser::{app, save_artifact, tools};
 
 const TENSOR: &str = "transformer.h.0.self_attention.query_key_value.weight";
 
@@ -115,25 +115,6 @@ fn compare(page: &Value, cli: &[(String, ErrorSummary)]) -> (usize, f64) {
         compared += 8;
     }
     (compared, worst_sqnr)
-}
-
-fn save_artifact(name: &str, png: &[u8]) -> PathBuf {
-    let dir = app::workspace().join("target/artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, png).unwrap();
-    assert!(png.starts_with(b"\x89PNG"), "{}: not a PNG", path.display());
-    path
-}
-
-fn tools() -> Result<(PathBuf, PathBuf), String> {
-    let chromium = ["chromium", "chromium-browser"]
-        .iter()
-        .find_map(|n| which(n))
-        .ok_or("chromium is not installed (apt-get install chromium)")?;
-    let driver = which("chromedriver")
-        .ok_or("chromedriver is not installed (apt-get install chromium-driver)")?;
-    Ok((chromium, driver))
 }
 
 #[test]

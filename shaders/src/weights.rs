@@ -344,7 +344,8 @@ impl Linear {
             + self.lora.as_ref().map_or(0, |l| l.a.size() + l.b.size())
     }
 
-    /// `y[rows, n] (+)= x[rows, k] Wᵀ + b + LoRA`; `lora_scratch` holds `[rows, r]`.
+    /// `y[rows, n] (+)= x[rows, k] Wᵀ + b + LoRA`; `lora_scratch` holds `[rows, r]`, and without
+    /// it the LoRA term is left out.
     pub(crate) fn record(
         &self,
         rec: &mut Recorder,
@@ -352,7 +353,7 @@ impl Linear {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         accumulate: bool,
-        lora_scratch: &wgpu::Buffer,
+        lora_scratch: Option<&wgpu::Buffer>,
     ) {
         let flags = if accumulate { ACCUMULATE } else { 0 }
             | if self.bias.is_some() { HAS_BIAS } else { 0 };
@@ -391,7 +392,7 @@ impl Linear {
                 }
             }
         }
-        if let Some(lora) = &self.lora {
+        if let (Some(lora), Some(lora_scratch)) = (&self.lora, lora_scratch) {
             let r = lora.r as u32;
             let down = LinearParams {
                 n: r,

@@ -561,3 +561,39 @@ fn half_precision_checkpoints_match_the_cpu_path() {
         }
     }
 }
+
+#[test]
+fn an_adapter_switched_off_gives_the_base_models_logits() {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
+        return;
+    };
+    for (dir, adapter) in [
+        ("tiny-bloom-nf4", "tiny-bloom-lora"),
+        ("llama/tiny-qwen2-nf4", "llama/tiny-qwen2-lora"),
+    ] {
+        let case = |adapter| Case {
+            dir,
+            quantize: None,
+            adapter,
+        };
+        let options = LoadOptions::default();
+        let mut base = case(None).gpu(&engine, &options).unwrap();
+        let mut tuned = case(Some(adapter)).gpu(&engine, &options).unwrap();
+        for prompt in prompts(dir) {
+            let with_adapter = block_on(tuned.prefill(&prompt)).unwrap();
+            tuned.set_adapter_enabled(false);
+            let switched_off = block_on(tuned.prefill(&prompt)).unwrap();
+            tuned.set_adapter_enabled(true);
+            let on_again = block_on(tuned.prefill(&prompt)).unwrap();
+            let base_logits = block_on(base.prefill(&prompt)).unwrap();
+            // The same kernels on the same weights: equal bit for bit.
+            assert_eq!(switched_off, base_logits, "{dir}: adapter off");
+            assert_eq!(on_again, with_adapter, "{dir}: adapter on again");
+            let changed = relative_error(&with_adapter, &base_logits);
+            assert!(
+                changed > 1e-4,
+                "{dir}: the adapter changes nothing ({changed:e})"
+            );
+        }
+    }
+}

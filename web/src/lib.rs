@@ -3,6 +3,7 @@
 //! natively: which files to load, opening them as a checkpoint, the CSV export. `ui` is the app
 //! and exists only in the browser (wasm32).
 
+pub mod chat_model;
 pub mod checkpoint;
 pub mod csv;
 pub mod files;

@@ -8,7 +8,8 @@ mod eval;
 pub mod model;
 mod reference;
 pub mod sampling;
-pub mod text;
+/// Generation as text lives in core (the browser chat shares it).
+pub use qlora_core::response as text;
 
 pub use decode::{generate, generate_batch, GenerateOptions};
 pub use eval::{evaluate, EvalOptions, Evaluation, Example, Prediction};

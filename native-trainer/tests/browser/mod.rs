@@ -13,3 +13,24 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// Writes a screenshot to target/artifacts/`name`.
+pub fn save_artifact(name: &str, png: &[u8]) -> std::path::PathBuf {
+    let dir = app::workspace().join("target/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, png).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "{}: not a PNG", path.display());
+    path
+}
+
+/// Chromium and chromedriver, or why they are missing.
+pub fn tools() -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    let chromium = ["chromium", "chromium-browser"]
+        .iter()
+        .find_map(|n| which(n))
+        .ok_or("chromium is not installed (apt-get install chromium)")?;
+    let driver = which("chromedriver")
+        .ok_or("chromedriver is not installed (apt-get install chromium-driver)")?;
+    Ok((chromium, driver))
+}

@@ -125,6 +125,8 @@ impl Browser {
             "--disable-component-update".into(),
             "--disable-sync".into(),
             "--hide-scrollbars".into(),
+            // SwiftShader's WebGPU adapter, for the chat page.
+            "--enable-unsafe-webgpu".into(),
             format!("--window-size={width},{height}"),
             format!("--user-data-dir={}", browser.profile.path().display()),
         ];

@@ -101,7 +101,7 @@ impl Bloom {
             }
             block
                 .query_key_value
-                .record(rec, t, &s.normed, &self.qkv, false, &s.lora);
+                .record(rec, t, &s.normed, &self.qkv, false, s.lora_scratch());
             let kv = AttnParams {
                 offset: hd,
                 v_offset: 2 * hd,
@@ -119,7 +119,7 @@ impl Bloom {
             );
             block
                 .dense
-                .record(rec, t, &s.context, &s.hidden, true, &s.lora);
+                .record(rec, t, &s.context, &s.hidden, true, s.lora_scratch());
 
             block
                 .post_attention_layernorm
@@ -129,11 +129,11 @@ impl Bloom {
             }
             block
                 .dense_h_to_4h
-                .record(rec, t, &s.normed, &self.mlp, false, &s.lora);
+                .record(rec, t, &s.normed, &self.mlp, false, s.lora_scratch());
             rec.gelu_tanh(t * 4 * h, &self.mlp);
             block
                 .dense_4h_to_h
-                .record(rec, t, &self.mlp, &s.hidden, true, &s.lora);
+                .record(rec, t, &self.mlp, &s.hidden, true, s.lora_scratch());
         }
     }
 }

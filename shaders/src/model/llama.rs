@@ -136,13 +136,13 @@ impl Llama {
             block.input_layernorm.record(rec, t, &s.hidden, &s.normed);
             block
                 .q_proj
-                .record(rec, t, &s.normed, &self.q, false, &s.lora);
+                .record(rec, t, &s.normed, &self.q, false, s.lora_scratch());
             block
                 .k_proj
-                .record(rec, t, &s.normed, &self.k, false, &s.lora);
+                .record(rec, t, &s.normed, &self.k, false, s.lora_scratch());
             block
                 .v_proj
-                .record(rec, t, &s.normed, &self.v, false, &s.lora);
+                .record(rec, t, &s.normed, &self.v, false, s.lora_scratch());
             rec.rope(&attn, &self.q, &self.cos, &self.sin);
             rec.rope(&kv, &self.k, &self.cos, &self.sin);
             rec.kv_append(&kv, &self.k, &self.v, k_cache, v_cache);
@@ -152,21 +152,21 @@ impl Llama {
             );
             block
                 .o_proj
-                .record(rec, t, &s.context, &s.hidden, true, &s.lora);
+                .record(rec, t, &s.context, &s.hidden, true, s.lora_scratch());
 
             block
                 .post_attention_layernorm
                 .record(rec, t, &s.hidden, &s.normed);
             block
                 .gate_proj
-                .record(rec, t, &s.normed, &self.gate, false, &s.lora);
+                .record(rec, t, &s.normed, &self.gate, false, s.lora_scratch());
             block
                 .up_proj
-                .record(rec, t, &s.normed, &self.up, false, &s.lora);
+                .record(rec, t, &s.normed, &self.up, false, s.lora_scratch());
             rec.silu_mul(t * self.intermediate, &self.gate, &self.up);
             block
                 .down_proj
-                .record(rec, t, &self.gate, &s.hidden, true, &s.lora);
+                .record(rec, t, &self.gate, &s.hidden, true, s.lora_scratch());
         }
     }
 }

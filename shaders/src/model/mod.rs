@@ -101,6 +101,16 @@ pub(crate) struct Shared {
     pub scores: wgpu::Buffer,
     /// `[chunk, max LoRA rank]`
     pub lora: wgpu::Buffer,
+    /// Whether the adapter's LoRA terms are added ([`LoadedModel::set_adapter_enabled`]).
+    pub lora_enabled: bool,
+}
+
+impl Shared {
+    /// The LoRA scratch for the linear projections, `None` while the adapter is switched off
+    /// (the projections then skip their LoRA terms: the base model's output).
+    pub fn lora_scratch(&self) -> Option<&wgpu::Buffer> {
+        self.lora_enabled.then_some(&self.lora)
+    }
 }
 
 /// One step's view of the shared state, handed to each layer.
@@ -245,6 +255,7 @@ impl Engine {
             context: scratch(self, "attention context", c * dims.heads * dims.head_dim)?,
             scores: scratch(self, "attention scores", c * dims.heads * dims.max_seq)?,
             lora: scratch(self, "LoRA", c * max_rank)?,
+            lora_enabled: true,
         };
         let cache_words = dims.max_seq * dims.kv_heads * dims.head_dim;
         let cache = (0..config.num_layers())
@@ -408,6 +419,13 @@ impl LoadedModel {
         self.past = 0;
     }
 
+    /// Switches the adapter loaded with the model on or off (on after a load), so that one load
+    /// answers as the fine-tuned and as the base model. Takes effect from the next forward pass;
+    /// the KV cache keeps what was computed before, so switch between generations.
+    pub fn set_adapter_enabled(&mut self, enabled: bool) {
+        self.shared.lora_enabled = enabled;
+    }
+
     pub fn max_seq_len(&self) -> usize {
         self.dims.max_seq
     }
@@ -509,8 +527,14 @@ impl LoadedModel {
                 (&self.last_row, 1)
             }
         };
-        self.lm_head
-            .record(&mut rec, rows, x, &self.logits, false, &self.shared.lora);
+        self.lm_head.record(
+            &mut rec,
+            rows,
+            x,
+            &self.logits,
+            false,
+            self.shared.lora_scratch(),
+        );
         self.past += t;
         Ok(rec)
     }

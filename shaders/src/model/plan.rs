@@ -67,13 +67,15 @@ impl Engine {
                     // Kept in the checkpoint's dtype, split by rows where needed.
                     let size = Dense::of(dtype_of(&tensor.name)).size();
                     let rows = tensor.shape[0];
-                    let per_part = rows_per_buffer(self, &tensor.name, numel / rows, size)?;
-                    let parts = rows.div_ceil(per_part.max(1));
+                    // At most `rows`: the products below stay within wasm32's usize.
+                    let per_part =
+                        rows_per_buffer(self, &tensor.name, numel / rows, size)?.clamp(1, rows);
+                    let parts = rows.div_ceil(per_part);
                     if parts > 1 {
                         footprint.split_tensors.push((tensor.name.clone(), parts));
                     }
                     // Each part padded to whole words.
-                    let part_bytes = |n: usize| (n * numel / rows * size).div_ceil(4) * 4;
+                    let part_bytes = |n: usize| (n * (numel / rows) * size).div_ceil(4) * 4;
                     (parts - 1) * part_bytes(per_part) + part_bytes(rows - (parts - 1) * per_part)
                 }
                 // Norms and biases: f32.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use qlora_core::checkpoint::ShardedCheckpoint;
+use qlora_core::checkpoint::{ShardedCheckpoint, CHECKPOINT_FILES};
 use web_sys::File;
 
 use super::progress::{Progress, ProgressBar};
@@ -43,6 +43,13 @@ pub fn Loader(
     url_param: &'static str,
     /// What to load, in words, for the drop zone.
     hint: &'static str,
+    /// For a directory URL: the files to try, in order, until one exists (a checkpoint's by
+    /// default).
+    #[prop(default = &CHECKPOINT_FILES)]
+    main_files: &'static [&'static str],
+    /// Files fetched from beside it where they exist (a tokenizer, an adapter's config).
+    #[prop(optional)]
+    side_files: &'static [&'static str],
 ) -> impl IntoView {
     let status = RwSignal::new(Status::Idle);
     let progress = RwSignal::new(None::<Progress>);
@@ -63,7 +70,9 @@ pub fn Loader(
     };
     let load_url = move |url: String| {
         status.set(Status::Loading);
-        spawn_local(async move { finish(fetch_model(&url, progress).await) });
+        spawn_local(async move {
+            finish(fetch_model(&url, url_param, main_files, side_files, progress).await)
+        });
     };
 
     // A URL in the query string loads at once.
@@ -199,16 +208,22 @@ async fn read_files(
     Ok(set)
 }
 
-/// Fetches a model from `?model=`: the URL must be of this page's origin (the app never asks
-/// another site for files).
-async fn fetch_model(url: &str, progress: RwSignal<Option<Progress>>) -> Result<FileSet, String> {
+/// Fetches a model from `?model=` (or the page's other `param`): the URL must be of this page's
+/// origin (the app never asks another site for files).
+async fn fetch_model(
+    url: &str,
+    param: &str,
+    main_files: &[&str],
+    side_files: &[&str],
+    progress: RwSignal<Option<Progress>>,
+) -> Result<FileSet, String> {
     let location = web_sys::window().ok_or("no window")?.location();
     let href = location.href().map_err(read::js_error)?;
-    let resolved =
-        web_sys::Url::new_with_base(url, &href).map_err(|_| format!("?model={url}: not a URL"))?;
+    let resolved = web_sys::Url::new_with_base(url, &href)
+        .map_err(|_| format!("?{param}={url}: not a URL"))?;
     if resolved.origin() != location.origin().map_err(read::js_error)? {
         return Err(format!(
-            "?model={url}: only URLs of this page's origin can be loaded"
+            "?{param}={url}: only URLs of this page's origin can be loaded"
         ));
     }
     resolved.set_search("");
@@ -232,11 +247,17 @@ async fn fetch_model(url: &str, progress: RwSignal<Option<Progress>>) -> Result<
         )
         .await
     };
-    if let Some(config) = fetch(CONFIG_FILE).await? {
-        set.files.insert(CONFIG_FILE.into(), config);
+    for name in std::iter::once(CONFIG_FILE).chain(side_files.iter().copied()) {
+        if let Some(bytes) = fetch(name).await? {
+            set.files.insert(name.into(), bytes);
+        }
     }
+    let candidates = match &plan {
+        ModelUrl::Directory { .. } => main_files.iter().map(|f| f.to_string()).collect(),
+        ModelUrl::File { .. } => plan.checkpoint_candidates(),
+    };
     let mut checkpoint = None;
-    for name in plan.checkpoint_candidates() {
+    for name in candidates.iter().cloned() {
         if let Some(bytes) = fetch(&name).await? {
             checkpoint = Some((name, bytes));
             break;
@@ -246,7 +267,7 @@ async fn fetch_model(url: &str, progress: RwSignal<Option<Progress>>) -> Result<
         return Err(format!(
             "{}: no checkpoint there (tried {})",
             plan.base(),
-            plan.checkpoint_candidates().join(", ")
+            candidates.join(", ")
         ));
     };
     if name.ends_with(".index.json") {

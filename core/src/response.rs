@@ -1,9 +1,10 @@
-//! Generation as text: the prompt ids of a conversation, where a response ends (EOS, the
-//! template's end-of-turn marker), and streaming the response as it grows.
+//! Generation as text, shared by the native CLI and the browser chat: the prompt ids of a
+//! conversation, where a response ends (EOS, the template's end-of-turn marker), and streaming
+//! the response as it grows.
 
-use qlora_core::prompt::{Conversation, PromptTemplate};
-use qlora_core::tokenizer::Tokenizer;
-use qlora_core::Result;
+use crate::prompt::{Conversation, PromptTemplate};
+use crate::tokenizer::Tokenizer;
+use crate::Result;
 
 /// The ids the model sees for `conversation`: the template's prompt, with BOS first when the
 /// tokenizer adds one; special tokens written in the template (`<|im_start|>`) are parsed.
@@ -145,7 +146,7 @@ impl<'a> TextStream<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qlora_core::tokenizer::SpecialTokenNames;
+    use crate::tokenizer::SpecialTokenNames;
 
     /// A byte-fallback tokenizer: `a`, `b`, and the three bytes of `你` (E4 BD A0) as tokens
     /// 2, 3, 4, so a token limit can stop in the middle of the character.
