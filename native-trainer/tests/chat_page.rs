@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use browser::server::StaticServer;
 use browser::webdriver::Browser;
@@ -53,20 +53,7 @@ fn tiny_model_dir() -> tempfile::TempDir {
         .map(String::from)
         .chain(WORDS.iter().map(|w| w.to_string()))
         .chain((2 + WORDS.len()..384).map(|i| format!("w{i}")));
-    let vocab: serde_json::Map<String, Value> =
-        tokens.enumerate().map(|(id, t)| (t, id.into())).collect();
-    let special = |id: u32, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<unk>"), special(1, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    qlora_tests::write_word_level_tokenizer(dir.path(), tokens, 2);
     let config = json!({
         "eos_token": "</s>", "unk_token": "<unk>",
         "chat_template": "{% for message in messages %}{{ message['role'] }} {{ message['content'] }} . {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"

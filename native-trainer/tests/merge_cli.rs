@@ -36,25 +36,12 @@ fn with_tokenizer(source: &Path) -> tempfile::TempDir {
     let config = ModelConfig::load(&source.join("config.json")).unwrap();
     let vocab_size = config.raw["vocab_size"].as_u64().unwrap() as usize;
     let words = ["<unk>", "</s>", "the", "sea", "is", "blue", "red", "dress"];
-    let mut vocab = serde_json::Map::new();
-    for id in 0..vocab_size {
-        let token = words
+    let tokens = (0..vocab_size).map(|id| {
+        words
             .get(id)
-            .map_or_else(|| format!("w{id}"), |w| w.to_string());
-        vocab.insert(token, id.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<unk>"), special(1, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+            .map_or_else(|| format!("w{id}"), |w| w.to_string())
     });
-    std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    qlora_tests::write_word_level_tokenizer(dir.path(), tokens, 2);
     std::fs::write(
         dir.path().join("special_tokens_map.json"),
         r#"{"eos_token": "</s>", "unk_token": "<unk>"}"#,

@@ -22,27 +22,12 @@ fn tiny_model_dir() -> tempfile::TempDir {
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
     }
-    let mut vocab = serde_json::Map::new();
     let tokens = ["<unk>", "</s>"]
         .into_iter()
         .map(String::from)
         .chain(WORDS.iter().map(|w| w.to_string()))
         .chain((10..384).map(|i| format!("w{i}")));
-    for (id, token) in tokens.enumerate() {
-        vocab.insert(token, id.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<unk>"), special(1, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    qlora_tests::write_word_level_tokenizer(dir.path(), tokens, 2);
     std::fs::write(
         dir.path().join("special_tokens_map.json"),
         r#"{"eos_token": "</s>", "unk_token": "<unk>"}"#,

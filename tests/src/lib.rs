@@ -35,3 +35,35 @@ pub fn demo_gguf() -> Option<PathBuf> {
         None
     }
 }
+
+/// Writes `dir/tokenizer.json`: a whitespace-split word-level tokenizer whose ids are the
+/// positions in `tokens`, the first `specials` of them added as special tokens (the first one
+/// also the unknown token). The golden tiny models come without a tokenizer; the CLI tests give
+/// them this one.
+pub fn write_word_level_tokenizer(
+    dir: &std::path::Path,
+    tokens: impl IntoIterator<Item = String>,
+    specials: usize,
+) {
+    let tokens: Vec<String> = tokens.into_iter().collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id.into()))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens[..specials]
+        .iter()
+        .enumerate()
+        .map(|(id, t)| {
+            serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": tokens[0]}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+}

@@ -30,29 +30,12 @@ impl Setup {
             std::fs::copy(tiny_bloom().join(file), model.join(file)).unwrap();
         }
         let specials = ["<unk>", "<s>", "</s>", "<pad>"];
-        let vocab: serde_json::Map<String, Value> = specials
-            .iter()
-            .chain(&COLORS)
-            .chain(&ITEMS)
-            .chain(&WORDS)
-            .enumerate()
-            .map(|(id, w)| (w.to_string(), json!(id)))
-            .collect();
-        let added: Vec<Value> = specials
-            .iter()
-            .enumerate()
-            .map(|(id, t)| {
-                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": true})
-            })
-            .collect();
-        let tokenizer = json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": null, "decoder": null,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-        });
-        std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let tokens = specials.iter().chain(&COLORS).chain(&ITEMS).chain(&WORDS);
+        qlora_tests::write_word_level_tokenizer(
+            &model,
+            tokens.map(|w| w.to_string()),
+            specials.len(),
+        );
         let config = json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
                             "unk_token": "<unk>"});
         std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
