@@ -16,7 +16,6 @@ use super::model::CudaModel;
 use crate::train::adapter::{adapter_from_pairs, save_adapter};
 use crate::train::batches::epoch_batches;
 use crate::train::log::{StepRecord, TrainLog};
-use crate::train::schedule::LrSchedule;
 use crate::train::trainer::{
     not_finite, Evaluation, Summary, TrainOptions, BEST_DIR, FINAL_DIR, LOG_FILE,
 };
@@ -72,12 +71,7 @@ pub fn train(
         return Err(Error::Invalid("no training examples".into()));
     }
     let total_steps = options.total_steps(train.len());
-    let schedule = LrSchedule {
-        kind: options.schedule,
-        peak_lr: options.lr,
-        warmup_steps: options.warmup_steps,
-        total_steps,
-    };
+    let schedule = options.lr_schedule(total_steps);
     let mut shuffle_rng = StdRng::seed_from_u64(options.seed);
     let mut dropout_rng = StdRng::seed_from_u64(options.seed.wrapping_add(1));
     let mut log = TrainLog::create(&out_dir.join(LOG_FILE))?;

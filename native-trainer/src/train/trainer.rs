@@ -73,6 +73,16 @@ impl TrainOptions {
         batches_per_epoch(examples, self.batch_size).div_ceil(self.gradient_steps)
     }
 
+    /// The learning-rate schedule of a run of `total_steps` optimizer steps.
+    pub fn lr_schedule(&self, total_steps: usize) -> LrSchedule {
+        LrSchedule {
+            kind: self.schedule,
+            peak_lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            total_steps,
+        }
+    }
+
     /// Optimizer steps the run takes.
     pub fn total_steps(&self, examples: usize) -> usize {
         self.max_steps
@@ -453,12 +463,7 @@ pub fn train(
         return Err(Error::Invalid("no training examples".into()));
     }
     let total_steps = options.total_steps(train.len());
-    let schedule = LrSchedule {
-        kind: options.schedule,
-        peak_lr: options.lr,
-        warmup_steps: options.warmup_steps,
-        total_steps,
-    };
+    let schedule = options.lr_schedule(total_steps);
     let mut params = Parameters::of(model)?;
     let trainable_params = params.lengths().iter().sum();
     let run = options.identity(adapter_config, train, validation);
