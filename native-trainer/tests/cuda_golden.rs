@@ -365,8 +365,8 @@ impl Case {
                     .unwrap()
             })
             .collect();
-        let mut opt = AdamW::new(params, &values.iter().map(Vec::len).collect::<Vec<_>>());
-        opt.step(&mut values, &grads, 1e-3);
+        let mut opt = AdamW::new(&values.iter().map(Vec::len).collect::<Vec<_>>());
+        opt.step(params, &mut values, &grads, 1e-3);
         let after: Vec<Vec<f32>> = model
             .lora_pairs()
             .unwrap()
@@ -424,15 +424,16 @@ fn an_impossible_allocation_names_its_size_and_the_flags() {
     );
 }
 
-/// 200 optimizer steps of the CUDA loop against the CPU loop (train::train) on tiny models with
-/// the same data, seed and options (LoRA dropout 0, so that both see the same computation):
-/// the per-step losses and the final validation loss must track each other.
+/// 200 optimizer steps of the training loop (train::train) with the CUDA model against the CPU
+/// model, on tiny models with the same data, seed and options (LoRA dropout 0, so that both see
+/// the same computation): the per-step losses and the final validation loss must track each
+/// other.
 #[test]
 fn a_200_step_training_run_tracks_the_cpu_loop() {
     use qlora_core::data::Example;
     use qlora_core::peft::AdapterConfig;
     use qlora_trainer::train::schedule::ScheduleKind;
-    use qlora_trainer::train::{train, TrainOptions};
+    use qlora_trainer::train::{train, CpuTrainable, TrainOptions};
     use rand::{Rng, SeedableRng};
 
     let Some(gpu) = gpu() else { return };
@@ -498,7 +499,7 @@ fn a_200_step_training_run_tracks_the_cpu_loop() {
         let mut cpu_losses = Vec::new();
         let cpu_model = Model::load(&config, &case.checkpoint(), Some(&setup)).unwrap();
         let cpu = train(
-            &cpu_model,
+            &mut CpuTrainable::new(&cpu_model).unwrap(),
             &train_set,
             Some(&val_set),
             &options,
@@ -522,7 +523,7 @@ fn a_200_step_training_run_tracks_the_cpu_loop() {
                 options_cuda,
             )
             .unwrap();
-            let summary = qlora_trainer::cuda::trainer::train(
+            let summary = train(
                 &mut model,
                 &train_set,
                 Some(&val_set),

@@ -1,4 +1,4 @@
-//! `qlora train`: QLoRA fine-tuning on the CPU. A frozen (4-bit) base model, LoRA adapters on
+//! `qlora train`: QLoRA fine-tuning on a CUDA GPU or the CPU. A frozen (4-bit) base model, LoRA adapters on
 //! its projections, AdamW on the adapters; the adapters come out as PEFT directories.
 //!
 //! Without any argument it runs the demo: SmolLM2-135M-Instruct (Q4_1 GGUF) on the built-in
@@ -19,7 +19,6 @@ use qlora_core::prompt::PromptTemplate;
 use qlora_core::quant::QuantType;
 use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
-use qlora_trainer::cuda::trainer::train as cuda_train;
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
 use qlora_trainer::generate::model::load_for_generation;
 use qlora_trainer::generate::{evaluate, EvalOptions, Example};
@@ -30,7 +29,7 @@ use qlora_trainer::train::log::StepRecord;
 use qlora_trainer::train::optimizer::AdamWParams;
 use qlora_trainer::train::schedule::ScheduleKind;
 use qlora_trainer::train::trainer::{BEST_DIR, FINAL_DIR, LOG_FILE};
-use qlora_trainer::train::{train, Summary, TrainOptions};
+use qlora_trainer::train::{train, CpuTrainable, Summary, TrainOptions};
 
 /// The demo data, built into the binary so that `qlora train` works from any directory.
 const DEMO_TRAIN: DataFile = DataFile::Embedded {
@@ -449,6 +448,31 @@ pub fn run(args: Args) -> Result<()> {
         .pad_id()
         .or(base.tokenizer.eos_id())
         .context("the tokenizer has neither a pad nor an EOS token to pad batches with")?;
+    let cuda_precision = match args.precision {
+        CudaPrecision::Bf16 => Precision::Bf16,
+        CudaPrecision::F32 => Precision::F32,
+    };
+    let mut run_identity = BTreeMap::from([
+        (
+            "--model_name_or_path".to_string(),
+            model_path.display().to_string(),
+        ),
+        (
+            "--quan, --double_quant, --blocksize".to_string(),
+            quant.map_or("none".into(), |q| {
+                format!("{:?}, {}, {}", q.quant_type, q.double_quant, q.blocksize)
+            }),
+        ),
+    ]);
+    // The CPU and the CUDA path (in either precision) round differently: a run resumed on
+    // another one would not end as the uninterrupted run does. (Absent on the CPU, so that
+    // checkpoints written before CUDA ones existed still resume.)
+    if gpu.is_some() {
+        run_identity.insert(
+            "CUDA precision (--device cuda, --precision)".to_string(),
+            format!("{cuda_precision:?}").to_lowercase(),
+        );
+    }
     let options = TrainOptions {
         epochs: args.epoch.unwrap_or(defaults.epoch),
         max_steps: args.max_steps.or(defaults.max_steps),
@@ -463,18 +487,7 @@ pub fn run(args: Args) -> Result<()> {
         save_steps: args.save_steps,
         save_total_limit: args.save_total_limit,
         resume_from,
-        run_identity: BTreeMap::from([
-            (
-                "--model_name_or_path".to_string(),
-                model_path.display().to_string(),
-            ),
-            (
-                "--quan, --double_quant, --blocksize".to_string(),
-                quant.map_or("none".into(), |q| {
-                    format!("{:?}, {}, {}", q.quant_type, q.double_quant, q.blocksize)
-                }),
-            ),
-        ]),
+        run_identity,
         seed: args.seed,
         pad_id,
         ignore_pad_token_for_loss: args.ignore_pad_token_for_loss,
@@ -505,16 +518,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     let validation = validation_examples.as_ref().map(|v| v.examples.as_slice());
     let summary = match &gpu {
-        Some(_) if options.resume_from.is_some() => bail!(
-            "--resume_from_checkpoint is not supported with --device cuda yet (CUDA checkpoints \
-             hold the adapter only); resume with --device cpu or start a new run"
-        ),
         Some(gpu) => {
             let cuda_options = CudaOptions {
-                precision: match args.precision {
-                    CudaPrecision::Bf16 => Precision::Bf16,
-                    CudaPrecision::F32 => Precision::F32,
-                },
+                precision: cuda_precision,
                 gradient_checkpointing: args.gradient_checkpointing,
             };
             let mut model = CudaModel::load(
@@ -524,7 +530,7 @@ pub fn run(args: Args) -> Result<()> {
                 Some(&setup),
                 cuda_options,
             )?;
-            cuda_train(
+            train(
                 &mut model,
                 &train_examples.examples,
                 validation,
@@ -537,7 +543,7 @@ pub fn run(args: Args) -> Result<()> {
         None => {
             let model = Model::load(&base.config, &*base.weights, Some(&setup))?;
             train(
-                &model,
+                &mut CpuTrainable::new(&model)?,
                 &train_examples.examples,
                 validation,
                 &options,

@@ -3,10 +3,11 @@
 //! ranges `a` (`[r, in]`) and `b` (`[out, r]`) of every buffer.
 
 use qlora_core::peft::LoraPair;
-use qlora_core::Result;
+use qlora_core::{Error, Result};
 use qlora_kernels::{AdamWCoefficients, DeviceBuffer, Gpu, Kernels, Precision};
 
-use crate::train::optimizer::AdamWParams;
+use crate::train::checkpoint::ParamSpec;
+use crate::train::optimizer::{AdamW, AdamWParams};
 
 /// The gradients of one adapter's matrices.
 pub struct LoraGradients {
@@ -201,5 +202,73 @@ impl LoraStore {
                 b: all[s.b..s.b + s.out_features * s.r].to_vec(),
             })
             .collect())
+    }
+
+    /// The parameters in buffer order: A then B of each slot.
+    pub(crate) fn param_specs(&self) -> Vec<ParamSpec> {
+        self.slots
+            .iter()
+            .flat_map(|s| ParamSpec::lora_pair(&s.module, s.r, s.in_features, s.out_features))
+            .collect()
+    }
+
+    /// A flat buffer's values cut into the parameters of [`LoraStore::param_specs`] (the
+    /// buffers hold each slot's A and then its B, slot after slot, with no gap).
+    fn split(&self, all: &[f32]) -> Vec<Vec<f32>> {
+        let mut rest = all;
+        self.param_specs()
+            .iter()
+            .map(|spec| {
+                let (head, tail) = rest.split_at(spec.elements());
+                rest = tail;
+                head.to_vec()
+            })
+            .collect()
+    }
+
+    /// AdamW's step count and moments.
+    pub(crate) fn optimizer_state(&self, gpu: &Gpu) -> Result<AdamW> {
+        let first = self.split(&gpu.read::<f32>(self.first_moment.ptr(), self.len)?);
+        let second = self.split(&gpu.read::<f32>(self.second_moment.ptr(), self.len)?);
+        let lengths: Vec<usize> = first.iter().map(Vec::len).collect();
+        Ok(AdamW::from_state(&lengths, self.steps, first, second)
+            .expect("both moments are cut to the same lengths"))
+    }
+
+    /// Sets the fp32 master weights (and their compute copy), AdamW's moments and step count
+    /// to saved ones, per parameter in [`LoraStore::param_specs`] order.
+    pub(crate) fn restore(
+        &mut self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        weights: &[Vec<f32>],
+        optimizer: &AdamW,
+    ) -> Result<()> {
+        let lengths: Vec<usize> = self.param_specs().iter().map(ParamSpec::elements).collect();
+        let fits = |lists: &[Vec<f32>]| lists.iter().map(Vec::len).eq(lengths.iter().copied());
+        if !fits(weights) || !fits(optimizer.first_moments()) || !fits(optimizer.second_moments()) {
+            return Err(Error::Invalid(
+                "the restored weights or optimizer state do not fit the model's adapters".into(),
+            ));
+        }
+        if self.len > 0 {
+            gpu.write(self.master.ptr(), &weights.concat())?;
+            kernels.cast_from_f32(self.master.ptr(), self.compute.ptr(), self.len)?;
+            gpu.write(self.first_moment.ptr(), &optimizer.first_moments().concat())?;
+            gpu.write(
+                self.second_moment.ptr(),
+                &optimizer.second_moments().concat(),
+            )?;
+        }
+        self.steps = optimizer.steps();
+        Ok(())
+    }
+
+    /// Whether every fp32 master weight is finite: their sum of squares (in f64, which no
+    /// finite f32 square overflows) is.
+    pub(crate) fn weights_finite(&self, gpu: &Gpu, kernels: &Kernels) -> Result<bool> {
+        let total = gpu.zeros(8, "weight check")?;
+        kernels.sum_squares(self.master.ptr(), self.len, total.ptr())?;
+        Ok(gpu.read::<f64>(total.ptr(), 1)?[0].is_finite())
     }
 }

@@ -15,7 +15,7 @@ mod head;
 mod linear;
 mod lora;
 pub mod model;
-pub mod trainer;
+mod trainable;
 mod weights;
 
 pub use batch::GpuBatch;

@@ -17,7 +17,8 @@ use super::lora::{InitialAdapter, LoraGradients, LoraStore};
 use super::weights::{Loader, Norm};
 use crate::cpu::lora::{AdapterFactory, LoraSetup};
 use crate::cpu::weights::Weights;
-use crate::train::optimizer::AdamWParams;
+use crate::train::checkpoint::ParamSpec;
+use crate::train::optimizer::{AdamW, AdamWParams};
 
 /// How the model computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,6 +447,28 @@ impl CudaModel {
     /// The adapters' fp32 values as PEFT pairs.
     pub fn lora_pairs(&self) -> Result<Vec<(String, qlora_core::peft::LoraPair)>> {
         self.lora.pairs(&self.gpu)
+    }
+
+    /// The trained matrices: A then B of each adapter, in model order.
+    pub fn lora_parameters(&self) -> Vec<ParamSpec> {
+        self.lora.param_specs()
+    }
+
+    /// AdamW's step count and moments, per parameter of [`CudaModel::lora_parameters`].
+    pub fn adamw_state(&self) -> Result<AdamW> {
+        self.lora.optimizer_state(&self.gpu)
+    }
+
+    /// Sets the adapters' fp32 values and AdamW's state, per parameter of
+    /// [`CudaModel::lora_parameters`] (as a checkpoint saved them).
+    pub fn restore_lora(&mut self, weights: &[Vec<f32>], optimizer: &AdamW) -> Result<()> {
+        self.lora
+            .restore(&self.gpu, &self.kernels, weights, optimizer)
+    }
+
+    /// Whether every adapter value is finite.
+    pub fn lora_finite(&self) -> Result<bool> {
+        self.lora.weights_finite(&self.gpu, &self.kernels)
     }
 }
 

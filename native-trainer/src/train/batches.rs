@@ -1,13 +1,13 @@
-//! Examples into batches: a seeded shuffle per epoch, micro-batches of `batch_size`, and the
-//! tensors the CPU model takes.
+//! Examples into batches: a seeded shuffle per epoch, micro-batches of `batch_size`, their
+//! counts, and the tensors the CPU model takes.
 
 use candle_core::{Device, Tensor};
-use qlora_core::data::{collate, Example, IGNORE_INDEX};
+use qlora_core::data::{Batch, IGNORE_INDEX};
 use qlora_core::Result;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-/// One collated micro-batch as tensors, with the counts the loop reports.
+/// One collated micro-batch as the CPU model's tensors.
 pub struct BatchTensors {
     /// `[B, T]` u32
     pub input_ids: Tensor,
@@ -15,35 +15,36 @@ pub struct BatchTensors {
     pub attention_mask: Tensor,
     /// `[B, T]` i64, `-100` where there is no target
     pub labels: Tensor,
-    /// Real (non-padding) tokens.
-    pub tokens: usize,
-    /// Positions the loss averages over (labels after the first position that are not `-100`).
-    pub targets: usize,
 }
 
 impl BatchTensors {
-    pub fn new(
-        examples: &[&Example],
-        pad_id: u32,
-        ignore_pad_token_for_loss: bool,
-    ) -> Result<Self> {
-        let batch = collate(examples, pad_id, ignore_pad_token_for_loss);
+    pub fn new(batch: &Batch) -> Result<Self> {
         let shape = (batch.batch_size, batch.seq_len);
-        let tokens = batch.attention_mask.iter().filter(|&&m| m != 0).count();
-        let targets = batch
-            .labels
-            .chunks_exact(batch.seq_len.max(1))
-            .map(|row| row[1..].iter().filter(|&&l| l != IGNORE_INDEX).count())
-            .sum();
         let tensor = |t: candle_core::Result<Tensor>| t.map_err(crate::cpu::compute_error);
         Ok(BatchTensors {
-            input_ids: tensor(Tensor::from_vec(batch.input_ids, shape, &Device::Cpu))?,
-            attention_mask: tensor(Tensor::from_vec(batch.attention_mask, shape, &Device::Cpu))?,
-            labels: tensor(Tensor::from_vec(batch.labels, shape, &Device::Cpu))?,
-            tokens,
-            targets,
+            input_ids: tensor(Tensor::from_slice(&batch.input_ids, shape, &Device::Cpu))?,
+            attention_mask: tensor(Tensor::from_slice(
+                &batch.attention_mask,
+                shape,
+                &Device::Cpu,
+            ))?,
+            labels: tensor(Tensor::from_slice(&batch.labels, shape, &Device::Cpu))?,
         })
     }
+}
+
+/// Real (non-padding) tokens of a batch.
+pub fn real_tokens(batch: &Batch) -> usize {
+    batch.attention_mask.iter().filter(|&&m| m != 0).count()
+}
+
+/// Positions the loss averages over: labels after the first position that are not `-100`.
+pub fn loss_targets(batch: &Batch) -> usize {
+    batch
+        .labels
+        .chunks_exact(batch.seq_len.max(1))
+        .map(|row| row[1..].iter().filter(|&&l| l != IGNORE_INDEX).count())
+        .sum()
 }
 
 /// The micro-batches of one epoch: example indices shuffled with `rng`, cut into groups of
@@ -65,6 +66,7 @@ pub fn batches_per_epoch(examples: usize, batch_size: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qlora_core::data::Example;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -82,7 +84,7 @@ mod tests {
     }
 
     #[test]
-    fn tensors_count_real_tokens_and_targets() {
+    fn batches_count_real_tokens_and_targets() {
         let a = Example {
             input_ids: vec![5, 6, 7],
             labels: vec![IGNORE_INDEX, 6, 7],
@@ -93,8 +95,8 @@ mod tests {
             labels: vec![IGNORE_INDEX, 8],
             line: 2,
         };
-        let batch = BatchTensors::new(&[&a, &b], 0, true).unwrap();
-        assert_eq!(batch.input_ids.dims(), [2, 3]);
-        assert_eq!((batch.tokens, batch.targets), (5, 3));
+        let batch = qlora_core::data::collate(&[&a, &b], 0, true);
+        assert_eq!(BatchTensors::new(&batch).unwrap().input_ids.dims(), [2, 3]);
+        assert_eq!((real_tokens(&batch), loss_targets(&batch)), (5, 3));
     }
 }

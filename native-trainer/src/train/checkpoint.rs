@@ -1,6 +1,7 @@
 //! Training checkpoints: everything a run needs to continue exactly where it stopped, so that a
 //! run resumed after a crash or a `kill -9` ends with the same adapter, bit for bit, as one that
-//! never stopped.
+//! never stopped (on CUDA, as far as its kernels are deterministic: see `tests/cuda_resume.rs`).
+//! CPU and CUDA runs write the same files.
 //!
 //! # Format
 //!
@@ -56,7 +57,7 @@ use qlora_core::{DType, Error, Result};
 use rand_chacha::ChaCha12Rng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::optimizer::{AdamW, AdamWParams};
+use super::optimizer::AdamW;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -228,7 +229,27 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
-    fn len(&self) -> usize {
+    /// The matrices of `module`'s adapter: A `[r, in_features]`, then B `[out_features, r]`.
+    pub fn lora_pair(
+        module: &str,
+        r: usize,
+        in_features: usize,
+        out_features: usize,
+    ) -> [ParamSpec; 2] {
+        [
+            ParamSpec {
+                name: format!("{module}.lora_A"),
+                shape: vec![r, in_features],
+            },
+            ParamSpec {
+                name: format!("{module}.lora_B"),
+                shape: vec![out_features, r],
+            },
+        ]
+    }
+
+    /// Values in the parameter.
+    pub fn elements(&self) -> usize {
         self.shape.iter().product()
     }
 }
@@ -383,8 +404,8 @@ impl Checkpoint {
         )))
     }
 
-    /// AdamW as the checkpoint left it, for the parameters `params`.
-    pub fn optimizer(&self, params: AdamWParams, specs: &[ParamSpec]) -> Result<AdamW> {
+    /// AdamW's state as the checkpoint left it, for the parameters `specs`.
+    pub fn optimizer(&self, specs: &[ParamSpec]) -> Result<AdamW> {
         let file = self.dir.join(OPTIMIZER_FILE).display().to_string();
         let mut moments = [Vec::new(), Vec::new()];
         for spec in specs {
@@ -408,8 +429,8 @@ impl Checkpoint {
             }
         }
         let [first, second] = moments;
-        let lengths: Vec<usize> = specs.iter().map(ParamSpec::len).collect();
-        AdamW::from_state(params, &lengths, self.state.optimizer_step, first, second)
+        let lengths: Vec<usize> = specs.iter().map(ParamSpec::elements).collect();
+        AdamW::from_state(&lengths, self.state.optimizer_step, first, second)
             .ok_or_else(|| Error::format(&file, "the moments do not fit the parameters"))
     }
 }
@@ -594,10 +615,11 @@ mod tests {
                 shape: vec![3, 1],
             },
         ];
-        let params = AdamWParams::with_weight_decay(0.0);
-        let mut optimizer = AdamW::new(params, &[2, 3]);
+        let params = crate::train::optimizer::AdamWParams::with_weight_decay(0.0);
+        let mut optimizer = AdamW::new(&[2, 3]);
         let mut values = vec![vec![0.5, -1.0], vec![0.25, 2.0, 3.0]];
-        optimizer.step(&mut values, &[vec![0.1, 0.2], vec![0.3, -0.4, 0.5]], 0.01);
+        let grads = [vec![0.1, 0.2], vec![0.3, -0.4, 0.5]];
+        optimizer.step(params, &mut values, &grads, 0.01);
         for step in [1, 2, 3] {
             save_checkpoint(
                 out.path(),
@@ -616,7 +638,8 @@ mod tests {
         let checkpoint = Checkpoint::load(&dir).unwrap();
         assert_eq!(checkpoint.state, state(3));
         assert_eq!(checkpoint.adapter.modules, adapter().modules);
-        let restored = checkpoint.optimizer(params, &specs).unwrap();
+        let restored = checkpoint.optimizer(&specs).unwrap();
+        assert_eq!(restored.steps(), 3, "the state's optimizer_step");
         assert_eq!(restored.first_moments(), optimizer.first_moments());
         assert_eq!(restored.second_moments(), optimizer.second_moments());
         let wrong_shape = [
@@ -627,7 +650,7 @@ mod tests {
             },
         ];
         let err = checkpoint
-            .optimizer(params, &wrong_shape)
+            .optimizer(&wrong_shape)
             .err()
             .unwrap()
             .to_string();

@@ -23,9 +23,10 @@ impl AdamWParams {
     }
 }
 
-/// AdamW's state for a list of parameter buffers (one pair of moments per buffer).
+/// AdamW's state for a list of parameter buffers (one pair of moments per buffer): what a
+/// checkpoint saves of the optimizer. The hyper-parameters come with every step.
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
-    params: AdamWParams,
     /// Optimizer steps taken so far.
     step: u64,
     first_moments: Vec<Vec<f32>>,
@@ -34,9 +35,8 @@ pub struct AdamW {
 
 impl AdamW {
     /// State for buffers of the given lengths, moments at zero.
-    pub fn new(params: AdamWParams, lengths: &[usize]) -> AdamW {
+    pub fn new(lengths: &[usize]) -> AdamW {
         AdamW {
-            params,
             step: 0,
             first_moments: lengths.iter().map(|&n| vec![0.0; n]).collect(),
             second_moments: lengths.iter().map(|&n| vec![0.0; n]).collect(),
@@ -46,7 +46,6 @@ impl AdamW {
     /// State saved by a checkpoint: `step` updates taken, moments per buffer. `None` when the
     /// moments' count or lengths differ from `lengths`.
     pub fn from_state(
-        params: AdamWParams,
         lengths: &[usize],
         step: u64,
         first_moments: Vec<Vec<f32>>,
@@ -54,7 +53,6 @@ impl AdamW {
     ) -> Option<AdamW> {
         let fits = |moments: &[Vec<f32>]| moments.iter().map(Vec::len).eq(lengths.iter().copied());
         (fits(&first_moments) && fits(&second_moments)).then_some(AdamW {
-            params,
             step,
             first_moments,
             second_moments,
@@ -78,7 +76,13 @@ impl AdamW {
 
     /// One update of every buffer with its gradient, at learning rate `lr`. Buffers and
     /// gradients come in the order (and lengths) given to [`AdamW::new`].
-    pub fn step(&mut self, buffers: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f64) {
+    pub fn step(
+        &mut self,
+        params: AdamWParams,
+        buffers: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        lr: f64,
+    ) {
         assert_eq!(
             buffers.len(),
             self.first_moments.len(),
@@ -95,7 +99,7 @@ impl AdamW {
             beta2,
             eps,
             weight_decay,
-        } = self.params;
+        } = params;
         let t = self.step as i32;
         let bias_correction1 = 1.0 - beta1.powi(t);
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
@@ -152,9 +156,10 @@ mod tests {
     #[test]
     fn first_step_moves_by_lr_times_sign_after_decay() {
         // Step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps).
-        let mut opt = AdamW::new(AdamWParams::with_weight_decay(0.1), &[3]);
+        let mut opt = AdamW::new(&[3]);
         let mut buffers = vec![vec![1.0f32, -2.0, 0.5]];
-        opt.step(&mut buffers, &[vec![0.3, -4.0, 0.0]], 0.01);
+        let params = AdamWParams::with_weight_decay(0.1);
+        opt.step(params, &mut buffers, &[vec![0.3, -4.0, 0.0]], 0.01);
         let decay = 1.0 - 0.01 * 0.1;
         let expected = [1.0 * decay - 0.01, -2.0 * decay + 0.01, 0.5 * decay];
         for (got, want) in buffers[0].iter().zip(expected) {
@@ -165,10 +170,10 @@ mod tests {
     #[test]
     fn second_step_uses_bias_corrected_moments() {
         let params = AdamWParams::with_weight_decay(0.0);
-        let mut opt = AdamW::new(params, &[1]);
+        let mut opt = AdamW::new(&[1]);
         let mut buffers = vec![vec![0.0f32]];
-        opt.step(&mut buffers, &[vec![1.0]], 0.1);
-        opt.step(&mut buffers, &[vec![3.0]], 0.1);
+        opt.step(params, &mut buffers, &[vec![1.0]], 0.1);
+        opt.step(params, &mut buffers, &[vec![3.0]], 0.1);
         // By hand: m = 0.9*0.1 + 0.1*3 = 0.39, v = 0.999*0.001 + 0.001*9 = 0.009999.
         let m_hat = 0.39 / (1.0 - 0.81);
         let v_hat = 0.009999 / (1.0 - 0.998001);
@@ -181,11 +186,10 @@ mod tests {
     fn a_restored_state_continues_exactly() {
         let params = AdamWParams::with_weight_decay(0.01);
         let grads = [vec![0.5f32, -1.5], vec![2.0f32, 0.25]];
-        let mut whole = AdamW::new(params, &[2]);
+        let mut whole = AdamW::new(&[2]);
         let mut a = vec![vec![1.0f32, 2.0]];
-        whole.step(&mut a, &grads[..1], 0.1);
+        whole.step(params, &mut a, &grads[..1], 0.1);
         let mut restored = AdamW::from_state(
-            params,
             &[2],
             whole.steps(),
             whole.first_moments().to_vec(),
@@ -193,12 +197,10 @@ mod tests {
         )
         .unwrap();
         let mut b = a.clone();
-        whole.step(&mut a, &grads[1..], 0.1);
-        restored.step(&mut b, &grads[1..], 0.1);
+        whole.step(params, &mut a, &grads[1..], 0.1);
+        restored.step(params, &mut b, &grads[1..], 0.1);
         assert_eq!(a, b);
-        assert!(
-            AdamW::from_state(params, &[3], 1, vec![vec![0.0; 2]], vec![vec![0.0; 2]]).is_none()
-        );
+        assert!(AdamW::from_state(&[3], 1, vec![vec![0.0; 2]], vec![vec![0.0; 2]]).is_none());
     }
 
     #[test]

@@ -1,30 +1,30 @@
-//! The training loop: LoRA matrices of a CPU [`Model`] trained with AdamW on shuffled
-//! micro-batches, gradient accumulation, a warmup + decay schedule, periodic validation, and
-//! the adapters written as PEFT directories (`best_model/`, `final/`). Every `save_steps` it
-//! writes a [checkpoint](super::checkpoint) from which a killed run continues exactly; a
-//! non-finite loss, gradient norm or weight stops it before anything is saved from that step.
+//! The training loop, one for every model ([`Trainable`]: the CPU and the CUDA one): LoRA
+//! matrices trained with AdamW on shuffled micro-batches, gradient accumulation, a warmup + decay
+//! schedule, periodic validation, and the adapters written as PEFT directories (`best_model/`,
+//! `final/`). Every `save_steps` it writes a [checkpoint](super::checkpoint) from which a killed
+//! run continues exactly; a non-finite loss, gradient norm or weight stops it before anything is
+//! saved from that step.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
-use qlora_core::data::Example;
+use qlora_core::data::{collate, Example};
 use qlora_core::peft::{AdapterConfig, LoraAdapter};
 use qlora_core::{Error, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 
-use super::adapter::{model_adapter, save_adapter};
-use super::batches::{batches_per_epoch, epoch_batches, BatchTensors};
+use super::adapter::save_adapter;
+use super::batches::{batches_per_epoch, epoch_batches, loss_targets, real_tokens};
 use super::checkpoint::{
     checkpoint_name, examples_digest, recover_out_dir, save_checkpoint, BestState, Checkpoint,
     ExactF64, ParamSpec, RngState, TrainerState,
 };
 use super::log::{StepRecord, TrainLog};
-use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
+use super::optimizer::AdamWParams;
 use super::schedule::{LrSchedule, ScheduleKind};
-use crate::cpu::{backward, causal_lm_loss, compute_error, Mode, Model};
+use super::trainable::Trainable;
 
 /// The log file in the output directory.
 pub const LOG_FILE: &str = "train_log.jsonl";
@@ -191,9 +191,10 @@ pub struct Summary {
     pub best: Option<Evaluation>,
 }
 
-/// Mean loss per predicted token over `examples` (no dropout), in batches of `batch_size`.
+/// Mean loss per predicted token over `examples` (no dropout), in batches of `batch_size`; a
+/// batch with nothing to predict adds nothing.
 pub fn validation_loss(
-    model: &Model,
+    model: &impl Trainable,
     examples: &[Example],
     batch_size: usize,
     pad_id: u32,
@@ -202,134 +203,60 @@ pub fn validation_loss(
     let (mut weighted, mut targets) = (0.0, 0usize);
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = BatchTensors::new(&refs, pad_id, ignore_pad_token_for_loss)?;
-        let logits = model.forward(
-            &batch.input_ids,
-            Some(&batch.attention_mask),
-            &mut Mode::Eval,
-        )?;
-        let loss = scalar(&causal_lm_loss(&logits, &batch.labels)?)?;
-        weighted += loss * batch.targets as f64;
-        targets += batch.targets;
+        let batch = collate(&refs, pad_id, ignore_pad_token_for_loss);
+        let batch_targets = loss_targets(&batch);
+        if batch_targets == 0 {
+            continue;
+        }
+        weighted += model.eval_loss(&batch)? * batch_targets as f64;
+        targets += batch_targets;
     }
     Ok(weighted / targets.max(1) as f64)
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
-    t.to_scalar::<f32>().map(f64::from).map_err(compute_error)
-}
-
-/// The error of a CUDA step whose `what` is not finite (the CPU loop's [`diverged`] also names
-/// the batch).
-pub(crate) fn not_finite(what: &str, value: f64, step: usize, epoch: usize) -> Error {
-    Error::Invalid(format!(
-        "{what} is {value} at step {step} (epoch {}): training diverged; try a lower --lr",
-        epoch + 1
-    ))
-}
-
-/// The LoRA matrices as the optimizer sees them: the model's Vars, f32 copies of their values,
-/// and their names and shapes (A then B of each adapted module).
-struct Parameters<'m> {
-    vars: Vec<&'m Var>,
-    values: Vec<Vec<f32>>,
-    specs: Vec<ParamSpec>,
-    /// The adapted modules, in order: parameters `2 i` and `2 i + 1` are module `i`'s A and B.
-    modules: Vec<String>,
-}
-
-impl<'m> Parameters<'m> {
-    fn of(model: &'m Model) -> Result<Parameters<'m>> {
-        let adapters = model.lora_adapters();
-        let modules: Vec<String> = adapters.iter().map(|a| a.module.clone()).collect();
-        let vars: Vec<&Var> = adapters.into_iter().flat_map(|a| [&a.a, &a.b]).collect();
-        let values = vars
-            .iter()
-            .map(|v| flat(v.as_tensor()))
-            .collect::<Result<_>>()?;
-        let specs = modules
-            .iter()
-            .flat_map(|m| [format!("{m}.lora_A"), format!("{m}.lora_B")])
-            .zip(&vars)
-            .map(|(name, var)| ParamSpec {
-                name,
-                shape: var.as_tensor().dims().to_vec(),
-            })
-            .collect();
-        Ok(Parameters {
-            vars,
-            values,
-            specs,
-            modules,
+/// The values of a checkpoint's `adapter` in the order of `specs` (`dir` names the checkpoint
+/// in messages).
+fn adapter_values(adapter: &LoraAdapter, specs: &[ParamSpec], dir: &Path) -> Result<Vec<Vec<f32>>> {
+    let mismatch = |what: String| {
+        Error::format(
+            dir.display(),
+            format!("the checkpoint's adapter does not fit the model: {what}"),
+        )
+    };
+    if 2 * adapter.modules.len() != specs.len() {
+        return Err(mismatch(format!(
+            "{} adapted modules, the model has {}",
+            adapter.modules.len(),
+            specs.len() / 2
+        )));
+    }
+    let saved: BTreeMap<String, &Vec<f32>> = adapter
+        .modules
+        .iter()
+        .flat_map(|(module, pair)| {
+            [
+                (format!("{module}.lora_A"), &pair.a),
+                (format!("{module}.lora_B"), &pair.b),
+            ]
         })
-    }
-
-    fn lengths(&self) -> Vec<usize> {
-        self.values.iter().map(Vec::len).collect()
-    }
-
-    /// Copies the updated values into the model.
-    fn store(&self) -> Result<()> {
-        for (var, values) in self.vars.iter().zip(&self.values) {
-            let t = Tensor::from_slice(values, var.as_tensor().dims(), &Device::Cpu);
-            t.and_then(|t| var.set(&t)).map_err(compute_error)?;
-        }
-        Ok(())
-    }
-
-    /// Sets the values (and the model) to a checkpoint's adapter (`dir` names it in messages).
-    fn restore(&mut self, adapter: &LoraAdapter, dir: &Path) -> Result<()> {
-        let mismatch = |what: String| {
-            Error::format(
-                dir.display(),
-                format!("the checkpoint's adapter does not fit the model: {what}"),
-            )
-        };
-        if adapter.modules.len() != self.modules.len() {
-            return Err(mismatch(format!(
-                "{} adapted modules, the model has {}",
-                adapter.modules.len(),
-                self.modules.len()
-            )));
-        }
-        for (i, module) in self.modules.iter().enumerate() {
-            let pair = adapter
-                .modules
-                .get(module)
-                .ok_or_else(|| mismatch(format!("no matrices for `{module}`")))?;
-            for (slot, saved) in self.values[2 * i..2 * i + 2]
-                .iter_mut()
-                .zip([&pair.a, &pair.b])
-            {
-                if slot.len() != saved.len() {
-                    return Err(mismatch(format!("`{module}` has other shapes")));
-                }
-                slot.copy_from_slice(saved);
+        .collect();
+    specs
+        .iter()
+        .map(|spec| {
+            let values = saved
+                .get(&spec.name)
+                .ok_or_else(|| mismatch(format!("no matrix `{}`", spec.name)))?;
+            if values.len() != spec.elements() {
+                return Err(mismatch(format!(
+                    "`{}` has {} values, the model's {:?}",
+                    spec.name,
+                    values.len(),
+                    spec.shape
+                )));
             }
-        }
-        self.store()
-    }
-
-    fn all_finite(&self) -> bool {
-        self.values.iter().flatten().all(|x| x.is_finite())
-    }
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(compute_error)
-}
-
-/// Adds the gradients of one micro-batch's loss into `sums` (parameter order of [`Parameters`]).
-fn accumulate(model: &Model, loss: &Tensor, sums: &mut [Vec<f32>]) -> Result<()> {
-    let grads = backward(loss)?;
-    let pairs = model.lora_gradients(&grads)?;
-    let grads = pairs.iter().flat_map(|g| [&g.a, &g.b]);
-    for (sum, grad) in sums.iter_mut().zip(grads) {
-        sum.iter_mut().zip(flat(grad)?).for_each(|(s, g)| *s += g);
-    }
-    Ok(())
+            Ok(values.to_vec())
+        })
+        .collect()
 }
 
 /// Where a run stands between optimizer steps: what a checkpoint saves besides the weights and
@@ -386,10 +313,10 @@ impl RunState {
         })
     }
 
-    fn saved(&self, optimizer: &AdamW, run: &BTreeMap<String, String>) -> TrainerState {
+    fn saved(&self, optimizer_step: u64, run: &BTreeMap<String, String>) -> TrainerState {
         TrainerState {
             global_step: self.step,
-            optimizer_step: optimizer.steps(),
+            optimizer_step,
             epoch: self.epoch,
             steps_in_epoch: self.steps_in_epoch,
             epoch_shuffle_rng: RngState::of(&self.epoch_shuffle_rng),
@@ -450,7 +377,7 @@ fn diverged(
 /// written by a run with the same identity; the log keeps its lines up to the checkpoint.
 /// `progress` is told of every step.
 pub fn train(
-    model: &Model,
+    model: &mut impl Trainable,
     train: &[Example],
     validation: Option<&[Example]>,
     options: &TrainOptions,
@@ -464,16 +391,12 @@ pub fn train(
     }
     let total_steps = options.total_steps(train.len());
     let schedule = options.lr_schedule(total_steps);
-    let mut params = Parameters::of(model)?;
-    let trainable_params = params.lengths().iter().sum();
+    let specs = model.parameters();
+    let trainable_params = specs.iter().map(ParamSpec::elements).sum();
     let run = options.identity(adapter_config, train, validation);
     let log_path = out_dir.join(LOG_FILE);
-    let (mut state, mut optimizer, mut log) = match &options.resume_from {
-        None => (
-            RunState::fresh(options.seed),
-            AdamW::new(options.adamw, &params.lengths()),
-            TrainLog::create(&log_path)?,
-        ),
+    let (mut state, mut log) = match &options.resume_from {
+        None => (RunState::fresh(options.seed), TrainLog::create(&log_path)?),
         Some(dir) => {
             let checkpoint = Checkpoint::load(dir)?;
             checkpoint.check_run(&run)?;
@@ -486,11 +409,11 @@ pub fn train(
                     "the step or the position in the epoch is beyond the run",
                 ));
             }
-            params.restore(&checkpoint.adapter, dir)?;
-            let optimizer = checkpoint.optimizer(options.adamw, &params.specs)?;
+            let weights = adapter_values(&checkpoint.adapter, &specs, dir)?;
+            model.restore(weights, checkpoint.optimizer(&specs)?)?;
             recover_out_dir(out_dir)?;
             let log = TrainLog::resume(&log_path, checkpoint.state.log_lines)?;
-            (RunState::resumed(&checkpoint)?, optimizer, log)
+            (RunState::resumed(&checkpoint)?, log)
         }
     };
     let started = Instant::now();
@@ -502,51 +425,38 @@ pub fn train(
         while state.steps_in_epoch < groups.len() && state.step < total_steps {
             let group = groups[state.steps_in_epoch];
             let step_started = Instant::now();
-            let mut grads: Vec<Vec<f32>> = params.lengths().iter().map(|&n| vec![0.0; n]).collect();
+            model.zero_grad()?;
             let (mut loss_sum, mut tokens) = (0.0, 0);
             for indices in group {
                 let examples: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
-                let batch = BatchTensors::new(
-                    &examples,
-                    options.pad_id,
-                    options.ignore_pad_token_for_loss,
-                )?;
-                let logits = model.forward(
-                    &batch.input_ids,
-                    Some(&batch.attention_mask),
-                    &mut Mode::Train(&mut state.dropout_rng),
-                )?;
-                let loss = causal_lm_loss(&logits, &batch.labels)?;
-                let value = scalar(&loss)?;
+                let batch = collate(&examples, options.pad_id, options.ignore_pad_token_for_loss);
+                let value =
+                    model.accumulate_gradients(&batch, group.len(), &mut state.dropout_rng)?;
                 if !value.is_finite() {
                     let what = format!("the training loss is {value}");
                     return Err(diverged(&what, state.step + 1, &state, &[indices], train));
                 }
-                accumulate(model, &loss, &mut grads)?;
                 loss_sum += value;
-                tokens += batch.tokens;
+                tokens += real_tokens(&batch);
             }
             let whole_group: Vec<&Vec<usize>> = group.iter().collect();
-            let micro = group.len() as f32;
-            grads.iter_mut().flatten().for_each(|g| *g /= micro);
-            let grad_norm = clip_grad_norm(&mut grads, options.max_grad_norm);
+            let grad_norm = model.clip_grad_norm(options.max_grad_norm)?;
             if !grad_norm.is_finite() {
                 let what = format!("the gradient norm is {grad_norm}");
                 return Err(diverged(&what, state.step + 1, &state, &whole_group, train));
             }
             let lr = schedule.lr(state.step);
-            optimizer.step(&mut params.values, &grads, lr);
-            if !params.all_finite() {
+            model.optimizer_step(options.adamw, lr)?;
+            if !model.weights_finite()? {
                 let what = "the updated LoRA weights are not finite";
                 return Err(diverged(what, state.step + 1, &state, &whole_group, train));
             }
-            params.store()?;
             // Speed of the training step alone, validation and saving excluded.
             let tokens_per_s = tokens as f64 / step_started.elapsed().as_secs_f64();
             state.step += 1;
             state.steps_in_epoch += 1;
             state.tokens += tokens;
-            let loss = loss_sum / f64::from(micro);
+            let loss = loss_sum / group.len() as f64;
             state.first_loss.get_or_insert(loss);
             state.last_loss = Some(loss);
             let step = state.step;
@@ -568,10 +478,7 @@ pub fn train(
                     }
                     if state.best.is_none_or(|b| v < b.val_loss) {
                         state.best = Some(Evaluation { step, val_loss: v });
-                        save_adapter(
-                            &model_adapter(model, adapter_config)?,
-                            &out_dir.join(BEST_DIR),
-                        )?;
+                        save_adapter(&model.adapter(adapter_config)?, &out_dir.join(BEST_DIR))?;
                     }
                     Some(v)
                 }
@@ -593,12 +500,13 @@ pub fn train(
             if options.save_steps.is_some_and(|n| step.is_multiple_of(n)) {
                 // The checkpoint claims the log's lines up to this step.
                 log.sync()?;
+                let optimizer = model.optimizer_state()?;
                 save_checkpoint(
                     out_dir,
-                    &model_adapter(model, adapter_config)?,
-                    &params.specs,
+                    &model.adapter(adapter_config)?,
+                    &specs,
                     &optimizer,
-                    &state.saved(&optimizer, &run),
+                    &state.saved(optimizer.steps(), &run),
                     options.save_total_limit,
                 )?;
                 state.last_checkpoint = Some(step);
@@ -611,10 +519,7 @@ pub fn train(
             state.epoch_shuffle_rng = shuffle_rng;
         }
     }
-    save_adapter(
-        &model_adapter(model, adapter_config)?,
-        &out_dir.join(FINAL_DIR),
-    )?;
+    save_adapter(&model.adapter(adapter_config)?, &out_dir.join(FINAL_DIR))?;
     let epochs = state.step as f64 / options.steps_per_epoch(train.len()) as f64;
     Ok(Summary {
         trainable_params,
@@ -626,4 +531,74 @@ pub fn train(
         last_loss: state.last_loss.unwrap_or(f64::NAN),
         best: state.best,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlora_core::arch::{LoraConfig, TargetModules};
+    use qlora_core::peft::LoraPair;
+
+    #[test]
+    fn a_checkpoint_adapter_is_read_in_parameter_order_or_refused() {
+        let pair = |a: Vec<f32>, b: Vec<f32>| LoraPair {
+            r: 1,
+            in_features: a.len(),
+            out_features: b.len(),
+            a,
+            b,
+        };
+        let lora = LoraConfig {
+            r: 1,
+            alpha: 2.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: TargetModules::AllLinear,
+        };
+        let adapter = LoraAdapter {
+            config: AdapterConfig::new(lora, None),
+            // Stored by name: "m.k" before "m.q".
+            modules: BTreeMap::from([
+                ("m.q".to_string(), pair(vec![1.0, 2.0], vec![3.0])),
+                ("m.k".to_string(), pair(vec![4.0], vec![5.0, 6.0])),
+            ]),
+            dtype: qlora_core::DType::F32,
+        };
+        let specs: Vec<ParamSpec> = [
+            ParamSpec::lora_pair("m.q", 1, 2, 1),
+            ParamSpec::lora_pair("m.k", 1, 1, 2),
+        ]
+        .concat();
+        let dir = Path::new("out/checkpoint-2");
+        let values = adapter_values(&adapter, &specs, dir).unwrap();
+        assert_eq!(
+            values,
+            [vec![1.0, 2.0], vec![3.0], vec![4.0], vec![5.0, 6.0]]
+        );
+
+        let err = |specs: &[ParamSpec]| {
+            adapter_values(&adapter, specs, dir)
+                .unwrap_err()
+                .to_string()
+        };
+        let other_shape = [
+            ParamSpec::lora_pair("m.q", 1, 3, 1),
+            ParamSpec::lora_pair("m.k", 1, 1, 2),
+        ]
+        .concat();
+        let e = err(&other_shape);
+        assert!(
+            e.contains("out/checkpoint-2")
+                && e.contains("`m.q.lora_A` has 2 values, the model's [1, 3]"),
+            "{e}"
+        );
+        let e = err(&specs[..2]);
+        assert!(e.contains("2 adapted modules, the model has 1"), "{e}");
+        let renamed = [
+            ParamSpec::lora_pair("m.q", 1, 2, 1),
+            ParamSpec::lora_pair("m.v", 1, 1, 2),
+        ]
+        .concat();
+        assert!(err(&renamed).contains("no matrix `m.v.lora_A`"));
+    }
 }
