@@ -245,8 +245,7 @@ impl LoraStore {
         optimizer: &AdamW,
     ) -> Result<()> {
         let lengths: Vec<usize> = self.param_specs().iter().map(ParamSpec::elements).collect();
-        let fits = |lists: &[Vec<f32>]| lists.iter().map(Vec::len).eq(lengths.iter().copied());
-        if !fits(weights) || !fits(optimizer.first_moments()) || !fits(optimizer.second_moments()) {
+        if !weights.iter().map(Vec::len).eq(lengths.iter().copied()) || !optimizer.fits(&lengths) {
             return Err(Error::Invalid(
                 "the restored weights or optimizer state do not fit the model's adapters".into(),
             ));

@@ -157,8 +157,7 @@ impl Trainable for CpuTrainable<'_> {
 
     fn restore(&mut self, weights: Vec<Vec<f32>>, optimizer: AdamW) -> Result<()> {
         let lengths: Vec<usize> = self.values.iter().map(Vec::len).collect();
-        let fits = |lists: &[Vec<f32>]| lists.iter().map(Vec::len).eq(lengths.iter().copied());
-        if !fits(&weights) || !fits(optimizer.first_moments()) {
+        if !weights.iter().map(Vec::len).eq(lengths.iter().copied()) || !optimizer.fits(&lengths) {
             return Err(Error::Invalid(
                 "the restored weights or optimizer state do not fit the model's adapters".into(),
             ));

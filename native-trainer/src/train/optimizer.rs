@@ -51,12 +51,18 @@ impl AdamW {
         first_moments: Vec<Vec<f32>>,
         second_moments: Vec<Vec<f32>>,
     ) -> Option<AdamW> {
-        let fits = |moments: &[Vec<f32>]| moments.iter().map(Vec::len).eq(lengths.iter().copied());
-        (fits(&first_moments) && fits(&second_moments)).then_some(AdamW {
+        let state = AdamW {
             step,
             first_moments,
             second_moments,
-        })
+        };
+        state.fits(lengths).then_some(state)
+    }
+
+    /// Whether the state is for buffers of the given lengths.
+    pub fn fits(&self, lengths: &[usize]) -> bool {
+        let fits = |moments: &[Vec<f32>]| moments.iter().map(Vec::len).eq(lengths.iter().copied());
+        fits(&self.first_moments) && fits(&self.second_moments)
     }
 
     /// Updates taken so far.
