@@ -1,5 +1,5 @@
-//! `qlora train`: QLoRA fine-tuning on a CUDA GPU or the CPU. A frozen (4-bit) base model, LoRA adapters on
-//! its projections, AdamW on the adapters; the adapters come out as PEFT directories.
+//! `qlora train`: QLoRA fine-tuning on a CUDA GPU or the CPU. A frozen (4-bit) base model, LoRA
+//! adapters on its projections, AdamW on the adapters; the adapters come out as PEFT directories.
 //!
 //! Without any argument it runs the demo: SmolLM2-135M-Instruct (Q4_1 GGUF) on the built-in
 //! ADGEN-style data, sized to finish in a few minutes on two CPU cores.
