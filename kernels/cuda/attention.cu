@@ -43,22 +43,26 @@ extern "C" __global__ void tokens_from_heads(const T* __restrict__ src, T* __res
     for (long long j = i; j < i + PACK && j < n; j++) dst[token_index(j, seq, heads, groups, group, hd)] = src[j];
 }
 
-// x [B, heads, T, hd] in place: x * cos + rotate(x) * sin with tables [T, hd]; rotate maps a
-// pair (x1, x2) to (-x2, x1), the pair being (c, c + hd/2) (half_split = 1) or (2j, 2j+1).
-// `sign` = -1 applies the inverse rotation (the backward pass).
+// x [B, heads, T, hd] in place: x * cos + rotate(x) * sin with tables [B, T, hd] (each row's
+// own positions: left-padded prompts); rotate maps a pair (x1, x2) to (-x2, x1), the pair being
+// (c, c + hd/2) (half_split = 1) or (2j, 2j+1). `sign` = -1 applies the inverse rotation (the
+// backward pass).
 extern "C" __global__ void rope(T* x, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-                                long long rows, int seq, int hd, int half_split, float sign) {
+                                long long rows, int heads, int seq, int hd, int half_split, float sign) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * (hd / 2)) return;
     long long row = i / (hd / 2);
     int j = i % (hd / 2);
     int t = row % seq;
+    long long table_row = (row / ((long long)heads * seq)) * seq + t;
     int c1 = half_split ? j : 2 * j;
     int c2 = half_split ? j + hd / 2 : 2 * j + 1;
     T* xr = x + row * hd;
+    const float* cos_row = cos_table + table_row * hd;
+    const float* sin_row = sin_table + table_row * hd;
     float x1 = ld(xr[c1]), x2 = ld(xr[c2]);
-    float cos1 = cos_table[t * hd + c1], sin1 = sign * sin_table[t * hd + c1];
-    float cos2 = cos_table[t * hd + c2], sin2 = sign * sin_table[t * hd + c2];
+    float cos1 = cos_row[c1], sin1 = sign * sin_row[c1];
+    float cos2 = cos_row[c2], sin2 = sign * sin_row[c2];
     st(&xr[c1], x1 * cos1 - x2 * sin1);
     st(&xr[c2], x2 * cos2 + x1 * sin2);
 }

@@ -5,6 +5,25 @@
 
 __device__ __forceinline__ float ftz(float x) { return fabsf(x) < 1.17549435e-38f ? copysignf(0.0f, x) : x; }
 
+// The 16 4-bit code values and, with double quant, the 256 absmax codes into shared memory
+// (every thread of the block calls this; it ends with a barrier).
+__device__ __forceinline__ void load_code_tables(const float* code16, const float* code2, bool nested,
+                                                 float* code, float* code_nested) {
+    if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
+    if (nested)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code_nested[i] = code2[i];
+    __syncthreads();
+}
+
+// Block `block`'s absmax: stored, or expanded from its 8-bit code as bitsandbytes does.
+__device__ __forceinline__ float block_absmax(long long block, const float* absmax, const unsigned char* absmax_q8,
+                                              const float* code_nested, const float* absmax2, float offset,
+                                              int nested_blocksize) {
+    if (absmax_q8 == nullptr) return absmax[block];
+    return __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]), ftz(absmax2[block / nested_blocksize]))),
+                     offset);
+}
+
 extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ packed,
                                         const float* __restrict__ absmax,
                                         const unsigned char* __restrict__ absmax_q8,
@@ -15,10 +34,7 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ packed
                                         T* __restrict__ out, long long numel, int blocksize) {
     __shared__ float code[16];
     __shared__ float code_nested[256];
-    if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
-    if (absmax_q8 != nullptr)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code_nested[i] = code2[i];
-    __syncthreads();
+    load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
     long long byte = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long first = byte * 2;
     if (first >= numel) return;
@@ -27,13 +43,7 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ packed
         long long i = first + half;
         if (i >= numel) break;
         long long block = i / blocksize;
-        float scale;
-        if (absmax_q8 != nullptr) {
-            scale = __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]),
-                                            ftz(absmax2[block / nested_blocksize]))), offset);
-        } else {
-            scale = absmax[block];
-        }
+        float scale = block_absmax(block, absmax, absmax_q8, code_nested, absmax2, offset, nested_blocksize);
         int q = half == 0 ? (b >> 4) : (b & 15);
         st(&out[i], __fmul_rn(code[q], scale));
     }
@@ -61,22 +71,13 @@ extern "C" __global__ void dequant_4bit_x8(const unsigned int* __restrict__ pack
                                            T* __restrict__ out, long long groups, int blocksize) {
     __shared__ float code[16];
     __shared__ float code_nested[256];
-    if (threadIdx.x < 16) code[threadIdx.x] = code16[threadIdx.x];
-    if (absmax_q8 != nullptr)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code_nested[i] = code2[i];
-    __syncthreads();
+    load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
     // Grid-stride: a bounded grid loads the code tables once per block, not once per 256 groups.
     for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
          g += (long long)gridDim.x * blockDim.x) {
         long long first = g * 8;
         long long block = first / blocksize;
-        float scale;
-        if (absmax_q8 != nullptr) {
-            scale = __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]),
-                                            ftz(absmax2[block / nested_blocksize]))), offset);
-        } else {
-            scale = absmax[block];
-        }
+        float scale = block_absmax(block, absmax, absmax_q8, code_nested, absmax2, offset, nested_blocksize);
         unsigned int word = packed[g];
         float v[8];
         for (int j = 0; j < 4; j++) {

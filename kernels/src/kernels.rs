@@ -13,7 +13,7 @@ use crate::compile::compile;
 use crate::device::Gpu;
 use crate::{error, Precision};
 
-const SOURCES: [&str; 7] = [
+const SOURCES: [&str; 8] = [
     include_str!("../cuda/common.cuh"),
     include_str!("../cuda/dequant.cu"),
     include_str!("../cuda/elementwise.cu"),
@@ -21,9 +21,15 @@ const SOURCES: [&str; 7] = [
     include_str!("../cuda/attention.cu"),
     include_str!("../cuda/loss.cu"),
     include_str!("../cuda/adamw.cu"),
+    include_str!("../cuda/decode.cu"),
 ];
 
-const NAMES: [&str; 27] = [
+/// The whole CUDA C source, as NVRTC compiles it (with `QLORA_T` defined).
+pub(crate) fn source() -> String {
+    SOURCES.concat()
+}
+
+const NAMES: [&str; 36] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -51,7 +57,19 @@ const NAMES: [&str; 27] = [
     "adamw",
     "add_into_f32",
     "dequant_4bit_x8",
+    "gemv_4bit_1",
+    "gemv_4bit_2",
+    "gemv_4bit_4",
+    "gemv_4bit_8",
+    "gemv_4bit_16",
+    "kv_append",
+    "attention_cached",
+    "repetition_penalty",
+    "argmax_rows",
 ];
+
+/// Token rows one [`Kernels::gemv_4bit`] launch serves at most.
+pub const GEMV_MAX_ROWS: usize = 16;
 
 /// The compiled kernels for one activation precision.
 pub struct Kernels {
@@ -102,7 +120,7 @@ fn row_block(dim: usize) -> usize {
 }
 
 macro_rules! launch {
-    ($self:ident, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
+    ($self:ident, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         let f = $self.function($name);
         let mut b = $self.stream.launch_builder(f);
         // Each argument is bound first: the builder keeps references until the launch.
@@ -138,9 +156,8 @@ pub struct SoftmaxArgs {
 
 impl Kernels {
     pub(crate) fn load(gpu: &Gpu, precision: Precision) -> Result<Kernels> {
-        let source = SOURCES.concat();
         let ptx = compile(
-            &source,
+            &source(),
             gpu.inner.arch,
             &[format!("QLORA_T={}", precision.c_type())],
         )?;
@@ -460,8 +477,8 @@ impl Kernels {
         )
     }
 
-    /// RoPE in place on `x [rows = B * heads * T, hd]` with f32 tables `[T, hd]`; `inverse`
-    /// rotates back (the backward pass).
+    /// RoPE in place on `x [B, heads, T, hd]` (`rows = B * heads * T`) with f32 tables
+    /// `[B, T, hd]` (each row's own positions); `inverse` rotates back (the backward pass).
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -469,6 +486,7 @@ impl Kernels {
         cos: u64,
         sin: u64,
         rows_: usize,
+        heads: usize,
         seq: usize,
         hd: usize,
         half_split: bool,
@@ -483,6 +501,7 @@ impl Kernels {
             cos,
             sin,
             rows_ as i64,
+            heads as i32,
             seq as i32,
             hd as i32,
             half_split as i32,
@@ -594,23 +613,7 @@ impl Kernels {
 
     /// Dequantizes `w` into `out` (T, `w.numel` values).
     pub fn dequantize(&self, w: &DeviceQuantized, out: u64) -> Result<()> {
-        let (absmax, q8, code2, absmax2, offset, nested) = match &w.absmax {
-            DeviceAbsmax::Plain(a) => (a.ptr(), 0u64, 0u64, 0u64, 0f32, 1i32),
-            DeviceAbsmax::Double {
-                quantized,
-                code,
-                nested_absmax,
-                offset,
-                nested_blocksize,
-            } => (
-                0u64,
-                quantized.ptr(),
-                code.ptr(),
-                nested_absmax.ptr(),
-                *offset,
-                *nested_blocksize as i32,
-            ),
-        };
+        let a = w.absmax_args();
         if w.numel.is_multiple_of(8) {
             let groups = w.numel / 8;
             return launch!(
@@ -618,12 +621,12 @@ impl Kernels {
                 "dequant_4bit_x8",
                 bounded_grid(groups, 256),
                 w.packed.ptr(),
-                absmax,
-                q8,
-                code2,
-                absmax2,
-                offset,
-                nested,
+                a.absmax,
+                a.quantized,
+                a.code,
+                a.nested_absmax,
+                a.offset,
+                a.nested_blocksize,
                 w.code.ptr(),
                 out,
                 groups as i64,
@@ -636,16 +639,182 @@ impl Kernels {
             "dequant_4bit",
             grid(bytes, 256),
             w.packed.ptr(),
-            absmax,
-            q8,
-            code2,
-            absmax2,
-            offset,
-            nested,
+            a.absmax,
+            a.quantized,
+            a.code,
+            a.nested_absmax,
+            a.offset,
+            a.nested_blocksize,
             w.code.ptr(),
             out,
             w.numel as i64,
             w.blocksize as i32
+        )
+    }
+
+    /// `y [rows, out] = x [rows, in] w^T (+ bias [out])` straight from the packed weight
+    /// `w [out, in]`, for `rows <= GEMV_MAX_ROWS` and a weight [`DeviceQuantized::gemv_ready`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_4bit(
+        &self,
+        w: &DeviceQuantized,
+        x: u64,
+        bias: u64,
+        y: u64,
+        rows_: usize,
+    ) -> Result<()> {
+        let [out_features, in_features] = w.shape[..] else {
+            return Err(error("gemv_4bit: the weight is not a matrix"));
+        };
+        if !w.gemv_ready() || rows_ == 0 || rows_ > GEMV_MAX_ROWS {
+            return Err(error(format!(
+                "gemv_4bit: {rows_} rows of a [{out_features}, {in_features}] weight with blocksize {} is not supported",
+                w.blocksize
+            )));
+        }
+        let name = match rows_ {
+            1 => "gemv_4bit_1",
+            2 => "gemv_4bit_2",
+            3..=4 => "gemv_4bit_4",
+            5..=8 => "gemv_4bit_8",
+            _ => "gemv_4bit_16",
+        };
+        // Eight warps per block, one output feature per warp at a time.
+        let cfg = LaunchConfig {
+            grid_dim: (out_features.div_ceil(8).min(MAX_STRIDE_BLOCKS) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let a = w.absmax_args();
+        launch!(
+            self,
+            name,
+            cfg,
+            w.packed.ptr(),
+            a.absmax,
+            a.quantized,
+            a.code,
+            a.nested_absmax,
+            a.offset,
+            a.nested_blocksize,
+            w.code.ptr(),
+            w.blocksize as i32,
+            x,
+            bias,
+            y,
+            rows_ as i32,
+            in_features as i32,
+            out_features as i32
+        )
+    }
+
+    /// Copies `src [rows = B * heads, seq, hd]` into columns `past .. past + seq` of
+    /// `cache [rows, capacity, hd]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append(
+        &self,
+        src: u64,
+        cache: u64,
+        rows_: usize,
+        seq: usize,
+        capacity: usize,
+        past: usize,
+        hd: usize,
+    ) -> Result<()> {
+        if past + seq > capacity {
+            return Err(error(format!(
+                "KV cache full: {past} + {seq} tokens exceed its capacity of {capacity}"
+            )));
+        }
+        launch!(
+            self,
+            "kv_append",
+            grid(rows_ * seq * hd, 256),
+            src,
+            cache,
+            rows_ as i32,
+            seq as i32,
+            capacity as i32,
+            past as i32,
+            hd as i32
+        )
+    }
+
+    /// Attention of the new queries over the KV cache (see [`CachedAttention`]).
+    pub fn attention_cached(&self, a: &CachedAttention) -> Result<()> {
+        let shared = 4 * (a.hd + a.keys);
+        if shared > 48 * 1024 {
+            return Err(error(format!(
+                "attention over {} cached tokens exceeds the 48 KiB of shared memory a block gets",
+                a.keys
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((a.batch * a.heads * a.seq) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        launch!(
+            self,
+            "attention_cached",
+            cfg,
+            a.q,
+            a.k_cache,
+            a.v_cache,
+            a.context,
+            a.key_mask,
+            a.slopes,
+            a.positions,
+            a.heads as i32,
+            a.kv_heads as i32,
+            a.seq as i32,
+            a.keys as i32,
+            a.capacity as i32,
+            a.hd as i32,
+            a.scale
+        )
+    }
+
+    /// transformers' repetition penalty on `logits [batch, vocab]` (f32) for the distinct
+    /// tokens `tokens [batch, max_tokens]` (u32), `counts [batch]` (i32) of each row valid.
+    pub fn repetition_penalty(
+        &self,
+        logits: u64,
+        tokens: u64,
+        counts: u64,
+        batch: usize,
+        max_tokens: usize,
+        vocab: usize,
+        penalty: f32,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (max_tokens.div_ceil(256).max(1) as u32, batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "repetition_penalty",
+            cfg,
+            logits,
+            tokens,
+            counts,
+            max_tokens as i32,
+            vocab as i32,
+            penalty
+        )
+    }
+
+    /// `ids [batch]` (u32) = the index of each row's largest logit (`logits [batch, vocab]` f32),
+    /// the first on ties.
+    pub fn argmax_rows(&self, logits: u64, ids: u64, batch: usize, vocab: usize) -> Result<()> {
+        launch!(
+            self,
+            "argmax_rows",
+            rows(batch, 1024),
+            logits,
+            ids,
+            vocab as i32
         )
     }
 
@@ -665,6 +834,42 @@ pub struct AdamWCoefficients {
     pub step_size: f32,
     pub bias_correction2_sqrt: f32,
     pub eps: f32,
+}
+
+/// A 4-bit weight's absmax as the kernels take it: `absmax` (plain) or the other four (double
+/// quantization), the unused ones 0.
+struct AbsmaxArgs {
+    absmax: u64,
+    quantized: u64,
+    code: u64,
+    nested_absmax: u64,
+    offset: f32,
+    nested_blocksize: i32,
+}
+
+/// Arguments of [`Kernels::attention_cached`]: `seq` new queries per row, `q [batch, heads, seq,
+/// hd]`, over the first `keys` columns of the caches `[batch, kv_heads, capacity, hd]` (the last
+/// `seq` of them this step's), writing `context [batch, heads, seq, hd]`.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedAttention {
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub context: u64,
+    /// `[batch, keys]` f32: 1 real key, 0 padding.
+    pub key_mask: u64,
+    /// `[heads]` f32 ALiBi slopes, or 0 for none.
+    pub slopes: u64,
+    /// `[batch, keys]` f32 ALiBi positions (ignored without slopes).
+    pub positions: u64,
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seq: usize,
+    pub keys: usize,
+    pub capacity: usize,
+    pub hd: usize,
+    pub scale: f32,
 }
 
 /// The absmax of a 4-bit weight on the device.
@@ -711,6 +916,41 @@ impl DeviceQuantized {
             absmax,
             code: gpu.upload(decode_table(q.quant_type), name)?,
         })
+    }
+
+    /// Whether [`Kernels::gemv_4bit`] takes this weight: a matrix whose rows are whole 16-byte
+    /// chunks of codes, each chunk within one quantization block.
+    pub fn gemv_ready(&self) -> bool {
+        self.shape.len() == 2
+            && self.shape[1].is_multiple_of(32)
+            && self.blocksize.is_multiple_of(32)
+    }
+
+    fn absmax_args(&self) -> AbsmaxArgs {
+        match &self.absmax {
+            DeviceAbsmax::Plain(a) => AbsmaxArgs {
+                absmax: a.ptr(),
+                quantized: 0,
+                code: 0,
+                nested_absmax: 0,
+                offset: 0.0,
+                nested_blocksize: 1,
+            },
+            DeviceAbsmax::Double {
+                quantized,
+                code,
+                nested_absmax,
+                offset,
+                nested_blocksize,
+            } => AbsmaxArgs {
+                absmax: 0,
+                quantized: quantized.ptr(),
+                code: code.ptr(),
+                nested_absmax: nested_absmax.ptr(),
+                offset: *offset,
+                nested_blocksize: *nested_blocksize as i32,
+            },
+        }
     }
 
     /// Device bytes held (packed codes and absmax).

@@ -18,7 +18,10 @@ mod kernels;
 pub use buffer::DeviceBuffer;
 pub use device::{Gpu, MemoryStats};
 pub use gemm::Gemm;
-pub use kernels::{AdamWCoefficients, DeviceAbsmax, DeviceQuantized, Kernels, SoftmaxArgs};
+pub use kernels::{
+    AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, Kernels, SoftmaxArgs,
+    GEMV_MAX_ROWS,
+};
 
 /// The element type of activations and of the frozen weights they multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

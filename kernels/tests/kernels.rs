@@ -4,7 +4,9 @@
 
 use half::bf16;
 use qlora_core::quant::{dequantize_4bit, quantize_4bit, FloatSlice, QuantType};
-use qlora_kernels::{DeviceBuffer, DeviceQuantized, Gemm, Gpu, Kernels, Precision, SoftmaxArgs};
+use qlora_kernels::{
+    CachedAttention, DeviceBuffer, DeviceQuantized, Gemm, Gpu, Kernels, Precision, SoftmaxArgs,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -362,16 +364,21 @@ fn activations_forward_and_backward_match_the_cpu() {
 #[test]
 fn rope_rotates_pairs_and_its_inverse_undoes_it() {
     each_precision(|gpu, k, p| {
-        let (rows, seq, hd) = (2 * 3 * 5, 5, 8);
+        let (batch, heads, seq, hd) = (2, 3, 5, 8);
+        let rows = batch * heads * seq;
         for half in [true, false] {
             let x = rounded(p, &random(rows * hd, 13));
+            // Each batch row its own positions (row 1 as if left-padded by two tokens).
+            let position = |b: usize, t: usize| (t + 2 * b) as f64;
             let (mut cos, mut sin) = (Vec::new(), Vec::new());
-            for t in 0..seq {
-                for c in 0..hd {
-                    let pair = if half { c % (hd / 2) } else { c / 2 };
-                    let a = t as f64 * 0.3f64.powi(pair as i32);
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
+            for b in 0..batch {
+                for t in 0..seq {
+                    for c in 0..hd {
+                        let pair = if half { c % (hd / 2) } else { c / 2 };
+                        let a = position(b, t) * 0.3f64.powi(pair as i32);
+                        cos.push(a.cos() as f32);
+                        sin.push(a.sin() as f32);
+                    }
                 }
             }
             let (gc, gs, gx) = (
@@ -379,11 +386,21 @@ fn rope_rotates_pairs_and_its_inverse_undoes_it() {
                 gpu.upload(&sin, "t").unwrap(),
                 up(gpu, p, &x),
             );
-            k.rope(gx.ptr(), gc.ptr(), gs.ptr(), rows, seq, hd, half, false)
-                .unwrap();
+            k.rope(
+                gx.ptr(),
+                gc.ptr(),
+                gs.ptr(),
+                rows,
+                heads,
+                seq,
+                hd,
+                half,
+                false,
+            )
+            .unwrap();
             let mut expected = Vec::new();
             for r in 0..rows {
-                let t = r % seq;
+                let table = (r / (heads * seq)) * seq + r % seq;
                 for c in 0..hd {
                     let xv = |i: usize| f64::from(x[r * hd + i]);
                     let rotated = match (half, c) {
@@ -393,13 +410,24 @@ fn rope_rotates_pairs_and_its_inverse_undoes_it() {
                         (false, c) => xv(c - 1),
                     };
                     expected.push(
-                        xv(c) * f64::from(cos[t * hd + c]) + rotated * f64::from(sin[t * hd + c]),
+                        xv(c) * f64::from(cos[table * hd + c])
+                            + rotated * f64::from(sin[table * hd + c]),
                     );
                 }
             }
             let r1 = rel(&down(gpu, p, &gx, rows * hd), &expected);
-            k.rope(gx.ptr(), gc.ptr(), gs.ptr(), rows, seq, hd, half, true)
-                .unwrap();
+            k.rope(
+                gx.ptr(),
+                gc.ptr(),
+                gs.ptr(),
+                rows,
+                heads,
+                seq,
+                hd,
+                half,
+                true,
+            )
+            .unwrap();
             let back: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
             let r2 = rel(&down(gpu, p, &gx, rows * hd), &back);
             println!("rope half_split={half} {p:?}: forward rel {r1:.2e}, inverse rel {r2:.2e}");
@@ -623,4 +651,193 @@ fn embedding_dropout_and_head_layout_kernels() {
             }
         }
     });
+}
+
+#[test]
+fn fused_4bit_gemv_matches_the_dequantized_product() {
+    each_precision(|gpu, k, p| {
+        // 96 outputs x 320 inputs: ten 32-code chunks per row (more chunks than a warp has
+        // lanes would need 1024+ inputs; 1056 covers a lane with two chunks).
+        for (out_features, in_features) in [(96, 320), (40, 1056)] {
+            let w = random(out_features * in_features, 21);
+            let bias = rounded(p, &random(out_features, 22));
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for (dq, bs) in [(false, 64), (true, 64), (true, 128)] {
+                    let q = quantize_4bit(
+                        FloatSlice::F32(&w),
+                        &[out_features, in_features],
+                        qt,
+                        bs,
+                        dq,
+                    )
+                    .unwrap();
+                    let dense = dequantize_4bit(&q).unwrap();
+                    let dq_w = DeviceQuantized::upload(gpu, &q, "test").unwrap();
+                    assert!(dq_w.gemv_ready());
+                    for rows in [1, 3, 8, 16] {
+                        let x = rounded(p, &random(rows * in_features, 23 + rows as u64));
+                        let mut expected =
+                            cpu_matmul(&x, false, &dense, true, rows, out_features, in_features);
+                        for (i, e) in expected.iter_mut().enumerate() {
+                            *e += f64::from(bias[i % out_features]);
+                        }
+                        let (gx, gb) = (up(gpu, p, &x), up(gpu, p, &bias));
+                        let y = gpu.alloc(k.bytes(rows * out_features), "test").unwrap();
+                        k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), y.ptr(), rows)
+                            .unwrap();
+                        let r = rel(&down(gpu, p, &y, rows * out_features), &expected);
+                        println!(
+                            "gemv_4bit {qt} dq={dq} bs={bs} {out_features}x{in_features} rows={rows} {p:?}: rel {r:.2e}"
+                        );
+                        assert!(r <= tolerance(p), "rel {r}");
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn cached_attention_matches_a_cpu_softmax_over_the_visible_keys() {
+    each_precision(|gpu, k, p| {
+        // 2 rows, 4 query heads over 2 kv heads, hd 16; 7 tokens cached, 2 new queries, room
+        // for 12. Row 0 has two padding keys at the front; ALiBi on and off.
+        let (batch, heads, kv_heads, hd, keys, seq, capacity) = (2, 4, 2, 16, 7, 2, 12);
+        let q = rounded(p, &random(batch * heads * seq * hd, 31));
+        let kc = rounded(p, &random(batch * kv_heads * capacity * hd, 32));
+        let vc = rounded(p, &random(batch * kv_heads * capacity * hd, 33));
+        let mut mask = vec![1f32; batch * keys];
+        mask[0] = 0.0;
+        mask[1] = 0.0;
+        let mut positions = Vec::new();
+        for row in mask.chunks(keys) {
+            let mut real = 0f32;
+            for &m in row {
+                real += m;
+                positions.push((real - 1.0) * m);
+            }
+        }
+        let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for alibi in [false, true] {
+            let mut expected = Vec::new();
+            for b in 0..batch {
+                for h in 0..heads {
+                    let kv = h / (heads / kv_heads);
+                    for t in 0..seq {
+                        let query = &q[((b * heads + h) * seq + t) * hd..][..hd];
+                        let last = keys - seq + t;
+                        let scores: Vec<Option<f64>> = (0..keys)
+                            .map(|j| {
+                                if j > last || mask[b * keys + j] == 0.0 {
+                                    return None;
+                                }
+                                let key = &kc[((b * kv_heads + kv) * capacity + j) * hd..][..hd];
+                                let dot: f64 = query
+                                    .iter()
+                                    .zip(key)
+                                    .map(|(&a, &c)| f64::from(a) * f64::from(c))
+                                    .sum();
+                                let bias = if alibi {
+                                    f64::from(slopes[h]) * f64::from(positions[b * keys + j])
+                                } else {
+                                    0.0
+                                };
+                                Some(dot * f64::from(scale) + bias)
+                            })
+                            .collect();
+                        let max = scores.iter().flatten().fold(f64::MIN, |a, &s| a.max(s));
+                        let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+                        for d in 0..hd {
+                            let mut acc = 0.0;
+                            for (j, s) in scores.iter().enumerate() {
+                                if let Some(s) = s {
+                                    let v = vc[((b * kv_heads + kv) * capacity + j) * hd + d];
+                                    acc += (s - max).exp() / total * f64::from(v);
+                                }
+                            }
+                            expected.push(acc);
+                        }
+                    }
+                }
+            }
+            let (gq, gk, gv) = (up(gpu, p, &q), up(gpu, p, &kc), up(gpu, p, &vc));
+            let gm = gpu.upload(&mask, "t").unwrap();
+            let gpos = gpu.upload(&positions, "t").unwrap();
+            let gs = gpu.upload(&slopes, "t").unwrap();
+            let context = gpu.alloc(k.bytes(expected.len()), "t").unwrap();
+            k.attention_cached(&CachedAttention {
+                q: gq.ptr(),
+                k_cache: gk.ptr(),
+                v_cache: gv.ptr(),
+                context: context.ptr(),
+                key_mask: gm.ptr(),
+                slopes: if alibi { gs.ptr() } else { 0 },
+                positions: gpos.ptr(),
+                batch,
+                heads,
+                kv_heads,
+                seq,
+                keys,
+                capacity,
+                hd,
+                scale,
+            })
+            .unwrap();
+            let r = rel(&down(gpu, p, &context, expected.len()), &expected);
+            println!("attention_cached alibi={alibi} {p:?}: rel {r:.2e}");
+            assert!(r <= tolerance(p), "rel {r}");
+        }
+        // kv_append writes this step's keys at columns 5.. of the cache.
+        let src = rounded(p, &random(batch * kv_heads * seq * hd, 34));
+        let cache = up(gpu, p, &kc);
+        k.kv_append(
+            up(gpu, p, &src).ptr(),
+            cache.ptr(),
+            batch * kv_heads,
+            seq,
+            capacity,
+            5,
+            hd,
+        )
+        .unwrap();
+        let after = down(gpu, p, &cache, kc.len());
+        for r in 0..batch * kv_heads {
+            for c in 0..capacity {
+                let got = &after[(r * capacity + c) * hd..][..hd];
+                let want = if (5..5 + seq).contains(&c) {
+                    &src[(r * seq + c - 5) * hd..][..hd]
+                } else {
+                    &kc[(r * capacity + c) * hd..][..hd]
+                };
+                assert_eq!(got, want, "cache row {r} column {c}");
+            }
+        }
+    });
+}
+
+#[test]
+fn greedy_choice_applies_the_penalty_and_takes_the_first_maximum() {
+    let Some(gpu) = gpu() else { return };
+    let k = gpu.kernels(Precision::F32).unwrap();
+    let vocab = 3000;
+    let mut logits = random(2 * vocab, 41);
+    // Row 0: a tie between 17 and 2900 (the first wins); row 1: the maximum at 5 is penalized
+    // (positive: divided) below 1200's, and a negative logit at 7 gets more negative.
+    logits[17] = 5.0;
+    logits[2900] = 5.0;
+    logits[vocab + 5] = 4.0;
+    logits[vocab + 1200] = 3.0;
+    logits[vocab + 7] = -2.0;
+    let g = gpu.upload(&logits, "t").unwrap();
+    let tokens = gpu.upload(&[0u32, 0, 5, 7], "t").unwrap();
+    let counts = gpu.upload(&[0i32, 2], "t").unwrap();
+    k.repetition_penalty(g.ptr(), tokens.ptr(), counts.ptr(), 2, 2, vocab, 2.0)
+        .unwrap();
+    let ids = gpu.alloc(8, "t").unwrap();
+    k.argmax_rows(g.ptr(), ids.ptr(), 2, vocab).unwrap();
+    assert_eq!(gpu.read::<u32>(ids.ptr(), 2).unwrap(), vec![17, 1200]);
+    let after = gpu.read::<f32>(g.ptr(), 2 * vocab).unwrap();
+    assert_eq!((after[vocab + 5], after[vocab + 7]), (2.0, -4.0));
+    assert_eq!(after[0], logits[0], "row 0 has no penalized tokens");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use qlora_core::prompt::Conversation;
-use qlora_trainer::generate::model::load_for_generation;
+use qlora_trainer::generate::model::{load_for_generation, GenerationDevice};
 use qlora_trainer::generate::text::{prompt_ids, response_text, Stops};
 use qlora_trainer::generate::{generate, GenerateOptions, Sampler, SamplingParams};
 
@@ -42,6 +42,8 @@ fn qlora(args: &[&str], model: &Path, stdin: Option<&str>) -> Output {
         .arg("--model_name_or_path")
         .arg(model)
         .args(["--prompt_template", TEMPLATE, "--max_new_tokens", "6"])
+        // The expected answers come from the CPU path.
+        .args(["--device", "cpu"])
         // The random model repeats one word without a penalty.
         .args(["--repetition_penalty", "1.5"])
         .stdin(Stdio::piped())
@@ -63,7 +65,8 @@ fn qlora(args: &[&str], model: &Path, stdin: Option<&str>) -> Output {
 
 /// The greedy response to `conversation`, from the library.
 fn expected_response(model: &Path, conversation: &Conversation) -> String {
-    let loaded = load_for_generation(model, None, None, Some(TEMPLATE)).unwrap();
+    let loaded =
+        load_for_generation(model, None, None, Some(TEMPLATE), GenerationDevice::Cpu).unwrap();
     let stops = Stops::new(&loaded.tokenizer, &loaded.template).unwrap();
     let prompt = prompt_ids(&loaded.tokenizer, &loaded.template, conversation).unwrap();
     let options = GenerateOptions {
@@ -75,7 +78,7 @@ fn expected_response(model: &Path, conversation: &Conversation) -> String {
         ..SamplingParams::GREEDY
     };
     let mut sampler = Sampler::new(params, 0).unwrap();
-    let generated = generate(&loaded.model, &prompt, &options, &mut sampler, |ids| {
+    let generated = generate(&*loaded.model, &prompt, &options, &mut sampler, |ids| {
         let text = loaded.tokenizer.decode(ids, false).unwrap();
         stops.cut(&text).1
     })
@@ -90,7 +93,14 @@ fn stdout(output: &Output) -> String {
 #[test]
 fn stops_come_from_the_tokenizer_and_the_template() {
     let model = tiny_model_dir();
-    let loaded = load_for_generation(model.path(), None, None, Some(TEMPLATE)).unwrap();
+    let loaded = load_for_generation(
+        model.path(),
+        None,
+        None,
+        Some(TEMPLATE),
+        GenerationDevice::Cpu,
+    )
+    .unwrap();
     let stops = Stops::new(&loaded.tokenizer, &loaded.template).unwrap();
     // EOS `</s>` (1) and the end marker `.` (4), a single token here.
     assert_eq!(stops.ids, vec![1, 4]);

@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         system: args.model.system.clone(),
     };
     let evaluation = evaluate(
-        &loaded.model,
+        &*loaded.model,
         &loaded.tokenizer,
         &loaded.template,
         &examples,

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use qlora_core::prompt::Conversation;
 use qlora_core::quant::QuantType;
-use qlora_trainer::generate::model::{load_for_generation, GenerationModel};
+use qlora_trainer::generate::model::{load_for_generation, GenerationDevice, GenerationModel};
 use qlora_trainer::generate::text::{prompt_ids, response_text, Stops, TextStream};
 use qlora_trainer::generate::{generate, GenerateOptions, Sampler, SamplingParams};
 use qlora_trainer::load::QuantOnLoad;
+
+use super::train::{choose_device, CudaPrecision, Device};
 
 /// The model to generate with (shared by `predict` and `eval`).
 #[derive(clap::Args)]
@@ -35,6 +37,16 @@ pub struct ModelArgs {
     /// The system message (default: the template's own).
     #[arg(long)]
     pub system: Option<String>,
+    /// Where to generate [default: cuda when a CUDA device opens, else cpu].
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// CUDA: activation precision (f32 is the exact check mode).
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub precision: CudaPrecision,
+    /// CUDA: fold the adapter into a dense copy of each adapted weight (faster decoding, more
+    /// memory) instead of applying it unmerged.
+    #[arg(long)]
+    pub merge_adapter: bool,
 }
 
 impl ModelArgs {
@@ -47,11 +59,24 @@ impl ModelArgs {
         if quant.is_none() && self.double_quant {
             bail!("--double_quant needs --quan");
         }
+        let device = match choose_device(self.device)? {
+            Some(gpu) => {
+                tracing::info!("generating on {}", gpu.describe());
+                GenerationDevice::Cuda {
+                    gpu,
+                    precision: self.precision.into(),
+                    merge_adapter: self.merge_adapter,
+                }
+            }
+            None if self.merge_adapter => bail!("--merge_adapter needs --device cuda"),
+            None => GenerationDevice::Cpu,
+        };
         load_for_generation(
             &self.model_name_or_path,
             self.adapter.as_deref(),
             quant,
             self.prompt_template.as_deref(),
+            device,
         )
     }
 }
@@ -138,7 +163,7 @@ impl Predictor {
         let prompt = prompt_ids(tokenizer, template, conversation)?;
         let mut stream = TextStream::new(tokenizer, &self.stops);
         let mut write_error = None;
-        let generated = generate(model, &prompt, &self.options, &mut self.sampler, |ids| {
+        let generated = generate(&**model, &prompt, &self.options, &mut self.sampler, |ids| {
             let Some(out) = out.as_deref_mut() else {
                 return false;
             };

@@ -20,7 +20,7 @@ use qlora_core::quant::QuantType;
 use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
-use qlora_trainer::generate::model::load_for_generation;
+use qlora_trainer::generate::model::{load_for_generation, GenerationDevice};
 use qlora_trainer::generate::{evaluate, EvalOptions, Example};
 use qlora_trainer::load::{load_base, QuantOnLoad};
 use qlora_trainer::progress;
@@ -190,16 +190,25 @@ pub enum CudaPrecision {
     F32,
 }
 
-/// The CUDA device to train on, or `None` for the CPU: `--device cuda` must open one;
-/// without `--device`, a device that does not open means the CPU (said in the log).
-fn choose_device(device: Option<Device>) -> Result<Option<Gpu>> {
+impl From<CudaPrecision> for Precision {
+    fn from(p: CudaPrecision) -> Precision {
+        match p {
+            CudaPrecision::Bf16 => Precision::Bf16,
+            CudaPrecision::F32 => Precision::F32,
+        }
+    }
+}
+
+/// The CUDA device to work on, or `None` for the CPU: `--device cuda` must open one; without
+/// `--device`, a device that does not open means the CPU (said in the log).
+pub fn choose_device(device: Option<Device>) -> Result<Option<Gpu>> {
     match device {
         Some(Device::Cpu) => Ok(None),
         Some(Device::Cuda) => Ok(Some(Gpu::open(0)?)),
         None => match Gpu::open(0) {
             Ok(gpu) => Ok(Some(gpu)),
             Err(e) => {
-                tracing::info!("training on the CPU: {e}");
+                tracing::info!("using the CPU: {e}");
                 Ok(None)
             }
         },
@@ -448,10 +457,7 @@ pub fn run(args: Args) -> Result<()> {
         .pad_id()
         .or(base.tokenizer.eos_id())
         .context("the tokenizer has neither a pad nor an EOS token to pad batches with")?;
-    let cuda_precision = match args.precision {
-        CudaPrecision::Bf16 => Precision::Bf16,
-        CudaPrecision::F32 => Precision::F32,
-    };
+    let cuda_precision = Precision::from(args.precision);
     let mut run_identity = BTreeMap::from([
         (
             "--model_name_or_path".to_string(),
@@ -562,7 +568,15 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             FINAL_DIR
         };
-        after_demo_training(&model_path, &out_dir.join(adapter))?;
+        let device = match &gpu {
+            Some(gpu) => GenerationDevice::Cuda {
+                gpu: gpu.clone(),
+                precision: cuda_precision,
+                merge_adapter: false,
+            },
+            None => GenerationDevice::Cpu,
+        };
+        after_demo_training(&model_path, &out_dir.join(adapter), &device)?;
     }
     Ok(())
 }
@@ -692,7 +706,7 @@ const DEMO_EVAL_NEW_TOKENS: usize = 64;
 
 /// The demo's step after training: greedy answers of the base model and of base + the trained
 /// adapter on the first dev examples, their ADGEN metrics side by side, and one example.
-fn after_demo_training(base: &Path, adapter_dir: &Path) -> Result<()> {
+fn after_demo_training(base: &Path, adapter_dir: &Path, device: &GenerationDevice) -> Result<()> {
     let DataFile::Embedded { name, text } = DEMO_VALIDATION else {
         unreachable!("the demo's validation data is built in")
     };
@@ -710,11 +724,11 @@ fn after_demo_training(base: &Path, adapter_dir: &Path) -> Result<()> {
     };
     let mut runs = Vec::new();
     for (label, adapter) in [("base", None), ("fine-tuned", Some(adapter_dir))] {
-        let g = load_for_generation(base, adapter, None, None)?;
+        let g = load_for_generation(base, adapter, None, None, device.clone())?;
         let bar = progress::steps_bar(examples.len() as u64, "generating");
         bar.set_message(label);
         let evaluation = evaluate(
-            &g.model,
+            &*g.model,
             &g.tokenizer,
             &g.template,
             &examples,

@@ -2,7 +2,7 @@
 //!
 //! Shapes: `B` batch, `T` sequence, `H` hidden, `nh` heads of `hd = H / nh`, `V` vocabulary.
 
-use super::kv_cache::{LayerCache, Step};
+use super::kv_cache::{key_positions, LayerCache, Step};
 use super::lora::{AdapterFactory, Linear, LoraAdapter};
 use super::ops::{frozen_matmul, softmax_last_dim, Batch, Norm};
 use super::weights::Weights;
@@ -159,15 +159,7 @@ impl Bloom {
     /// padding keys get 0 (transformers' `(attention_mask.cumsum(-1) - 1) * attention_mask`).
     fn alibi(&self, key_mask: &[f32], b: usize) -> candle_core::Result<Tensor> {
         let s = key_mask.len() / b;
-        let mut positions = Vec::with_capacity(b * s);
-        for row in key_mask.chunks_exact(s) {
-            let mut real_tokens = 0f32;
-            for &is_real in row {
-                real_tokens += is_real;
-                positions.push((real_tokens - 1.0) * is_real);
-            }
-        }
-        let positions = Tensor::from_vec(positions, (b, 1, 1, s), &Device::Cpu)?;
+        let positions = Tensor::from_vec(key_positions(key_mask, b), (b, 1, 1, s), &Device::Cpu)?;
         positions.broadcast_mul(&self.alibi_slopes)
     }
 

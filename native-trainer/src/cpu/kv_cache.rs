@@ -15,11 +15,8 @@ use qlora_core::{Error, Result};
 /// discarded (a layer may have been extended and the others not).
 pub struct KvCache {
     layers: Vec<LayerCache>,
-    batch_size: Option<usize>,
-    /// `[B * S]`, row-major: 1 for a real token, 0 for padding.
-    key_mask: Vec<f32>,
-    /// Real tokens per row so far.
-    real_tokens: Vec<u32>,
+    /// Set by the first step, which fixes the batch size.
+    book: Option<TokenBook>,
 }
 
 /// One layer's keys and values, `[B, heads, S, head_dim]` each.
@@ -48,6 +45,98 @@ impl LayerCache {
     }
 }
 
+/// Which cached tokens of each row are real, and how many real tokens each row has seen: the
+/// bookkeeping of a KV cache, shared by the CPU cache and the CUDA one.
+pub struct TokenBook {
+    batch_size: usize,
+    /// `[B * S]`, row-major: 1 for a real token, 0 for padding.
+    key_mask: Vec<f32>,
+    /// Real tokens per row so far.
+    real_tokens: Vec<u32>,
+}
+
+/// The masks and positions of one step, from [`TokenBook::begin_step`].
+pub struct BookStep {
+    /// `[B * S]`: 1 for a real key, 0 for padding, over all cached keys.
+    pub key_mask: Vec<f32>,
+    /// `[B * S]`: each key's ALiBi position (see [`key_positions`]).
+    pub key_positions: Vec<f32>,
+    /// `[B * T]`: each new token's position, the number of real tokens before it (0 for padding).
+    pub positions: Vec<u32>,
+}
+
+/// Each key's position `[B * S]` for the keys of `key_mask [B * S]`: the real tokens before it,
+/// 0 for padding (transformers' `(attention_mask.cumsum(-1) - 1) * attention_mask`).
+pub fn key_positions(key_mask: &[f32], batch_size: usize) -> Vec<f32> {
+    let s = key_mask.len() / batch_size.max(1);
+    let mut positions = Vec::with_capacity(key_mask.len());
+    for row in key_mask.chunks_exact(s.max(1)) {
+        let mut real_tokens = 0f32;
+        for &is_real in row {
+            real_tokens += is_real;
+            positions.push((real_tokens - 1.0) * is_real);
+        }
+    }
+    positions
+}
+
+impl TokenBook {
+    pub fn new(batch_size: usize) -> TokenBook {
+        TokenBook {
+            batch_size,
+            key_mask: Vec::new(),
+            real_tokens: vec![0; batch_size],
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Cached tokens per row (padding included).
+    pub fn len(&self) -> usize {
+        self.key_mask.len() / self.batch_size.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.key_mask.is_empty()
+    }
+
+    /// Records `t` new tokens per row (`new_mask [B * T]`: 1 real, 0 padding) and returns the
+    /// step's masks and positions.
+    pub fn begin_step(&mut self, new_mask: &[f32], t: usize) -> Result<BookStep> {
+        let b = self.batch_size;
+        if new_mask.len() != b * t {
+            return Err(Error::Invalid(format!(
+                "the KV cache holds {b} sequences, the step feeds {} tokens for {t} per row",
+                new_mask.len()
+            )));
+        }
+        let past = self.len();
+        let s = past + t;
+        let mut key_mask = Vec::with_capacity(b * s);
+        let mut positions = Vec::with_capacity(b * t);
+        for row in 0..b {
+            key_mask.extend_from_slice(&self.key_mask[row * past..(row + 1) * past]);
+            for &is_real in &new_mask[row * t..(row + 1) * t] {
+                key_mask.push(is_real);
+                if is_real == 1.0 {
+                    positions.push(self.real_tokens[row]);
+                    self.real_tokens[row] += 1;
+                } else {
+                    positions.push(0);
+                }
+            }
+        }
+        self.key_mask.clone_from(&key_mask);
+        Ok(BookStep {
+            key_positions: key_positions(&key_mask, b),
+            key_mask,
+            positions,
+        })
+    }
+}
+
 /// What the layers of one cached step need besides the hidden states.
 pub(crate) struct Step {
     /// `[B * S]`: 1 for a real key, 0 for padding, over all cached keys.
@@ -63,18 +152,13 @@ impl KvCache {
     pub(crate) fn new(num_layers: usize) -> KvCache {
         KvCache {
             layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
-            batch_size: None,
-            key_mask: Vec::new(),
-            real_tokens: Vec::new(),
+            book: None,
         }
     }
 
     /// Cached tokens per row (padding included).
     pub fn len(&self) -> usize {
-        match self.batch_size {
-            Some(b) => self.key_mask.len() / b,
-            None => 0,
-        }
+        self.book.as_ref().map_or(0, TokenBook::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,34 +172,20 @@ impl KvCache {
     /// Records the new tokens of `batch` and returns the masks and positions of the step.
     pub(crate) fn begin_step(&mut self, batch: &Batch) -> Result<Step> {
         let (b, t) = (batch.batch_size, batch.seq_len);
-        match self.batch_size {
-            None => {
-                self.batch_size = Some(b);
-                self.real_tokens = vec![0; b];
-            }
-            Some(cached) if cached != b => {
-                return Err(Error::Invalid(format!(
-                    "the KV cache holds {cached} sequences, the step feeds {b}"
-                )))
-            }
-            Some(_) => {}
+        let book = self.book.get_or_insert_with(|| TokenBook::new(b));
+        if book.batch_size() != b {
+            return Err(Error::Invalid(format!(
+                "the KV cache holds {} sequences, the step feeds {b}",
+                book.batch_size()
+            )));
         }
-        let past = self.len();
+        let past = book.len();
+        let BookStep {
+            key_mask,
+            positions,
+            ..
+        } = book.begin_step(&batch.key_mask, t)?;
         let s = past + t;
-        let mut key_mask = Vec::with_capacity(b * s);
-        let mut positions = Vec::with_capacity(b * t);
-        for row in 0..b {
-            key_mask.extend_from_slice(&self.key_mask[row * past..(row + 1) * past]);
-            for &is_real in &batch.key_mask[row * t..(row + 1) * t] {
-                key_mask.push(is_real);
-                if is_real == 1.0 {
-                    positions.push(self.real_tokens[row]);
-                    self.real_tokens[row] += 1;
-                } else {
-                    positions.push(0);
-                }
-            }
-        }
         let mut mask = vec![0f32; b * t * s];
         for row in 0..b {
             let keys = &key_mask[row * s..(row + 1) * s];
@@ -130,7 +200,6 @@ impl KvCache {
         }
         let causal_mask =
             Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).map_err(super::compute_error)?;
-        self.key_mask.clone_from(&key_mask);
         Ok(Step {
             key_mask,
             positions,

@@ -5,6 +5,8 @@ use qlora_core::data::{Batch, IGNORE_INDEX};
 use qlora_core::{Error, Result};
 use qlora_kernels::{DeviceBuffer, Gpu};
 
+use crate::cpu::kv_cache::key_positions;
+
 pub struct GpuBatch {
     pub batch_size: usize,
     pub seq_len: usize,
@@ -14,6 +16,8 @@ pub struct GpuBatch {
     pub key_mask: DeviceBuffer,
     /// `[B * T]` f32: each key's position counting real tokens only (ALiBi), 0 on padding.
     pub positions: DeviceBuffer,
+    /// The same positions on the host (RoPE tables are made from them).
+    pub token_positions: Vec<f32>,
     /// `[count]` u32: the rows `b * T + t` that predict a label, ascending. Only these rows
     /// enter the LM head: the others have no loss and a zero gradient.
     pub labeled_rows: DeviceBuffer,
@@ -52,14 +56,7 @@ impl GpuBatch {
             .iter()
             .map(|&m| if m != 0 { 1.0 } else { 0.0 })
             .collect();
-        let mut positions = Vec::with_capacity(b * t);
-        for row in key_mask.chunks_exact(t) {
-            let mut real = 0f32;
-            for &is_real in row {
-                real += is_real;
-                positions.push((real - 1.0) * is_real);
-            }
-        }
+        let positions = key_positions(&key_mask, b);
         let mut labeled_rows = Vec::new();
         let mut targets = Vec::new();
         for (row, labels) in batch.labels.chunks_exact(t).enumerate() {
@@ -88,6 +85,7 @@ impl GpuBatch {
             ids: gpu.upload(&batch.input_ids, "token ids")?,
             key_mask: gpu.upload(&key_mask, "the attention mask")?,
             positions: gpu.upload(&positions, "ALiBi positions")?,
+            token_positions: positions,
             labeled_rows: gpu.upload(&labeled_rows, "labeled rows")?,
             targets: gpu.upload(&targets, "targets")?,
             weights: gpu.upload(&vec![1f32; count], "target weights")?,

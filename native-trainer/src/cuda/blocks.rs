@@ -7,8 +7,7 @@ use qlora_core::arch::NormKind;
 use qlora_core::Result;
 use qlora_kernels::DeviceBuffer;
 
-use super::attention::{self, Shape};
-use super::batch::GpuBatch;
+use super::attention::{self, KeyMask, LayerCache, Rope, Shape};
 use super::linear::{Ctx, GradOut, Linear, LinearSaved};
 use super::weights::Norm;
 use qlora_kernels::Precision;
@@ -169,11 +168,50 @@ pub(crate) struct LlamaBlock {
 
 /// Per-model inputs of a block besides its hidden state.
 pub(crate) struct BlockInputs<'a> {
-    pub batch: &'a GpuBatch,
+    pub batch_size: usize,
+    /// New tokens per row.
+    pub seq_len: usize,
+    /// Which keys are real, and their ALiBi positions: `[B, T]`, or over every cached token
+    /// when generating.
+    pub keys: KeyMask,
     /// BLOOM's ALiBi slopes `[nh]` (f32).
     pub alibi_slopes: Option<&'a DeviceBuffer>,
-    /// RoPE tables `[T, hd]` (f32) and whether pairs are `(c, c + hd/2)`.
-    pub rope: Option<(&'a DeviceBuffer, &'a DeviceBuffer, bool)>,
+    /// The LLaMA family's RoPE tables for the new tokens.
+    pub rope: Option<&'a Rope>,
+}
+
+/// Generation: the KV cache of the layer a block runs as, with `past` tokens in it already.
+#[derive(Clone, Copy)]
+pub(crate) struct CacheSlot<'a> {
+    pub layer: &'a LayerCache,
+    pub past: usize,
+    pub capacity: usize,
+}
+
+/// The attention of a block: over this batch's tokens, or (generation) appending them to the KV
+/// cache and attending over everything cached.
+fn attend(
+    ctx: &Ctx<'_>,
+    inp: &BlockInputs<'_>,
+    shape: Shape,
+    qkv: [DeviceBuffer; 3],
+    cache: Option<CacheSlot<'_>>,
+    context: u64,
+) -> Result<attention::Saved> {
+    match cache {
+        None => attention::forward(ctx, shape, qkv, inp.keys, inp.alibi_slopes, context),
+        Some(c) => attention::forward_cached(
+            ctx,
+            shape,
+            qkv,
+            inp.keys,
+            inp.alibi_slopes,
+            c.layer,
+            c.past,
+            c.capacity,
+            context,
+        ),
+    }
 }
 
 pub(crate) enum Block {
@@ -216,15 +254,25 @@ pub(crate) enum Saved {
 }
 
 impl Block {
-    /// `out [N, H]` = the block applied to `x [N, H]`.
+    /// Key/value heads and head size: the shape of this block's KV cache per token.
+    pub(crate) fn kv_shape(&self) -> (usize, usize) {
+        match self {
+            Block::Bloom(b) => (b.n_head, b.hidden / b.n_head),
+            Block::Llama(b) => (b.kv_heads, b.head_dim),
+        }
+    }
+
+    /// `out [N, H]` = the block applied to `x [N, H]`; with `cache`, the new tokens' keys and
+    /// values join it and attention covers every cached token.
     pub(crate) fn forward(
         &self,
         ctx: &Ctx<'_>,
         inp: &BlockInputs<'_>,
         x: u64,
         out: u64,
+        cache: Option<CacheSlot<'_>>,
     ) -> Result<Saved> {
-        let (b, t) = (inp.batch.batch_size, inp.batch.seq_len);
+        let (b, t) = (inp.batch_size, inp.seq_len);
         let n = b * t;
         match self {
             Block::Bloom(blk) => {
@@ -252,14 +300,7 @@ impl Block {
                 let (q, k, v) = (split(0)?, split(1)?, split(2)?);
                 drop(qkv);
                 let heads_ctx = ctx.act(shape.q_len(), "attention context")?;
-                let attn = attention::forward(
-                    ctx,
-                    shape,
-                    [q, k, v],
-                    inp.batch,
-                    inp.alibi_slopes,
-                    heads_ctx.ptr(),
-                )?;
+                let attn = attend(ctx, inp, shape, [q, k, v], cache, heads_ctx.ptr())?;
                 let context = ctx.act(n * h, "attention context")?;
                 ctx.k.tokens_from_heads(
                     heads_ctx.ptr(),
@@ -320,31 +361,12 @@ impl Block {
                 let (q, q_lin) = project(&blk.q_proj, blk.heads)?;
                 let (k, k_lin) = project(&blk.k_proj, blk.kv_heads)?;
                 let (v, v_lin) = project(&blk.v_proj, blk.kv_heads)?;
-                if let Some((cos, sin, half)) = inp.rope {
-                    ctx.k.rope(
-                        q.ptr(),
-                        cos.ptr(),
-                        sin.ptr(),
-                        b * blk.heads * t,
-                        t,
-                        hd,
-                        half,
-                        false,
-                    )?;
-                    ctx.k.rope(
-                        k.ptr(),
-                        cos.ptr(),
-                        sin.ptr(),
-                        b * blk.kv_heads * t,
-                        t,
-                        hd,
-                        half,
-                        false,
-                    )?;
+                if let Some(rope) = inp.rope {
+                    rope.apply(ctx, q.ptr(), shape, blk.heads, false)?;
+                    rope.apply(ctx, k.ptr(), shape, blk.kv_heads, false)?;
                 }
                 let heads_ctx = ctx.act(shape.q_len(), "attention context")?;
-                let attn =
-                    attention::forward(ctx, shape, [q, k, v], inp.batch, None, heads_ctx.ptr())?;
+                let attn = attend(ctx, inp, shape, [q, k, v], cache, heads_ctx.ptr())?;
                 let context = ctx.act(n * blk.heads * hd, "attention context")?;
                 ctx.k.tokens_from_heads(
                     heads_ctx.ptr(),
@@ -402,7 +424,7 @@ impl Block {
         grad: u64,
         input_grad: bool,
     ) -> Result<()> {
-        let (b, t) = (inp.batch.batch_size, inp.batch.seq_len);
+        let (b, t) = (inp.batch_size, inp.seq_len);
         let n = b * t;
         match (self, saved) {
             (
@@ -608,27 +630,9 @@ impl Block {
                 drop(dcontext);
                 let [dq, dk, dv] = attention::backward(ctx, shape, attn, dheads.ptr())?;
                 drop(dheads);
-                if let Some((cos, sin, half)) = inp.rope {
-                    ctx.k.rope(
-                        dq.ptr(),
-                        cos.ptr(),
-                        sin.ptr(),
-                        b * blk.heads * t,
-                        t,
-                        hd,
-                        half,
-                        true,
-                    )?;
-                    ctx.k.rope(
-                        dk.ptr(),
-                        cos.ptr(),
-                        sin.ptr(),
-                        b * blk.kv_heads * t,
-                        t,
-                        hd,
-                        half,
-                        true,
-                    )?;
+                if let Some(rope) = inp.rope {
+                    rope.apply(ctx, dq.ptr(), shape, blk.heads, true)?;
+                    rope.apply(ctx, dk.ptr(), shape, blk.kv_heads, true)?;
                 }
                 let mut first = true;
                 for (d, heads, lin, lsaved) in [

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use qlora_core::Result;
-use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, Precision};
+use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, Precision, GEMV_MAX_ROWS};
 
 use super::lora::LoraStore;
 use super::weights::FrozenWeight;
@@ -129,13 +129,22 @@ impl Linear {
         Ok(Some(out))
     }
 
-    /// `y [n, out] = x [n, in] W^T + b (+ LoRA)`.
+    /// `y [n, out] = x [n, in] W^T + b (+ LoRA)`. A few rows (decoding) against a 4-bit weight
+    /// take the fused GEMV, which reads the packed weight once and never forms it dense.
     pub(crate) fn forward(&self, ctx: &Ctx<'_>, x: u64, n: usize, y: u64) -> Result<LinearSaved> {
         let (i, o) = (self.in_features, self.out_features);
-        let w = self.weight_ptr(ctx)?;
-        ctx.gpu.gemm(&ctx.gemm(n, o, i, x, false, w, true, y))?;
-        if let Some(bias) = &self.bias {
-            ctx.k.add_bias(y, bias.ptr(), n, o)?;
+        match &self.weight {
+            FrozenWeight::Packed(q) if n <= GEMV_MAX_ROWS && q.gemv_ready() => {
+                let bias = self.bias.as_ref().map_or(0, |b| b.ptr());
+                ctx.k.gemv_4bit(q, x, bias, y, n)?;
+            }
+            _ => {
+                let w = self.weight_ptr(ctx)?;
+                ctx.gpu.gemm(&ctx.gemm(n, o, i, x, false, w, true, y))?;
+                if let Some(bias) = &self.bias {
+                    ctx.k.add_bias(y, bias.ptr(), n, o)?;
+                }
+            }
         }
         let Some(slot) = self.lora else {
             return Ok(LinearSaved { xa: None });

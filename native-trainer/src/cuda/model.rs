@@ -7,14 +7,17 @@ use std::sync::Arc;
 use qlora_core::arch::{ArchConfig, ArchDescription, LinearSpec, LmHead, ModelConfig, RopeLayout};
 use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
-use qlora_kernels::{DeviceBuffer, Gpu, Kernels, MemoryStats, Precision};
+use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, MemoryStats, Precision};
 
+use super::attention::{KeyMask, LayerCache, Rope};
 use super::batch::GpuBatch;
-use super::blocks::{Block, BlockInputs, BloomBlock, LlamaBlock, Saved};
+use super::blocks::{Block, BlockInputs, BloomBlock, CacheSlot, LlamaBlock, Saved};
+use super::generate::GpuKvCache;
 use super::head;
 use super::linear::{Ctx, Linear};
 use super::lora::{InitialAdapter, LoraGradients, LoraStore};
-use super::weights::{Loader, Norm};
+use super::weights::{FrozenWeight, Loader, Norm};
+use crate::cpu::kv_cache::TokenBook;
 use crate::cpu::lora::{AdapterFactory, LoraSetup};
 use crate::cpu::weights::Weights;
 use crate::train::checkpoint::ParamSpec;
@@ -244,6 +247,10 @@ impl CudaModel {
         &self.gpu
     }
 
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab
     }
@@ -282,8 +289,9 @@ impl CudaModel {
         }
     }
 
-    /// RoPE tables `[T, hd]` as the CPU path computes them (positions `0..T`).
-    fn rope_tables(&self, seq: usize) -> Result<Option<(DeviceBuffer, DeviceBuffer, bool)>> {
+    /// RoPE tables `[B, T, hd]` for the tokens at `positions [B * T]`, as the CPU path computes
+    /// them; `None` for ALiBi models.
+    fn rope(&self, positions: &[f32]) -> Result<Option<Rope>> {
         let Positional::Rope {
             inv_freq,
             head_dim,
@@ -293,33 +301,51 @@ impl CudaModel {
             return Ok(None);
         };
         let d = *head_dim;
-        let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
-        for position in 0..seq {
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * d),
+            Vec::with_capacity(positions.len() * d),
+        );
+        for &position in positions {
             for c in 0..d {
                 let pair = if *half_split { c % (d / 2) } else { c / 2 };
-                let angle = f64::from(position as f32 * inv_freq[pair]);
+                let angle = f64::from(position * inv_freq[pair]);
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
         }
-        Ok(Some((
-            self.gpu.upload(&cos, "RoPE table")?,
-            self.gpu.upload(&sin, "RoPE table")?,
-            *half_split,
-        )))
+        Ok(Some(Rope {
+            cos: self.gpu.upload(&cos, "RoPE table")?,
+            sin: self.gpu.upload(&sin, "RoPE table")?,
+            half_split: *half_split,
+        }))
+    }
+
+    fn alibi_slopes(&self) -> Option<&DeviceBuffer> {
+        match &self.positional {
+            Positional::Alibi(s) => Some(s),
+            Positional::Rope { .. } => None,
+        }
+    }
+
+    /// The blocks' inputs for a training or evaluation batch.
+    fn batch_inputs<'a>(&'a self, batch: &GpuBatch, rope: Option<&'a Rope>) -> BlockInputs<'a> {
+        BlockInputs {
+            batch_size: batch.batch_size,
+            seq_len: batch.seq_len,
+            keys: KeyMask {
+                mask: batch.key_mask.ptr(),
+                positions: batch.positions.ptr(),
+            },
+            alibi_slopes: self.alibi_slopes(),
+            rope,
+        }
     }
 
     /// The embedded (and for BLOOM normalized) input `[N, H]`.
-    fn embed(&self, ctx: &Ctx<'_>, batch: &GpuBatch) -> Result<DeviceBuffer> {
-        let n = batch.tokens();
+    fn embed(&self, ctx: &Ctx<'_>, ids: &DeviceBuffer, n: usize) -> Result<DeviceBuffer> {
         let x = ctx.act(n * self.hidden, "embeddings")?;
-        self.kernels.embedding(
-            batch.ids.ptr(),
-            self.embedding.ptr(),
-            x.ptr(),
-            n,
-            self.hidden,
-        )?;
+        self.kernels
+            .embedding(ids.ptr(), self.embedding.ptr(), x.ptr(), n, self.hidden)?;
         match &self.embedding_norm {
             Some(norm) => Ok(norm.forward(ctx, x.ptr(), n)?.out),
             None => Ok(x),
@@ -334,18 +360,11 @@ impl CudaModel {
     /// into the gradient buffers. `seed` draws this micro-batch's dropout masks.
     pub fn forward_backward(&self, batch: &GpuBatch, grad_scale: f32, seed: u64) -> Result<f64> {
         let ctx = self.ctx(true, seed);
-        let rope = self.rope_tables(batch.seq_len)?;
-        let inputs = BlockInputs {
-            batch,
-            alibi_slopes: match &self.positional {
-                Positional::Alibi(s) => Some(s),
-                Positional::Rope { .. } => None,
-            },
-            rope: rope.as_ref().map(|(c, s, h)| (c, s, *h)),
-        };
+        let rope = self.rope(&batch.token_positions)?;
+        let inputs = self.batch_inputs(batch, rope.as_ref());
         let n = batch.tokens();
         // Block inputs x_0..x_L (x_L is the last block's output).
-        let mut xs = vec![self.embed(&ctx, batch)?];
+        let mut xs = vec![self.embed(&ctx, &batch.ids, n)?];
         let mut saved: Vec<Option<Saved>> = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let out = ctx.act(n * self.hidden, "block output")?;
@@ -354,6 +373,7 @@ impl CudaModel {
                 &inputs,
                 xs.last().expect("x_0 exists").ptr(),
                 out.ptr(),
+                None,
             )?;
             saved.push((!self.options.gradient_checkpointing).then_some(s));
             xs.push(out);
@@ -384,7 +404,7 @@ impl CudaModel {
                     // dequantized for the backward pass that follows.
                     ctx.begin_weight_cache();
                     let scratch_out = ctx.act(n * self.hidden, "recomputed block output")?;
-                    block.forward(&ctx, &inputs, x, scratch_out.ptr())?
+                    block.forward(&ctx, &inputs, x, scratch_out.ptr(), None)?
                 }
             };
             block.backward(&ctx, &inputs, x, &s, grad.ptr(), i > 0)?;
@@ -397,20 +417,13 @@ impl CudaModel {
     /// The mean loss of `batch` without dropout or gradients.
     pub fn loss(&self, batch: &GpuBatch) -> Result<f64> {
         let ctx = self.ctx(false, 0);
-        let rope = self.rope_tables(batch.seq_len)?;
-        let inputs = BlockInputs {
-            batch,
-            alibi_slopes: match &self.positional {
-                Positional::Alibi(s) => Some(s),
-                Positional::Rope { .. } => None,
-            },
-            rope: rope.as_ref().map(|(c, s, h)| (c, s, *h)),
-        };
+        let rope = self.rope(&batch.token_positions)?;
+        let inputs = self.batch_inputs(batch, rope.as_ref());
         let n = batch.tokens();
-        let mut x = self.embed(&ctx, batch)?;
+        let mut x = self.embed(&ctx, &batch.ids, n)?;
         for block in &self.blocks {
             let out = ctx.act(n * self.hidden, "block output")?;
-            block.forward(&ctx, &inputs, x.ptr(), out.ptr())?;
+            block.forward(&ctx, &inputs, x.ptr(), out.ptr(), None)?;
             x = out;
         }
         let normed = self.final_norm.forward(&ctx, x.ptr(), n)?;
@@ -424,6 +437,158 @@ impl CudaModel {
             None,
             1.0,
         )
+    }
+
+    /// An empty KV cache for `batch` sequences of up to `capacity` tokens each.
+    pub fn kv_cache(&self, batch: usize, capacity: usize) -> Result<GpuKvCache> {
+        let layers = self
+            .blocks
+            .iter()
+            .map(|block| {
+                let (kv_heads, hd) = block.kv_shape();
+                let len = batch * kv_heads * capacity * hd;
+                Ok(LayerCache {
+                    k: self.gpu.alloc(self.kernels.bytes(len), "the KV cache")?,
+                    v: self.gpu.alloc(self.kernels.bytes(len), "the KV cache")?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(GpuKvCache {
+            layers,
+            capacity,
+            book: TokenBook::new(batch),
+        })
+    }
+
+    /// Feeds `ids [B, T]` (`key_mask [B, T]`: 1 real, 0 padding) after the tokens in `cache`
+    /// and returns each row's last-position logits `[B, vocab]` (f32, on the device). No
+    /// dropout, no autograd state: generation.
+    pub fn forward_cached(
+        &self,
+        ids: &[u32],
+        key_mask: &[f32],
+        cache: &mut GpuKvCache,
+    ) -> Result<DeviceBuffer> {
+        let b = cache.book.batch_size();
+        let t = ids.len() / b.max(1);
+        if ids.len() != b * t || key_mask.len() != b * t || t == 0 {
+            return Err(Error::Invalid(format!(
+                "a generation step of {} ids for {b} sequences",
+                ids.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab
+            )));
+        }
+        let past = cache.book.len();
+        if past + t > cache.capacity {
+            return Err(Error::Invalid(format!(
+                "the KV cache holds {} tokens per sequence: {past} cached + {t} new do not fit",
+                cache.capacity
+            )));
+        }
+        let step = cache.book.begin_step(key_mask, t)?;
+        let ctx = self.ctx(false, 0);
+        let mask = self.gpu.upload(&step.key_mask, "the attention mask")?;
+        let positions = self.gpu.upload(&step.key_positions, "ALiBi positions")?;
+        let query_positions: Vec<f32> = step.positions.iter().map(|&p| p as f32).collect();
+        let rope = self.rope(&query_positions)?;
+        let inputs = BlockInputs {
+            batch_size: b,
+            seq_len: t,
+            keys: KeyMask {
+                mask: mask.ptr(),
+                positions: positions.ptr(),
+            },
+            alibi_slopes: self.alibi_slopes(),
+            rope: rope.as_ref(),
+        };
+        let n = b * t;
+        let mut x = self.embed(&ctx, &self.gpu.upload(ids, "token ids")?, n)?;
+        for (block, layer) in self.blocks.iter().zip(&cache.layers) {
+            let out = ctx.act(n * self.hidden, "block output")?;
+            let slot = CacheSlot {
+                layer,
+                past,
+                capacity: cache.capacity,
+            };
+            block.forward(&ctx, &inputs, x.ptr(), out.ptr(), Some(slot))?;
+            x = out;
+        }
+        // Only each row's last position goes on.
+        let last = if t == 1 {
+            x
+        } else {
+            let rows = ctx.act(b * self.hidden, "last positions")?;
+            let row_bytes = self.kernels.bytes(self.hidden);
+            for row in 0..b {
+                self.gpu.copy(
+                    rows.at(row * row_bytes),
+                    x.at(((row + 1) * t - 1) * row_bytes),
+                    row_bytes,
+                )?;
+            }
+            rows
+        };
+        let normed = self.final_norm.forward(&ctx, last.ptr(), b)?;
+        let logits = self.gpu.alloc(4 * b * self.vocab, "logits")?;
+        self.gpu.gemm(&Gemm::new(
+            b,
+            self.vocab,
+            self.hidden,
+            normed.out.ptr(),
+            false,
+            self.head_table(),
+            true,
+            logits.ptr(),
+            self.options.precision,
+            Precision::F32,
+        ))?;
+        Ok(logits)
+    }
+
+    /// Folds each adapter into a dense copy of its frozen weight (the 4-bit base dequantized,
+    /// plus `scale B A`), for generation: one product per projection instead of three, at the
+    /// cost of the adapted projections' weights in the activation precision (4x their 4-bit
+    /// size in bf16).
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        let ctx_gpu = self.gpu.clone();
+        for block in &mut self.blocks {
+            for lin in block_linears_mut(block) {
+                let Some(slot) = lin.lora.take() else {
+                    continue;
+                };
+                let (o, i) = (lin.out_features, lin.in_features);
+                let dense = ctx_gpu.alloc(self.kernels.bytes(o * i), "a merged weight")?;
+                match &lin.weight {
+                    FrozenWeight::Packed(q) => self.kernels.dequantize(q, dense.ptr())?,
+                    FrozenWeight::Dense(d) => ctx_gpu.copy(dense.ptr(), d.ptr(), d.bytes())?,
+                }
+                let s = &self.lora.slots[slot];
+                let p = self.options.precision;
+                ctx_gpu.gemm(
+                    &Gemm::new(
+                        o,
+                        i,
+                        s.r,
+                        self.lora.b(slot),
+                        false,
+                        self.lora.a(slot),
+                        false,
+                        dense.ptr(),
+                        p,
+                        p,
+                    )
+                    .alpha(s.scale)
+                    .accumulate(),
+                )?;
+                lin.weight = FrozenWeight::Dense(dense);
+            }
+        }
+        Ok(())
     }
 
     pub fn zero_grad(&self) -> Result<()> {

@@ -1,10 +1,9 @@
 //! The ADGEN evaluation: a response generated for each example's prompt, scored against its label
 //! with ROUGE-1/2/L and BLEU-4 as ChatGLM's evaluation does.
 
-use super::decode::{generate_batch, GenerateOptions};
+use super::decode::{generate_batch, GenerateOptions, Generator};
 use super::sampling::{Sampler, SamplingParams};
 use super::text::{prompt_ids, response_text, Stops};
-use crate::cpu::Model;
 use qlora_core::metrics::{mean, AdgenScorer, MeanScores};
 use qlora_core::prompt::{Conversation, PromptTemplate};
 use qlora_core::tokenizer::Tokenizer;
@@ -58,7 +57,7 @@ pub struct Evaluation {
 /// Generates a response for every example and scores it. `on_batch(done, total)` reports
 /// progress after each batch.
 pub fn evaluate(
-    model: &Model,
+    model: &dyn Generator,
     tokenizer: &Tokenizer,
     template: &PromptTemplate,
     examples: &[Example],

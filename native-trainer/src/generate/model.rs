@@ -1,5 +1,5 @@
 //! A base model (HF directory, 4-bit directory or GGUF) with an optional saved PEFT adapter,
-//! ready to generate on the CPU.
+//! ready to generate on the CPU or on a CUDA device.
 
 use std::path::Path;
 
@@ -10,27 +10,69 @@ use qlora_core::peft::AdapterConfig;
 use qlora_core::prompt::PromptTemplate;
 use qlora_core::tokenizer::Tokenizer;
 
+use super::Generator;
 use crate::cpu::{LoraInit, LoraSetup, Model};
+use crate::cuda::{CudaModel, CudaOptions, Gpu, Precision};
 use crate::load::{load_base, QuantOnLoad};
 
 /// What generation needs: the model, its tokenizer and its prompt template.
 pub struct GenerationModel {
-    pub model: Model,
+    pub model: Box<dyn Generator>,
     pub tokenizer: Tokenizer,
     pub template: PromptTemplate,
 }
 
+/// Where a model generates.
+#[derive(Clone)]
+pub enum GenerationDevice {
+    Cpu,
+    /// The base stays 4-bit on the GPU; `merge_adapter` folds the adapter into a dense copy of
+    /// each adapted weight (faster decoding, more memory) instead of applying it unmerged.
+    Cuda {
+        gpu: Gpu,
+        precision: Precision,
+        merge_adapter: bool,
+    },
+}
+
 /// Loads the base at `path` (see [`load_base`]) and, when `adapter` names a directory saved by
-/// PEFT (`adapter_config.json`, `adapter_model.safetensors`), its LoRA adapters.
+/// PEFT (`adapter_config.json`, `adapter_model.safetensors`), its LoRA adapters, onto `device`.
 pub fn load_for_generation(
     path: &Path,
     adapter: Option<&Path>,
     quant: Option<QuantOnLoad>,
     prompt_template: Option<&str>,
+    device: GenerationDevice,
 ) -> Result<GenerationModel> {
     let base = load_base(path, quant, prompt_template)?;
+    let model: Box<dyn Generator> = match device {
+        GenerationDevice::Cpu => Box::new(load_model(&base.config, &*base.weights, adapter)?),
+        GenerationDevice::Cuda {
+            gpu,
+            precision,
+            merge_adapter,
+        } => {
+            let options = CudaOptions {
+                precision,
+                gradient_checkpointing: false,
+            };
+            let mut model = with_adapter(adapter, |setup| {
+                Ok(CudaModel::load(
+                    &gpu,
+                    &base.config,
+                    &*base.weights,
+                    setup,
+                    options,
+                )?)
+            })?;
+            if merge_adapter {
+                model.merge_adapters()?;
+            }
+            Box::new(model)
+        }
+    };
     Ok(GenerationModel {
-        model: load_model(&base.config, &*base.weights, adapter)?,
+        model,
         tokenizer: base.tokenizer,
         template: base.template,
     })
@@ -43,8 +85,16 @@ pub fn load_model(
     weights: &dyn TensorSource,
     adapter: Option<&Path>,
 ) -> Result<Model> {
+    with_adapter(adapter, |setup| Ok(Model::load(config, weights, setup)?))
+}
+
+/// `load` given the LoRA setup of the PEFT directory `adapter` (`None` without one).
+fn with_adapter<M>(
+    adapter: Option<&Path>,
+    load: impl FnOnce(Option<&LoraSetup<'_>>) -> Result<M>,
+) -> Result<M> {
     let Some(dir) = adapter else {
-        return Ok(Model::load(config, weights, None)?);
+        return load(None);
     };
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path)
@@ -58,6 +108,5 @@ pub fn load_model(
             naming: PeftNaming::Saved,
         },
     };
-    Model::load(config, weights, Some(&setup))
-        .with_context(|| format!("the adapter in {}", dir.display()))
+    load(Some(&setup)).with_context(|| format!("the adapter in {}", dir.display()))
 }
