@@ -1,10 +1,12 @@
-//! `qlora bench train`: CUDA training throughput and peak memory on BLOOM-7b1 shapes with random
-//! weights, as JSON (see `qlora_trainer::cuda::bench`).
+//! `qlora bench train` and `qlora bench generate`: CUDA training throughput and peak memory, and
+//! 4-bit generation speed, on BLOOM-7b1 shapes with random weights, as JSON (see
+//! `qlora_trainer::cuda::bench` and `qlora_trainer::cuda::decode_bench`).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use qlora_trainer::cuda::bench::{self, BenchConfig};
+use qlora_trainer::cuda::decode_bench::{self, GenerateBenchOptions};
 use qlora_trainer::cuda::Gpu;
 
 #[derive(clap::Args)]
@@ -18,6 +20,36 @@ pub struct Args {
 pub enum What {
     /// QLoRA training steps (nf4 + double quant, LoRA r=16 on query_key_value, bf16).
     Train(TrainArgs),
+    /// 4-bit generation (nf4 + double quant, bf16): batch-1 decoding, prefill, and an
+    /// evaluation-shaped run.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct GenerateArgs {
+    /// Transformer blocks (BLOOM-7b1 has 30).
+    #[arg(long, default_value_t = 30)]
+    pub layers: usize,
+    /// Prompt tokens of the timed prefill.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
+    /// A JSON array of prompt lengths for the evaluation-shaped run (e.g. ADGEN's dev set:
+    /// bench/generate/adgen_dev_prompt_lengths.json); without it that run is skipped.
+    #[arg(long)]
+    pub eval_prompt_lengths: Option<PathBuf>,
+    /// Prompts generated together in the evaluation-shaped run.
+    #[arg(long, default_value_t = 16)]
+    pub eval_batch: usize,
+    /// New tokens per prompt in the evaluation-shaped run (random weights never stop early).
+    #[arg(long, default_value_t = 128)]
+    pub eval_new_tokens: usize,
+    /// Also measure with a LoRA adapter (r=16 on query_key_value) applied unmerged.
+    #[arg(long)]
+    pub lora: bool,
+    /// Also write the JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -61,7 +93,67 @@ fn parse_config(text: &str) -> Result<BenchConfig> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let What::Train(args) = args.what;
+    match args.what {
+        What::Train(args) => train(args),
+        What::Generate(args) => generate(args),
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let eval_prompt_lengths: Vec<usize> = match &args.eval_prompt_lengths {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a JSON array of lengths", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let gpu = Gpu::open(0)?;
+    eprintln!("device: {}", gpu.describe());
+    let mut results = Vec::new();
+    for lora in std::iter::once(false).chain(args.lora.then_some(true)) {
+        let options = GenerateBenchOptions {
+            layers: args.layers,
+            prefill_tokens: args.prefill_tokens,
+            eval_prompt_lengths: eval_prompt_lengths.clone(),
+            eval_batch: args.eval_batch,
+            eval_new_tokens: args.eval_new_tokens,
+            lora,
+        };
+        let r = decode_bench::run(&gpu, &options)?;
+        eprintln!(
+            "lora={lora}: decode {:.0} tok/s (step {:.2} ms, {:.0}% of the {:.0} tok/s floor), prefill {:.0} tok/s, eval {:.2} examples/s",
+            r.decode_tok_s_bs1,
+            r.decode_step_ms,
+            100.0 * r.fraction_of_floor,
+            r.floor_tok_s,
+            r.prefill_tok_s,
+            r.eval_examples_s
+        );
+        results.push(r);
+    }
+    write_json(
+        serde_json::json!({
+            "device": gpu.describe(),
+            "layers": args.layers,
+            "generate": results,
+        }),
+        args.out.as_deref(),
+    )
+}
+
+/// Prints `json` and, when given, writes it to `out`.
+fn write_json(json: serde_json::Value, out: Option<&std::path::Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(&json)?;
+    println!("{text}");
+    if let Some(path) = out {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> Result<()> {
     let configs = args
         .configs
         .split(',')
@@ -88,16 +180,13 @@ pub fn run(args: Args) -> Result<()> {
             )
         },
     )?;
-    let json = serde_json::json!({
-        "device": gpu.describe(),
-        "layers": args.layers,
-        "bf16_tflops": args.bf16_tflops,
-        "train": results,
-    });
-    let text = serde_json::to_string_pretty(&json)?;
-    println!("{text}");
-    if let Some(path) = &args.out {
-        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    write_json(
+        serde_json::json!({
+            "device": gpu.describe(),
+            "layers": args.layers,
+            "bf16_tflops": args.bf16_tflops,
+            "train": results,
+        }),
+        args.out.as_deref(),
+    )
 }

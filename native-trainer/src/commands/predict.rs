@@ -1,6 +1,7 @@
-//! `qlora predict`: generation with a base model and an optional adapter, on the CPU. One
-//! `--prompt`, a JSON-lines file (`--input`/`--output`), or an interactive chat that keeps the
-//! history (`/reset` forgets it, end of input quits). Responses stream as they are generated.
+//! `qlora predict`: generation with a base model and an optional adapter, on a CUDA device or
+//! the CPU. One `--prompt`, a JSON-lines file (`--input`/`--output`), or an interactive chat
+//! that keeps the history (`/reset` forgets it, end of input quits). Responses stream as they
+//! are generated.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

@@ -33,10 +33,10 @@ pub fn bloom_7b1(layers: usize) -> Result<ModelConfig> {
 }
 
 /// xorshift64*: fast, seeded filler for random weights.
-struct Filler(u64);
+pub(super) struct Filler(pub(super) u64);
 
 impl Filler {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

@@ -254,6 +254,21 @@ pub(crate) enum Saved {
 }
 
 impl Block {
+    /// The block's projections.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Block::Bloom(b) => vec![
+                &b.query_key_value,
+                &b.dense,
+                &b.dense_h_to_4h,
+                &b.dense_4h_to_h,
+            ],
+            Block::Llama(b) => vec![
+                &b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj,
+            ],
+        }
+    }
+
     /// Key/value heads and head size: the shape of this block's KV cache per token.
     pub(crate) fn kv_shape(&self) -> (usize, usize) {
         match self {

@@ -10,6 +10,7 @@
 mod attention;
 mod batch;
 pub mod bench;
+pub mod decode_bench;
 mod blocks;
 pub mod generate;
 mod head;

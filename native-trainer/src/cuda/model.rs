@@ -439,6 +439,23 @@ impl CudaModel {
         )
     }
 
+    /// Bytes of frozen weights one decoding step reads: every projection (4-bit codes and
+    /// absmax, or dense) and the LM head; the floor of a decoding step is this over the card's
+    /// bandwidth.
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let projections: usize = self
+            .blocks
+            .iter()
+            .flat_map(Block::linears)
+            .map(|lin| match &lin.weight {
+                FrozenWeight::Packed(q) => q.bytes(),
+                FrozenWeight::Dense(d) => d.bytes(),
+            })
+            .sum();
+        let head = self.lm_head.as_ref().unwrap_or(&self.embedding).bytes();
+        projections + head
+    }
+
     /// An empty KV cache for `batch` sequences of up to `capacity` tokens each.
     pub fn kv_cache(&self, batch: usize, capacity: usize) -> Result<GpuKvCache> {
         let layers = self

@@ -1,0 +1,181 @@
+//! `qlora bench generate`: 4-bit generation speed on a BLOOM-7b1-shaped model with random
+//! weights (nf4 with double quantization, bf16), measured as `shared/anchors/hf_qlora_bench.py`
+//! measures the reference stack's decoding (batch 1, greedy, a 32-token prompt, 64 new tokens,
+//! prefill included), plus the steady decoding step against its memory-bandwidth floor, prefill
+//! throughput, and an evaluation-shaped run (many prompts of given lengths in left-padded
+//! batches, a fixed number of new tokens each).
+
+use std::time::Instant;
+
+use qlora_core::arch::{LoraConfig, TargetModules};
+use qlora_core::Result;
+use qlora_kernels::{Gpu, Precision};
+
+use super::bench::{bloom_7b1, Filler, RandomBase};
+use super::model::{CudaModel, CudaOptions};
+use crate::cpu::lora::{LoraInit, LoraSetup};
+use crate::generate::{generate, generate_batch, GenerateOptions, Generator, Sampler, SamplingParams};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct GenerateBenchOptions {
+    pub layers: usize,
+    /// Tokens of the prompt whose prefill is timed.
+    pub prefill_tokens: usize,
+    /// The evaluation-shaped run: one prompt per length, in batches of `eval_batch`.
+    pub eval_prompt_lengths: Vec<usize>,
+    pub eval_batch: usize,
+    pub eval_new_tokens: usize,
+    /// Measure with a LoRA adapter (r=16 on query_key_value) applied unmerged.
+    pub lora: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateBenchResult {
+    pub lora: bool,
+    /// As the anchor measures it: 64 new tokens after a 32-token prompt, prefill included.
+    pub decode_tok_s_bs1: f64,
+    /// One decoding step (batch 1), the median of 64.
+    pub decode_step_ms: f64,
+    pub decode_bytes_per_token: usize,
+    /// Device-to-device copy bandwidth measured in this run (bytes read + written per second).
+    pub copy_bandwidth_gb_s: f64,
+    /// Steps per second if a step only read its weights at the copy bandwidth.
+    pub floor_tok_s: f64,
+    pub fraction_of_floor: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub eval_examples: usize,
+    pub eval_batch: usize,
+    pub eval_new_tokens: usize,
+    pub eval_examples_s: f64,
+    pub eval_generated_tok_s: f64,
+    pub peak_alloc_gib: f64,
+}
+
+fn random_ids(n: usize, seed: u64) -> Vec<u32> {
+    let mut fill = Filler(seed);
+    (0..n).map(|_| 4 + (fill.next() % 249_996) as u32).collect()
+}
+
+fn greedy() -> Sampler {
+    Sampler::new(SamplingParams::GREEDY, 0).expect("greedy parameters are valid")
+}
+
+/// Bytes per second of a device-to-device copy of 1 GiB (read and written), the best of five.
+fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let bytes = 1 << 30;
+    let (a, b) = (gpu.alloc(bytes, "bandwidth test")?, gpu.alloc(bytes, "bandwidth test")?);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        gpu.sync()?;
+        let started = Instant::now();
+        gpu.copy(b.ptr(), a.ptr(), bytes)?;
+        gpu.sync()?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * bytes as f64 / best)
+}
+
+pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchResult> {
+    let config = bloom_7b1(options.layers)?;
+    let base = RandomBase::new(&config);
+    let setup = LoraSetup {
+        config: LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: TargetModules::Names(vec!["query_key_value".into()]),
+        },
+        init: LoraInit::Random { seed: 0 },
+    };
+    let model = CudaModel::load(
+        gpu,
+        &config,
+        &base,
+        options.lora.then_some(&setup),
+        CudaOptions {
+            precision: Precision::Bf16,
+            gradient_checkpointing: false,
+        },
+    )?;
+    let bandwidth = copy_bandwidth(gpu)?;
+    gpu.reset_peak();
+    let generator: &dyn Generator = &model;
+    let new_tokens = |n: usize| GenerateOptions {
+        max_new_tokens: n,
+        stop_ids: Vec::new(),
+    };
+
+    // As the anchor: warm up with 8 tokens, then 64 after a 32-token prompt.
+    let prompt = random_ids(32, 1);
+    generate(generator, &prompt, &new_tokens(8), &mut greedy(), |_| false)?;
+    let started = Instant::now();
+    let out = generate(generator, &prompt, &new_tokens(64), &mut greedy(), |_| false)?;
+    let decode_tok_s_bs1 = out.len() as f64 / started.elapsed().as_secs_f64();
+
+    // The steady step, batch 1.
+    let mut session = generator.session(1, 32 + 65)?;
+    let contexts = vec![prompt.clone()];
+    let mut next = session.step(&prompt, &[1.0; 32], &mut greedy(), &contexts, &[true])?;
+    let mut steps = Vec::with_capacity(64);
+    for _ in 0..64 {
+        let started = Instant::now();
+        next = session.step(&next, &[1.0], &mut greedy(), &contexts, &[true])?;
+        steps.push(started.elapsed().as_secs_f64());
+    }
+    steps.sort_by(f64::total_cmp);
+    let step_s = steps[steps.len() / 2];
+    let bytes = model.decode_bytes_per_token();
+    let floor_tok_s = bandwidth / bytes as f64;
+
+    // Prefill.
+    let long = random_ids(options.prefill_tokens, 2);
+    let mut session = generator.session(1, options.prefill_tokens + 1)?;
+    let mask = vec![1.0; long.len()];
+    gpu.sync()?;
+    let started = Instant::now();
+    session.step(&long, &mask, &mut greedy(), &[long.clone()], &[true])?;
+    let prefill_tok_s = long.len() as f64 / started.elapsed().as_secs_f64();
+    drop(session);
+
+    // Evaluation-shaped: every prompt, in order, in left-padded batches.
+    let prompts: Vec<Vec<u32>> = options
+        .eval_prompt_lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| random_ids(len.max(1), 100 + i as u64))
+        .collect();
+    let started = Instant::now();
+    let mut generated = 0usize;
+    for chunk in prompts.chunks(options.eval_batch.max(1)) {
+        let outputs = generate_batch(
+            generator,
+            chunk,
+            &new_tokens(options.eval_new_tokens),
+            &mut greedy(),
+            |_, _| false,
+        )?;
+        generated += outputs.iter().map(Vec::len).sum::<usize>();
+    }
+    let eval_s = started.elapsed().as_secs_f64();
+    let memory = gpu.memory()?;
+    Ok(GenerateBenchResult {
+        lora: options.lora,
+        decode_tok_s_bs1,
+        decode_step_ms: 1e3 * step_s,
+        decode_bytes_per_token: bytes,
+        copy_bandwidth_gb_s: bandwidth / 1e9,
+        floor_tok_s,
+        fraction_of_floor: 1.0 / step_s / floor_tok_s,
+        prefill_tokens: long.len(),
+        prefill_tok_s,
+        eval_examples: prompts.len(),
+        eval_batch: options.eval_batch,
+        eval_new_tokens: options.eval_new_tokens,
+        eval_examples_s: prompts.len() as f64 / eval_s,
+        eval_generated_tok_s: generated as f64 / eval_s,
+        peak_alloc_gib: memory.peak_bytes as f64 / (1u64 << 30) as f64,
+    })
+}
