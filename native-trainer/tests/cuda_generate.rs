@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use qlora_core::arch::ModelConfig;
+use qlora_core::checkpoint::bnb4bit::Dequantizing;
 use qlora_core::checkpoint::open_checkpoint;
 use qlora_trainer::cpu::Model;
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
@@ -69,10 +70,11 @@ struct Loaded {
 fn load(model: &str, adapter: Option<&str>) -> Loaded {
     let dir = golden(model);
     let config = ModelConfig::load(&dir.join("config.json")).unwrap();
-    let weights = open_checkpoint(&dir).unwrap();
+    // The CPU path reads the 4-bit checkpoint dequantized.
+    let weights = Dequantizing::new(open_checkpoint(&dir).unwrap());
     let adapter = adapter.map(golden);
     Loaded {
-        cpu: load_model(&config, &*weights, adapter.as_deref()).unwrap(),
+        cpu: load_model(&config, &weights, adapter.as_deref()).unwrap(),
         config,
         dir,
         adapter,

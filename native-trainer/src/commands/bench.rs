@@ -121,7 +121,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             eval_new_tokens: args.eval_new_tokens,
             lora,
         };
-        let r = decode_bench::run(&gpu, &options)?;
+        let r = decode_bench::run(&gpu, &options, &mut |m| eprintln!("lora={lora}: {m}"))?;
         eprintln!(
             "lora={lora}: decode {:.0} tok/s (step {:.2} ms, {:.0}% of the {:.0} tok/s floor), prefill {:.0} tok/s, eval {:.2} examples/s",
             r.decode_tok_s_bs1,

@@ -77,7 +77,12 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     Ok(2.0 * bytes as f64 / best)
 }
 
-pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchResult> {
+/// Measures `options` on `gpu`; `progress` hears what is being measured.
+pub fn run(
+    gpu: &Gpu,
+    options: &GenerateBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<GenerateBenchResult> {
     let config = bloom_7b1(options.layers)?;
     let base = RandomBase::new(&config);
     let setup = LoraSetup {
@@ -100,6 +105,7 @@ pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchRes
             gradient_checkpointing: false,
         },
     )?;
+    progress("model loaded; measuring the copy bandwidth");
     let bandwidth = copy_bandwidth(gpu)?;
     gpu.reset_peak();
     let generator: &dyn Generator = &model;
@@ -114,6 +120,7 @@ pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchRes
     let started = Instant::now();
     let out = generate(generator, &prompt, &new_tokens(64), &mut greedy(), |_| false)?;
     let decode_tok_s_bs1 = out.len() as f64 / started.elapsed().as_secs_f64();
+    progress(&format!("batch-1 decoding: {decode_tok_s_bs1:.0} tok/s"));
 
     // The steady step, batch 1.
     let mut session = generator.session(1, 32 + 65)?;
@@ -129,6 +136,11 @@ pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchRes
     let step_s = steps[steps.len() / 2];
     let bytes = model.decode_bytes_per_token();
     let floor_tok_s = bandwidth / bytes as f64;
+    progress(&format!(
+        "decoding step {:.3} ms; floor {floor_tok_s:.0} tok/s ({bytes} bytes at {:.0} GB/s)",
+        1e3 * step_s,
+        bandwidth / 1e9
+    ));
 
     // Prefill.
     let long = random_ids(options.prefill_tokens, 2);
@@ -139,6 +151,7 @@ pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchRes
     session.step(&long, &mask, &mut greedy(), &[long.clone()], &[true])?;
     let prefill_tok_s = long.len() as f64 / started.elapsed().as_secs_f64();
     drop(session);
+    progress(&format!("prefill: {prefill_tok_s:.0} tok/s"));
 
     // Evaluation-shaped: every prompt, in order, in left-padded batches.
     let prompts: Vec<Vec<u32>> = options
@@ -149,7 +162,15 @@ pub fn run(gpu: &Gpu, options: &GenerateBenchOptions) -> Result<GenerateBenchRes
         .collect();
     let started = Instant::now();
     let mut generated = 0usize;
-    for chunk in prompts.chunks(options.eval_batch.max(1)) {
+    for (i, chunk) in prompts.chunks(options.eval_batch.max(1)).enumerate() {
+        if i % 16 == 0 {
+            progress(&format!(
+                "evaluation-shaped run: {} of {} prompts after {:.1} s",
+                i * options.eval_batch,
+                prompts.len(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
         let outputs = generate_batch(
             generator,
             chunk,
