@@ -14,7 +14,8 @@ use qlora_core::peft::LoraAdapter;
 use qlora_core::prompt::Conversation;
 use qlora_core::response::{response_text, TextStream};
 use qlora_shaders::{
-    Engine, EngineOptions, GenerateOptions, LoadOptions, LoadedModel, QuantizeOnLoad,
+    request_adapter, DeviceReport, Engine, EngineOptions, GenerateOptions, LoadOptions,
+    LoadedModel, QuantizeOnLoad,
 };
 
 use super::loader::Loader;
@@ -31,6 +32,8 @@ enum Gpu {
     Checking,
     Ready(String),
     Missing(String),
+    /// A WebGPU device that cannot run the engine (it rejected a kernel).
+    Failed(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,11 +94,11 @@ pub fn ChatPage() -> impl IntoView {
     spawn_local(async move {
         match start_engine().await {
             Ok(engine) => {
-                gpu.set(Gpu::Ready(engine.report().adapter.clone()));
+                gpu.set(Gpu::Ready(adapter_summary(engine.report())));
                 slots.engine.set_value(Some(engine));
                 load_model(slots, state, load_progress, load_error).await;
             }
-            Err(why) => gpu.set(Gpu::Missing(why)),
+            Err(why) => gpu.set(why),
         }
     });
 
@@ -233,6 +236,12 @@ fn GpuStatus(gpu: Signal<Gpu>) -> impl IntoView {
             </p>
         }
         .into_any(),
+        Gpu::Failed(why) => view! {
+            <p class="gpu status error" data-gpu="failed" role="alert">
+                {format!("WebGPU cannot run the chat here: {why}")}
+            </p>
+        }
+        .into_any(),
     }
     }
 }
@@ -282,15 +291,35 @@ fn Composer(
     }
 }
 
+/// The adapter's name (browsers may withhold it) and the largest buffer the engine binds.
+fn adapter_summary(report: &DeviceReport) -> String {
+    let name = if report.adapter.is_empty() {
+        "an adapter the browser does not name"
+    } else {
+        &report.adapter
+    };
+    format!(
+        "{name}, buffers of up to {}",
+        human_bytes(report.binding_size)
+    )
+}
+
 /// The engine on the browser's WebGPU adapter, or why there is none.
-async fn start_engine() -> Result<Engine, String> {
-    let navigator = web_sys::window().ok_or("no window")?.navigator();
+async fn start_engine() -> Result<Engine, Gpu> {
+    let navigator = web_sys::window()
+        .ok_or_else(|| Gpu::Missing("no window".into()))?
+        .navigator();
     if !js_sys::Reflect::has(&navigator, &"gpu".into()).unwrap_or(false) {
-        return Err("this browser does not expose navigator.gpu".into());
+        return Err(Gpu::Missing(
+            "this browser does not expose navigator.gpu".into(),
+        ));
     }
-    Engine::new(EngineOptions::default())
+    let adapter = request_adapter()
         .await
-        .map_err(|e| e.to_string())
+        .ok_or_else(|| Gpu::Missing("the browser offers no WebGPU adapter".into()))?;
+    Engine::from_adapter(&adapter, EngineOptions::default())
+        .await
+        .map_err(|e| Gpu::Failed(e.to_string()))
 }
 
 /// Puts the loaded model (with the adapter, when one is loaded) on the GPU, replacing the one
