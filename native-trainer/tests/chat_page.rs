@@ -155,11 +155,14 @@ fn chat_page_answers_as_qlora_predict() {
     );
     let gpu = browser.eval("return document.querySelector('p.gpu').textContent");
     eprintln!("{gpu}");
-    browser.eval(&format!(
-        "for (const [id, v] of [['temperature', '0'], ['repetition-penalty', '{REPETITION_PENALTY}'], \
-         ['max-new-tokens', '{MAX_NEW_TOKENS}']]) {{ const e = document.getElementById(id); \
-         e.value = v; e.dispatchEvent(new Event('input', {{bubbles: true}})); }}"
-    ));
+    set_fields(
+        &browser,
+        &[
+            ("temperature", "0"),
+            ("repetition-penalty", REPETITION_PENALTY),
+            ("max-new-tokens", MAX_NEW_TOKENS),
+        ],
+    );
 
     let (text, with_adapter, tokens, speed) = ask(&browser);
     eprintln!("page, adapter on: `{text}` ({tokens} tokens, {speed:.1} tokens/s)");
@@ -177,4 +180,166 @@ fn chat_page_answers_as_qlora_predict() {
     assert!(!with_adapter);
     assert_eq!(text, base, "the page's answer without the adapter");
     assert_eq!(browser.eval(STATE_JS), json!("ready"));
+
+    reload_with_progress(&browser, model.path());
+    refuse_a_corrupt_checkpoint(&browser, model.path());
+    browser.eval("document.getElementById('clear').click()");
+    let (text, ..) = ask(&browser);
+    assert_eq!(text, base, "the answer after a refused file");
+    stop_with_escape(&browser);
+
+    // Phone width: one column, nothing wider than the screen.
+    browser.resize(375, 812);
+    let layout = browser.eval(
+        "return [document.documentElement.scrollWidth, window.innerWidth, \
+         document.getElementById('prompt').getBoundingClientRect().width]",
+    );
+    eprintln!("phone layout (page width, window width, text box width): {layout}");
+    let number = |i: usize| layout[i].as_f64().unwrap();
+    assert!(
+        number(0) <= number(1),
+        "the page is wider than a phone: {layout}"
+    );
+    assert!(
+        number(2) > 0.7 * number(1),
+        "the text box is not full width: {layout}"
+    );
+    let shot = save_artifact("chat-phone.png", &browser.screenshot());
+    eprintln!("screenshot: {}", shot.display());
+}
+
+/// Types `value` into each field `id`, as a user would.
+fn set_fields(browser: &Browser, fields: &[(&str, &str)]) {
+    for (id, value) in fields {
+        browser.eval(&format!(
+            "const e = document.getElementById('{id}'); e.value = '{value}'; \
+             e.dispatchEvent(new Event('input', {{bubbles: true}}));"
+        ));
+    }
+}
+
+/// The model's files, picked: the load shows bytes read, then tensors and bytes on the GPU as
+/// they go, up to all of them.
+fn reload_with_progress(browser: &Browser, model: &Path) {
+    browser.eval(
+        "window.progressSeen = []; new MutationObserver(() => { \
+           for (const s of document.querySelectorAll('.progress span')) \
+             if (!window.progressSeen.includes(s.textContent)) window.progressSeen.push(s.textContent); \
+         }).observe(document.querySelector('main.chat'), {subtree: true, childList: true, characterData: true});",
+    );
+    let files = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    .map(|f| model.join(f));
+    let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    browser.pick_files("section.loader input[multiple]", &files);
+    browser.wait_for(
+        "return window.progressSeen.some(t => /^(\\d+) of \\1 tensors on the GPU/.test(t)) \
+         && document.querySelector('main.chat').dataset.state == 'ready'",
+        &json!(true),
+        Duration::from_secs(120),
+        ERROR_JS,
+    );
+    let seen = browser.eval("return window.progressSeen");
+    let seen: Vec<&str> = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let on_gpu: Vec<&&str> = seen
+        .iter()
+        .filter(|t| t.contains("tensors on the GPU"))
+        .collect();
+    eprintln!(
+        "progress: {} lines, {} of tensors; first `{}`, last `{}`",
+        seen.len(),
+        on_gpu.len(),
+        seen[0],
+        on_gpu.last().unwrap()
+    );
+    assert!(
+        seen.iter()
+            .any(|t| t.starts_with("model.safetensors: ") && t.contains(" of ")),
+        "no bytes-read progress: {seen:?}"
+    );
+    assert!(
+        on_gpu.len() > 5,
+        "the tensors did not show one by one: {seen:?}"
+    );
+    assert!(
+        on_gpu.iter().all(|t| t.contains(" of about ")),
+        "no bytes on the GPU: {seen:?}"
+    );
+}
+
+/// A truncated checkpoint is refused with a message naming it; the loaded model stays.
+fn refuse_a_corrupt_checkpoint(browser: &Browser, model: &Path) {
+    let broken = tempfile::tempdir().unwrap();
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model.join(file), broken.path().join(file)).unwrap();
+    }
+    let checkpoint = std::fs::read(model.join("model.safetensors")).unwrap();
+    std::fs::write(
+        broken.path().join("model.safetensors"),
+        &checkpoint[..checkpoint.len() / 2],
+    )
+    .unwrap();
+    let files = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    .map(|f| broken.path().join(f));
+    let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    browser.pick_files("section.loader input[multiple]", &files);
+    browser.wait_for(
+        "return document.querySelector('section.loader').dataset.state",
+        &json!("error"),
+        Duration::from_secs(60),
+        ERROR_JS,
+    );
+    let message =
+        browser.eval("return document.querySelector('section.loader .status.error').textContent");
+    eprintln!("corrupt checkpoint: {message}");
+    assert!(
+        message.as_str().unwrap().contains("model.safetensors"),
+        "{message}"
+    );
+    assert_eq!(browser.eval(STATE_JS), json!("ready"));
+}
+
+/// A long answer (greedy: its first token is the base answer's, no stop) stops at Escape in
+/// the text box, while the Stop button is enabled (reachable with Tab).
+fn stop_with_escape(browser: &Browser) {
+    set_fields(browser, &[("max-new-tokens", "1000")]);
+    browser.eval(&format!(
+        "document.getElementById('clear').click(); \
+         const t = document.getElementById('prompt'); t.value = '{PROMPT}'; \
+         t.dispatchEvent(new Event('input', {{bubbles: true}})); \
+         t.dispatchEvent(new KeyboardEvent('keydown', {{key: 'Enter', bubbles: true, cancelable: true}}));"
+    ));
+    browser.wait_for(
+        "return document.querySelector('main.chat').dataset.state == 'generating' \
+         && !document.getElementById('stop').disabled",
+        &json!(true),
+        Duration::from_secs(60),
+        ERROR_JS,
+    );
+    browser.eval(
+        "document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown', \
+         {key: 'Escape', bubbles: true, cancelable: true}))",
+    );
+    browser.wait_for(STATE_JS, &json!("ready"), Duration::from_secs(60), ERROR_JS);
+    let answer = browser.eval(
+        "const a = document.querySelector('li.message.assistant'); \
+         return [Number(a.dataset.tokens), a.querySelector('.stats').textContent]",
+    );
+    eprintln!("stopped with Escape: {answer}");
+    assert!(answer[0].as_u64().unwrap() < 1000, "{answer}");
+    assert!(answer[1].as_str().unwrap().contains("stopped"), "{answer}");
 }

@@ -236,6 +236,12 @@ impl Browser {
             .unwrap_or_default()
     }
 
+    /// Resizes the window to `width`×`height` CSS pixels.
+    pub fn resize(&self, width: u32, height: u32) {
+        let body = json!({ "width": width, "height": height });
+        self.command("POST", &self.session_path("/window/rect"), Some(&body));
+    }
+
     /// A PNG of the viewport.
     pub fn screenshot(&self) -> Vec<u8> {
         let b64 = self.command("GET", &self.session_path("/screenshot"), None);

@@ -15,7 +15,7 @@ use qlora_core::prompt::Conversation;
 use qlora_core::response::{response_text, TextStream};
 use qlora_shaders::{
     request_adapter, DeviceReport, Engine, EngineOptions, GenerateOptions, LoadOptions,
-    LoadedModel, QuantizeOnLoad,
+    LoadedModel, Pause, QuantizeOnLoad,
 };
 
 use super::loader::Loader;
@@ -64,6 +64,8 @@ struct Slots {
     adapter: StoredValue<Option<Rc<LoraAdapter>>, LocalStorage>,
     /// Taken out while a generation runs.
     model: StoredValue<Option<LoadedModel>, LocalStorage>,
+    /// Counts the loads begun: a load that a newer one overtook discards its model.
+    loads: StoredValue<u64, LocalStorage>,
 }
 
 #[component]
@@ -73,6 +75,7 @@ pub fn ChatPage() -> impl IntoView {
         files: StoredValue::new_local(None),
         adapter: StoredValue::new_local(None),
         model: StoredValue::new_local(None),
+        loads: StoredValue::new_local(0),
     };
     let gpu = RwSignal::new(Gpu::Checking);
     let state = RwSignal::new(State::Empty);
@@ -209,9 +212,10 @@ pub fn ChatPage() -> impl IntoView {
                         side_files=&ADAPTER_FILES[..1]
                     />
                 </div>
-                <ProgressBar progress=load_progress.into() />
-                {move || load_error.get().map(|e| view! { <p class="status error" role="alert">{e}</p> })}
             </details>
+            // Outside the folded section, which stays shut while a model loads.
+            <ProgressBar progress=load_progress.into() />
+            {move || load_error.get().map(|e| view! { <p class="status error" role="alert">{e}</p> })}
             <SettingsPanel settings=settings has_adapter=has_adapter.into() adapter_on=adapter_on />
             <MessageList messages=messages.into() />
             <Composer
@@ -246,7 +250,7 @@ fn GpuStatus(gpu: Signal<Gpu>) -> impl IntoView {
     }
 }
 
-/// The text box: Enter sends, Shift+Enter starts a new line.
+/// The text box: Enter sends, Shift+Enter starts a new line, Escape stops the answer.
 #[component]
 fn Composer(
     state: Signal<State>,
@@ -270,13 +274,15 @@ fn Composer(
                 id="prompt"
                 rows="3"
                 aria-label="Message"
-                placeholder="Message (Enter sends, Shift+Enter: new line)"
+                placeholder="Message (Enter sends, Shift+Enter: new line, Esc stops)"
                 prop:value=move || text.get()
                 on:input=move |ev| text.set(event_target_value(&ev))
                 on:keydown=move |ev: leptos::ev::KeyboardEvent| {
                     if ev.key() == "Enter" && !ev.shift_key() && !ev.is_composing() {
                         ev.prevent_default();
                         submit();
+                    } else if ev.key() == "Escape" && state.get_untracked() == State::Generating {
+                        on_stop.run(());
                     }
                 }
             ></textarea>
@@ -339,32 +345,57 @@ async fn load_model(
     slots.model.set_value(None);
     error.set(None);
     state.set(State::Loading);
-    // Let the page show the loading state before the upload holds the thread.
+    let this_load = slots.loads.get_value() + 1;
+    slots.loads.set_value(this_load);
+    // Let the page show the loading state before the first tensor (the embedding, the largest)
+    // holds the thread.
     yield_now().await;
     let options = LoadOptions {
         // A full-precision checkpoint becomes QLoRA's NF4 (a 4-bit one stays as stored).
         quantize: Some(QuantizeOnLoad::QLORA),
         ..LoadOptions::default()
     };
-    let loaded = engine.load(
-        &files.config,
-        &*files.source,
-        adapter.as_deref(),
-        &options,
-        &mut |p| {
-            progress.set(Some(Progress {
-                done: p.done as f64,
-                total: p.total as f64,
-                text: format!(
-                    "{} of {} tensors on the GPU ({}): {}",
-                    p.done,
-                    p.total,
-                    human_bytes(p.bytes),
-                    p.tensor
-                ),
-            }))
-        },
-    );
+    // What the load will put on the GPU: the plan's weights and the adapter's f32 matrices.
+    let lora_bytes: usize = adapter.as_deref().map_or(0, |a| {
+        a.modules
+            .values()
+            .map(|p| 4 * (p.a.len() + p.b.len()))
+            .sum()
+    });
+    let expected = engine
+        .plan(&files.config, &*files.source, &options)
+        .map(|footprint| {
+            let bytes = footprint.weight_bytes + lora_bytes as u64;
+            format!(" of about {}", human_bytes(bytes))
+        })
+        .unwrap_or_default();
+    let loaded = engine
+        .load_async(
+            &files.config,
+            &*files.source,
+            adapter.as_deref(),
+            &options,
+            &mut |p| -> Pause {
+                progress.set(Some(Progress {
+                    done: p.done as f64,
+                    total: p.total as f64,
+                    text: format!(
+                        "{} of {} tensors on the GPU ({}{expected}): {}",
+                        p.done,
+                        p.total,
+                        human_bytes(p.bytes),
+                        p.tensor
+                    ),
+                }));
+                // A timer tick per tensor lets the page paint the bar (and stay responsive).
+                Box::pin(yield_now())
+            },
+        )
+        .await;
+    if slots.loads.get_value() != this_load {
+        // A newer load (another model or adapter picked meanwhile) owns the page now.
+        return;
+    }
     progress.set(None);
     match loaded {
         Ok(model) => {
