@@ -188,8 +188,10 @@ fn chat_page_answers_as_qlora_predict() {
     assert_eq!(text, base, "the answer after a refused file");
     stop_with_escape(&browser);
 
-    // Phone width: one column, nothing wider than the screen.
-    browser.resize(375, 812);
+    // Phone width (tall, so that the screenshot holds the opened sections): one column,
+    // nothing wider than the screen.
+    browser.resize(375, 1500);
+    browser.eval("for (const d of document.querySelectorAll('main.chat details')) d.open = true");
     let layout = browser.eval(
         "return [document.documentElement.scrollWidth, window.innerWidth, \
          document.getElementById('prompt').getBoundingClientRect().width]",
