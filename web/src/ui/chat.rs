@@ -163,6 +163,7 @@ pub fn ChatPage() -> impl IntoView {
         stop.set(false);
         state.set(State::Generating);
         spawn_local(async move {
+            let loads = slots.loads.get_value();
             let outcome = respond(
                 slots,
                 &files,
@@ -181,11 +182,14 @@ pub fn ChatPage() -> impl IntoView {
                     }
                 });
             }
-            state.set(if slots.model.with_value(Option::is_some) {
-                State::Ready
-            } else {
-                State::Empty
-            });
+            // A load begun meanwhile (a new file) owns the state now.
+            if slots.loads.get_value() == loads {
+                state.set(if slots.model.with_value(Option::is_some) {
+                    State::Ready
+                } else {
+                    State::Empty
+                });
+            }
         });
     };
 
@@ -420,6 +424,7 @@ async fn respond(
     stop: RwSignal<bool>,
 ) -> Result<(), String> {
     let prompt = files.prompt(conversation).map_err(|e| e.to_string())?;
+    let loads = slots.loads.get_value();
     let mut model = slots
         .model
         .try_update_value(Option::take)
@@ -446,12 +451,10 @@ async fn respond(
         })
         .await;
     let seconds = (now_ms() - started) / 1000.0;
-    // A model loaded meanwhile (a new file) wins over this one.
-    slots.model.update_value(|slot| {
-        if slot.is_none() {
-            *slot = Some(model);
-        }
-    });
+    // A load begun meanwhile (a new file) replaces this model.
+    if slots.loads.get_value() == loads {
+        slots.model.set_value(Some(model));
+    }
     let generated = generated.map_err(|e| e.to_string())?;
     let text =
         response_text(&files.tokenizer, &files.stops, &generated).map_err(|e| e.to_string())?;
