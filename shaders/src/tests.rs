@@ -535,6 +535,16 @@ fn rejected_work_is_an_error_not_zeros() {
         .expect_err("an invalid copy must fail the read")
         .to_string();
     assert!(err.contains("WebGPU rejected the work"), "{err}");
+    // Rejected work submitted without a read-back (a prompt chunk): the next read reports it,
+    // once.
+    let mut rec = Recorder::new(&engine);
+    rec.copy(&small, 0, &large, 0, 64);
+    engine.queue.submit([rec.encoder.finish()]);
+    let rec = Recorder::new(&engine);
+    let err = block_on(submit_and_read(&engine, rec.encoder, &large, 64))
+        .expect_err("the earlier rejected work must fail the next read")
+        .to_string();
+    assert!(err.contains("the WebGPU device reported"), "{err}");
     // The device is still usable.
     let rec = Recorder::new(&engine);
     assert_eq!(read(rec, &large, 16), vec![0.0; 16]);
