@@ -2,8 +2,12 @@
 //! the page preloads the golden tiny Qwen2 (NF4, as `qlora quantize` writes it; given a small
 //! word-level tokenizer with a chat template, the fixtures have none) and its LoRA adapter from
 //! `?model=…&adapter=…`, answers a prompt greedily, and the streamed answer must equal the
-//! CLI's, with the adapter on and switched off. Screenshot: target/artifacts/chat.png. Skips,
-//! saying why, where Chromium, chromedriver, trunk or wasm-bindgen is missing.
+//! CLI's, with the adapter on and switched off. Then: picked files load with live progress
+//! (bytes read, then tensors and bytes on the GPU), a truncated checkpoint is refused with a
+//! message naming it while the loaded model keeps answering, Escape stops an answer, and at
+//! phone width (375 px) the page is one column. Screenshots: target/artifacts/chat.png and
+//! chat-phone.png. Skips, saying why, where Chromium, chromedriver, trunk or wasm-bindgen is
+//! missing.
 
 // The harness is shared by the browser tests; this one uses part of it.
 #[allow(dead_code)]
