@@ -6,6 +6,8 @@
 //! where Chromium, chromedriver, trunk or wasm-bindgen is missing (scripts/test.sh installs
 //! them, so CI runs it).
 
+// The harness is shared by the browser tests; this one uses part of it.
+#[allow(dead_code)]
 mod browser;
 
 use std::path::{Path, PathBuf};

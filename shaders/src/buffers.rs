@@ -72,7 +72,8 @@ pub(crate) fn uniform<T: bytemuck::Pod>(engine: &Engine, params: &T) -> wgpu::Bu
 }
 
 /// Submits `encoder` after copying `bytes` from the start of `source`, and returns them once
-/// the GPU is done.
+/// the GPU is done; `Err` when the device rejected this work or reported an error since the
+/// last read.
 pub(crate) async fn submit_and_read(
     engine: &Engine,
     mut encoder: wgpu::CommandEncoder,
@@ -86,7 +87,13 @@ pub(crate) async fn submit_and_read(
         mapped_at_creation: false,
     });
     encoder.copy_buffer_to_buffer(source, 0, &staging, 0, bytes);
+    // An invalid command (a rejected pipeline or binding) invalidates the whole submission,
+    // whose outputs then read back as zeros: the scope turns that into an error.
+    let scope = engine
+        .device
+        .push_error_scope(wgpu::ErrorFilter::Validation);
     engine.queue.submit([encoder.finish()]);
+    let submit_error = scope.pop();
     type Slot = (
         Option<std::result::Result<(), wgpu::BufferAsyncError>>,
         Option<Waker>,
@@ -118,6 +125,10 @@ pub(crate) async fn submit_and_read(
     })
     .await
     .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?;
+    if let Some(error) = submit_error.await {
+        return Err(Error::Invalid(format!("WebGPU rejected the work: {error}")));
+    }
+    engine.errors.check()?;
     let data = staging
         .get_mapped_range(..)
         .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?

@@ -1,5 +1,10 @@
 //! The WebGPU adapter and device: the device is created with the adapter's real limits (not
-//! WebGPU's defaults), and [`DeviceReport`] says what was granted.
+//! WebGPU's defaults), and [`DeviceReport`] says what was granted. The device's errors become
+//! the engine's: a kernel the device rejects fails [`Engine::new`], and an error of later work
+//! fails the next read-back (a browser only logs what no handler takes, and the work it
+//! rejected leaves its outputs untouched: zeros).
+
+use std::sync::{Arc, Mutex};
 
 use qlora_core::{Error, Result};
 
@@ -53,7 +58,37 @@ pub struct Engine {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     pub(crate) kernels: Kernels,
+    pub(crate) errors: DeviceErrors,
     report: DeviceReport,
+}
+
+/// The first error the device reported outside an error scope since the last check (WebGPU
+/// reports errors asynchronously; natively wgpu would panic on them).
+#[derive(Clone, Default)]
+pub(crate) struct DeviceErrors(Arc<Mutex<Option<String>>>);
+
+impl DeviceErrors {
+    /// Takes over `device`'s errors.
+    fn install(device: &wgpu::Device) -> DeviceErrors {
+        let errors = DeviceErrors::default();
+        let first = Arc::clone(&errors.0);
+        device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+            let mut first = first.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| error.to_string());
+        }));
+        errors
+    }
+
+    /// `Err` with the first error reported since the last check.
+    pub(crate) fn check(&self) -> Result<()> {
+        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match first.take() {
+            Some(error) => Err(Error::Invalid(format!(
+                "the WebGPU device reported: {error}"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The system's preferred adapter, or `None` where there is none (no GPU driver, no software
@@ -109,11 +144,21 @@ impl Engine {
             shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
             binding_size,
         };
+        let errors = DeviceErrors::install(&device);
+        // Each browser compiles WGSL with its own compiler (Chromium: Tint), which may reject
+        // what naga accepted.
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(&device);
+        if let Some(error) = scope.pop().await {
+            return Err(Error::Invalid(format!(
+                "the WebGPU device rejected qlora's WGSL kernels: {error}"
+            )));
+        }
         Ok(Engine {
             device,
             queue,
             kernels,
+            errors,
             report,
         })
     }

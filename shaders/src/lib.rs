@@ -6,7 +6,9 @@
 //! println!("{}", engine.report());                             // what the device granted
 //! let needs = engine.plan(&config, &weights, &options)?;       // what the model needs
 //! let mut model = engine.load(&config, &weights, adapter.as_ref(), &options,
-//!                             &mut |p| show(p.done, p.total))?;
+//!                             &mut |p| show(p.done, p.total))?;   // native
+//! let mut model = engine.load_async(&config, &weights, adapter.as_ref(), &options,
+//!                             &mut |p| { show(p.done, p.total); Box::pin(paint()) }).await?;
 //! let logits = model.prefill(&prompt).await?;                  // [T, vocab]
 //! let logits = model.decode_step(token).await?;                // [vocab]
 //! let ids = model.generate(&prompt, &GenerateOptions::greedy(32), |ids| false).await?;
@@ -36,7 +38,7 @@ mod tests;
 
 pub use device::{request_adapter, DeviceReport, Engine, EngineOptions};
 pub use generate::{GenerateOptions, Sampling};
-pub use model::{Footprint, LoadOptions, LoadProgress, LoadedModel, QuantizeOnLoad};
+pub use model::{Footprint, LoadOptions, LoadProgress, LoadedModel, Pause, QuantizeOnLoad};
 /// The wgpu this crate is built on, for callers that bring their own adapter.
 pub use wgpu;
 

@@ -520,3 +520,93 @@ fn argmax_sampling_and_penalty_choose_as_the_cpu_would() {
         20
     );
 }
+
+#[test]
+fn rejected_work_is_an_error_not_zeros() {
+    let Some((engine, _one_at_a_time)) = engine() else {
+        return;
+    };
+    let small = scratch(&engine, "small", 1).unwrap();
+    let large = scratch(&engine, "large", 16).unwrap();
+    let mut rec = Recorder::new(&engine);
+    // Reads past the end of `small`: the device rejects the whole submission.
+    rec.copy(&small, 0, &large, 0, 64);
+    let err = block_on(submit_and_read(&engine, rec.encoder, &large, 64))
+        .expect_err("an invalid copy must fail the read")
+        .to_string();
+    assert!(err.contains("WebGPU rejected the work"), "{err}");
+    // Rejected work submitted without a read-back (a prompt chunk): the next read reports it,
+    // once.
+    let mut rec = Recorder::new(&engine);
+    rec.copy(&small, 0, &large, 0, 64);
+    engine.queue.submit([rec.encoder.finish()]);
+    let rec = Recorder::new(&engine);
+    let err = block_on(submit_and_read(&engine, rec.encoder, &large, 64))
+        .expect_err("the earlier rejected work must fail the next read")
+        .to_string();
+    assert!(err.contains("the WebGPU device reported"), "{err}");
+    // The device is still usable.
+    let rec = Recorder::new(&engine);
+    assert_eq!(read(rec, &large, 16), vec![0.0; 16]);
+}
+
+/// The decimal float literals of a WGSL source, outside comments (hex literals are exact).
+fn decimal_float_literals(source: &str) -> Vec<String> {
+    let mut literals = Vec::new();
+    for line in source.lines() {
+        let code = line.split("//").next().unwrap_or_default().as_bytes();
+        let mut i = 0;
+        while i < code.len() {
+            let starts_token =
+                i == 0 || !(code[i - 1].is_ascii_alphanumeric() || b"_.".contains(&code[i - 1]));
+            if !(starts_token && code[i].is_ascii_digit()) {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < code.len()
+                && (code[j].is_ascii_alphanumeric()
+                    || code[j] == b'.'
+                    || (b"+-".contains(&code[j]) && b"eE".contains(&code[j - 1])))
+            {
+                j += 1;
+            }
+            let token = std::str::from_utf8(&code[i..j]).unwrap();
+            let hex = token.starts_with("0x") || token.starts_with("0X");
+            if !hex && token.contains(['.', 'e', 'E']) {
+                literals.push(token.trim_end_matches(['f', 'h']).to_string());
+            }
+            i = j;
+        }
+    }
+    literals
+}
+
+/// Chromium's WGSL compiler (Tint) rejects a float literal beyond f32's range (naga rounds it
+/// to the largest f32): one such literal once made every pipeline of its module invalid in the
+/// browser, and the chat page answered only token 0.
+#[test]
+fn every_float_literal_of_the_kernels_fits_f32() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/wgsl");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let source = std::fs::read_to_string(&path).unwrap();
+        for literal in decimal_float_literals(&source) {
+            let value: f64 = literal
+                .parse()
+                .unwrap_or_else(|e| panic!("{}: `{literal}`: {e}", path.display()));
+            assert!(
+                value.abs() <= f64::from(f32::MAX),
+                "{}: `{literal}` is beyond f32 (write -0x1.fffffep+127f for -f32::MAX)",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 10, "only {checked} float literals found in {dir}");
+    assert_eq!(
+        decimal_float_literals("let a = -3.40282347e38; // 1.5\nlet b = x1 * 0x1p-126f + 2.5f;"),
+        ["3.40282347e38", "2.5"]
+    );
+}

@@ -32,6 +32,8 @@ struct AttnParams {
 @group(0) @binding(0) var<uniform> p: AttnParams;
 
 const THREADS: u32 = 64u;
+// -f32::MAX, exactly (a decimal literal past it is a compile error in Chromium's Tint).
+const LOWEST: f32 = -0x1.fffffep+127f;
 
 // ---- rope -------------------------------------------------------------------------------
 
@@ -146,7 +148,7 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     if p.alibi == 1u {
         slope = slopes[h];
     }
-    var local_max = -3.40282347e38;
+    var local_max = LOWEST;
     for (var j = lid; j < keys_seen; j = j + THREADS) {
         var dot = 0.0;
         for (var c = 0u; c < d; c = c + 1u) {

@@ -24,6 +24,9 @@ struct SampleParams {
 @group(0) @binding(3) var<storage, read_write> token: array<u32>;
 
 const THREADS: u32 = 256u;
+// -f32::MAX, exactly: a decimal literal past the largest f32 (such as -3.40282347e38) is a
+// compile error in Chromium's WGSL compiler (Tint), where naga rounds it.
+const LOWEST: f32 = -0x1.fffffep+127f;
 
 @compute @workgroup_size(64)
 fn repetition_penalty(@builtin(global_invocation_id) id: vec3<u32>) {
@@ -46,7 +49,7 @@ fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
 
 @compute @workgroup_size(256)
 fn argmax(@builtin(local_invocation_index) lid: u32) {
-    var v = -3.40282347e38;
+    var v = LOWEST;
     var i = p.n;
     for (var j = lid; j < p.n; j = j + THREADS) {
         if i == p.n || logits[j] > v {
@@ -115,7 +118,7 @@ fn threshold_for(lid: u32, goal: f32, top: f32, count: bool) -> f32 {
 
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
-    var m = -3.40282347e38;
+    var m = LOWEST;
     for (var j = lid; j < p.n; j = j + THREADS) {
         m = max(m, logits[j] / p.temperature);
     }

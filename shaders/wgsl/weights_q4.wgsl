@@ -27,7 +27,8 @@ struct Q4Params {
 @group(0) @binding(6) var<storage, read> tables: array<f32>;
 
 const DYNAMIC_MAP: u32 = 32u;
-const MIN_NORMAL: f32 = 1.17549435e-38;
+// 2^-126, as an exact hex literal: a decimal one is rounded to either neighbouring f32.
+const MIN_NORMAL: f32 = 0x1p-126f;
 
 // bitsandbytes' kernels run with fast math: subnormal operands and results are flushed to zero.
 fn ftz(v: f32) -> f32 {

@@ -15,8 +15,8 @@ pub fn workspace() -> PathBuf {
 
 /// The built app's directory: `$QLORA_WEB_DIST` when set (scripts/test.sh builds it once with
 /// `trunk build --release`), else a debug build made here with trunk (which needs no
-/// wasm-opt). `Err` says why there is none: trunk or wasm-bindgen missing. A failing build
-/// panics: that is a broken app, not a missing tool.
+/// wasm-opt), one at a time. `Err` says why there is none: trunk or wasm-bindgen missing. A
+/// failing build panics: that is a broken app, not a missing tool.
 pub fn dist() -> Result<PathBuf, String> {
     if let Some(dir) = std::env::var_os("QLORA_WEB_DIST") {
         let dir = PathBuf::from(dir);
@@ -31,6 +31,10 @@ pub fn dist() -> Result<PathBuf, String> {
         .ok_or("trunk is not installed (scripts/test.sh installs it: cargo install trunk)")?;
     which("wasm-bindgen").ok_or("wasm-bindgen (wasm-bindgen-cli 0.2.130) is not installed")?;
     let out = workspace().join("target/web-dist-test");
+    // One build at a time: nextest runs each browser test in its own process.
+    let lock = std::fs::File::create(workspace().join("target/web-dist-test.lock"))
+        .expect("the build lock file");
+    lock.lock().expect("the build lock");
     let status = Command::new(trunk)
         .args(["build", "--dist"])
         .arg(&out)

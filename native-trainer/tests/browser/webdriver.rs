@@ -132,7 +132,10 @@ impl Browser {
         ];
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": {"binary": chromium, "args": args}
+            "goog:chromeOptions": {"binary": chromium, "args": args},
+            // The browser's own console lines (WebGPU's validation warnings among them), which
+            // a page's console hooks never see.
+            "goog:loggingPrefs": {"browser": "ALL"}
         }}});
         let answer = browser.command("POST", "/session", Some(&capabilities));
         browser.session = answer["sessionId"]
@@ -178,7 +181,7 @@ impl Browser {
     }
 
     /// Polls `script` until it returns `want`; panics with what it last returned (and `why`'s
-    /// answer, the page's visible error) after `timeout`.
+    /// answer, the page's visible error, and the browser's console) after `timeout`.
     pub fn wait_for(&self, script: &str, want: &Value, timeout: Duration, why: &str) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -188,8 +191,10 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "waited {timeout:?} for `{script}` to be {want}; it is {got}; page says: {}",
-                    self.eval(why)
+                    "waited {timeout:?} for `{script}` to be {want}; it is {got}; page says: {}; \
+                     console: {:#?}",
+                    self.eval(why),
+                    self.console_log()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -213,6 +218,28 @@ impl Browser {
             &self.session_path(&format!("/element/{id}/value")),
             Some(&body),
         );
+    }
+
+    /// The browser console's lines since the last call (chromedriver's log endpoint): what
+    /// the page logged and what the browser itself reported, e.g. WebGPU errors.
+    pub fn console_log(&self) -> Vec<String> {
+        let body = json!({ "type": "browser" });
+        let entries = self.command("POST", &self.session_path("/se/log"), Some(&body));
+        entries
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| format!("{} {}", e["level"], e["message"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Resizes the window to `width`×`height` CSS pixels.
+    pub fn resize(&self, width: u32, height: u32) {
+        let body = json!({ "width": width, "height": height });
+        self.command("POST", &self.session_path("/window/rect"), Some(&body));
     }
 
     /// A PNG of the viewport.

@@ -31,26 +31,23 @@ struct Block {
 }
 
 impl Bloom {
-    pub(crate) fn load(
+    pub(crate) async fn load(
         loader: &mut Loader<'_, '_>,
         d: &BloomDescription,
         dims: Dims,
     ) -> Result<Bloom> {
-        let word_embeddings_layernorm = loader.norm(&d.word_embeddings_layernorm)?;
-        let blocks = d
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(Block {
-                    input_layernorm: loader.norm(&l.input_layernorm)?,
-                    query_key_value: loader.linear(&l.query_key_value)?,
-                    dense: loader.linear(&l.dense)?,
-                    post_attention_layernorm: loader.norm(&l.post_attention_layernorm)?,
-                    dense_h_to_4h: loader.linear(&l.dense_h_to_4h)?,
-                    dense_4h_to_h: loader.linear(&l.dense_4h_to_h)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let word_embeddings_layernorm = loader.norm(&d.word_embeddings_layernorm).await?;
+        let mut blocks = Vec::with_capacity(d.layers.len());
+        for l in &d.layers {
+            blocks.push(Block {
+                input_layernorm: loader.norm(&l.input_layernorm).await?,
+                query_key_value: loader.linear(&l.query_key_value).await?,
+                dense: loader.linear(&l.dense).await?,
+                post_attention_layernorm: loader.norm(&l.post_attention_layernorm).await?,
+                dense_h_to_4h: loader.linear(&l.dense_h_to_4h).await?,
+                dense_4h_to_h: loader.linear(&l.dense_4h_to_h).await?,
+            });
+        }
         let h = dims.hidden;
         Ok(Bloom {
             word_embeddings_layernorm,

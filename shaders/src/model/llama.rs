@@ -55,28 +55,25 @@ fn rope_tables(config: &LlamaConfig, max_seq: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 impl Llama {
-    pub(crate) fn load(
+    pub(crate) async fn load(
         loader: &mut Loader<'_, '_>,
         d: &LlamaDescription,
         dims: Dims,
     ) -> Result<Llama> {
-        let blocks = d
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(Block {
-                    input_layernorm: loader.norm(&l.input_layernorm)?,
-                    q_proj: loader.linear(&l.q_proj)?,
-                    k_proj: loader.linear(&l.k_proj)?,
-                    v_proj: loader.linear(&l.v_proj)?,
-                    o_proj: loader.linear(&l.o_proj)?,
-                    post_attention_layernorm: loader.norm(&l.post_attention_layernorm)?,
-                    gate_proj: loader.linear(&l.gate_proj)?,
-                    up_proj: loader.linear(&l.up_proj)?,
-                    down_proj: loader.linear(&l.down_proj)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut blocks = Vec::with_capacity(d.layers.len());
+        for l in &d.layers {
+            blocks.push(Block {
+                input_layernorm: loader.norm(&l.input_layernorm).await?,
+                q_proj: loader.linear(&l.q_proj).await?,
+                k_proj: loader.linear(&l.k_proj).await?,
+                v_proj: loader.linear(&l.v_proj).await?,
+                o_proj: loader.linear(&l.o_proj).await?,
+                post_attention_layernorm: loader.norm(&l.post_attention_layernorm).await?,
+                gate_proj: loader.linear(&l.gate_proj).await?,
+                up_proj: loader.linear(&l.up_proj).await?,
+                down_proj: loader.linear(&l.down_proj).await?,
+            });
+        }
         let (cos, sin) = rope_tables(&d.config, dims.max_seq);
         let c = dims.chunk;
         let intermediate = d.config.intermediate_size;

@@ -57,6 +57,10 @@ impl Default for LoadOptions {
     }
 }
 
+/// What a load awaits after each tensor ([`Engine::load_async`]): a page's chance to paint its
+/// progress bar, which a load that never yields would hold back to the end.
+pub type Pause = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
 /// Where a load is, after each tensor (for a progress bar).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadProgress<'a> {
@@ -162,6 +166,7 @@ impl Engine {
     /// the base-model prefix) with the PEFT `adapter` applied unmerged. `progress` sees each
     /// tensor as it arrives on the device. Fails before reading any tensor when a buffer of the
     /// model cannot fit the device ([`Engine::plan`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn load(
         &self,
         config: &ModelConfig,
@@ -169,6 +174,23 @@ impl Engine {
         adapter: Option<&LoraAdapter>,
         options: &LoadOptions,
         progress: &mut dyn FnMut(&LoadProgress<'_>),
+    ) -> Result<LoadedModel> {
+        let mut unpaced = |p: &LoadProgress<'_>| -> Pause {
+            progress(p);
+            Box::pin(std::future::ready(()))
+        };
+        crate::block_on(self.load_async(config, weights, adapter, options, &mut unpaced))
+    }
+
+    /// [`Engine::load`] that awaits the [`Pause`] `progress` returns after each tensor (in a
+    /// browser: a timer, so that the page shows the progress while the model loads).
+    pub async fn load_async(
+        &self,
+        config: &ModelConfig,
+        weights: &dyn TensorSource,
+        adapter: Option<&LoraAdapter>,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(&LoadProgress<'_>) -> Pause,
     ) -> Result<LoadedModel> {
         if options.chunk == 0 || options.max_seq_len == 0 {
             return Err(Error::Invalid(
@@ -192,11 +214,13 @@ impl Engine {
             footprint: Footprint::default(),
         };
         let embedding_spec = description.token_embedding().clone();
-        let embedding = loader.rows(
-            &embedding_spec.name,
-            embedding_spec.vocab_size,
-            embedding_spec.hidden_size,
-        )?;
+        let embedding = loader
+            .rows(
+                &embedding_spec.name,
+                embedding_spec.vocab_size,
+                embedding_spec.hidden_size,
+            )
+            .await?;
         let (layers, final_norm, lm_head_spec, dims) = match &description {
             ArchDescription::Bloom(d) => {
                 let c = &d.config;
@@ -209,10 +233,10 @@ impl Engine {
                     max_seq: options.max_seq_len,
                     chunk: options.chunk,
                 };
-                let bloom = bloom::Bloom::load(&mut loader, d, dims)?;
+                let bloom = bloom::Bloom::load(&mut loader, d, dims).await?;
                 (
                     Layers::Bloom(bloom),
-                    loader.norm(&d.ln_f)?,
+                    loader.norm(&d.ln_f).await?,
                     &d.lm_head,
                     dims,
                 )
@@ -228,10 +252,10 @@ impl Engine {
                     max_seq: options.max_seq_len,
                     chunk: options.chunk,
                 };
-                let llama = llama::Llama::load(&mut loader, d, dims)?;
+                let llama = llama::Llama::load(&mut loader, d, dims).await?;
                 (
                     Layers::Llama(llama),
-                    loader.norm(&d.norm)?,
+                    loader.norm(&d.norm).await?,
                     &d.lm_head,
                     dims,
                 )
@@ -240,7 +264,9 @@ impl Engine {
         let lm_head = match lm_head_spec {
             LmHead::TiedToEmbedding => Linear::from_rows(embedding.clone(), dims.vocab),
             LmHead::Separate(spec) => Linear::from_rows(
-                loader.rows(&spec.name, spec.vocab_size, spec.hidden_size)?,
+                loader
+                    .rows(&spec.name, spec.vocab_size, spec.hidden_size)
+                    .await?,
                 dims.vocab,
             ),
         };
@@ -329,25 +355,26 @@ pub(crate) struct Loader<'l, 'c> {
     checkpoint: &'l Checkpoint<'c>,
     adapter: Option<&'l LoraAdapter>,
     quantize: Option<QuantizeOnLoad>,
-    progress: &'l mut dyn FnMut(&LoadProgress<'_>),
+    progress: &'l mut dyn FnMut(&LoadProgress<'_>) -> Pause,
     done: usize,
     total: usize,
     footprint: Footprint,
 }
 
 impl Loader<'_, '_> {
-    fn loaded(&mut self, name: &str, tensors: usize, bytes: u64) {
+    async fn loaded(&mut self, name: &str, tensors: usize, bytes: u64) {
         self.done += tensors;
         self.footprint.weight_bytes += bytes;
-        (self.progress)(&LoadProgress {
+        let pause = (self.progress)(&LoadProgress {
             tensor: name,
             done: self.done.min(self.total),
             total: self.total,
             bytes: self.footprint.weight_bytes,
         });
+        pause.await;
     }
 
-    pub(crate) fn linear(&mut self, spec: &qlora_core::arch::LinearSpec) -> Result<Linear> {
+    pub(crate) async fn linear(&mut self, spec: &qlora_core::arch::LinearSpec) -> Result<Linear> {
         let lora = self.adapter.and_then(|a| {
             a.modules
                 .get(&spec.module)
@@ -363,23 +390,25 @@ impl Loader<'_, '_> {
             &spec.weight_name(),
             1 + usize::from(spec.has_bias),
             linear.bytes(),
-        );
+        )
+        .await;
         Ok(linear)
     }
 
-    pub(crate) fn norm(&mut self, spec: &qlora_core::arch::NormSpec) -> Result<Norm> {
+    pub(crate) async fn norm(&mut self, spec: &qlora_core::arch::NormSpec) -> Result<Norm> {
         let norm = Norm::load(self.engine, self.checkpoint, spec)?;
         let tensors = 1 + usize::from(spec.bias_name().is_some());
         self.loaded(
             &spec.weight_name(),
             tensors,
             (spec.dim * 4 * tensors) as u64,
-        );
+        )
+        .await;
         Ok(norm)
     }
 
     /// A `[rows, cols]` matrix, split by rows where it exceeds the binding limit.
-    fn rows(&mut self, name: &str, rows: usize, cols: usize) -> Result<RowSplit> {
+    async fn rows(&mut self, name: &str, rows: usize, cols: usize) -> Result<RowSplit> {
         let matrix = self.checkpoint.matrix(name, &[rows, cols])?;
         let split = RowSplit::upload(self.engine, name, &matrix, cols)?;
         if split.parts.len() > 1 {
@@ -387,7 +416,7 @@ impl Loader<'_, '_> {
                 .split_tensors
                 .push((name.to_string(), split.parts.len()));
         }
-        self.loaded(name, 1, split.bytes());
+        self.loaded(name, 1, split.bytes()).await;
         Ok(split)
     }
 

@@ -14,7 +14,8 @@ use qlora_core::peft::LoraAdapter;
 use qlora_core::prompt::Conversation;
 use qlora_core::response::{response_text, TextStream};
 use qlora_shaders::{
-    Engine, EngineOptions, GenerateOptions, LoadOptions, LoadedModel, QuantizeOnLoad,
+    request_adapter, DeviceReport, Engine, EngineOptions, GenerateOptions, LoadOptions,
+    LoadedModel, Pause, QuantizeOnLoad,
 };
 
 use super::loader::Loader;
@@ -31,6 +32,8 @@ enum Gpu {
     Checking,
     Ready(String),
     Missing(String),
+    /// A WebGPU device that cannot run the engine (it rejected a kernel).
+    Failed(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +64,8 @@ struct Slots {
     adapter: StoredValue<Option<Rc<LoraAdapter>>, LocalStorage>,
     /// Taken out while a generation runs.
     model: StoredValue<Option<LoadedModel>, LocalStorage>,
+    /// Counts the loads begun: a load that a newer one overtook discards its model.
+    loads: StoredValue<u64, LocalStorage>,
 }
 
 #[component]
@@ -70,6 +75,7 @@ pub fn ChatPage() -> impl IntoView {
         files: StoredValue::new_local(None),
         adapter: StoredValue::new_local(None),
         model: StoredValue::new_local(None),
+        loads: StoredValue::new_local(0),
     };
     let gpu = RwSignal::new(Gpu::Checking);
     let state = RwSignal::new(State::Empty);
@@ -91,11 +97,11 @@ pub fn ChatPage() -> impl IntoView {
     spawn_local(async move {
         match start_engine().await {
             Ok(engine) => {
-                gpu.set(Gpu::Ready(engine.report().adapter.clone()));
+                gpu.set(Gpu::Ready(adapter_summary(engine.report())));
                 slots.engine.set_value(Some(engine));
                 load_model(slots, state, load_progress, load_error).await;
             }
-            Err(why) => gpu.set(Gpu::Missing(why)),
+            Err(why) => gpu.set(why),
         }
     });
 
@@ -157,6 +163,7 @@ pub fn ChatPage() -> impl IntoView {
         stop.set(false);
         state.set(State::Generating);
         spawn_local(async move {
+            let loads = slots.loads.get_value();
             let outcome = respond(
                 slots,
                 &files,
@@ -175,11 +182,14 @@ pub fn ChatPage() -> impl IntoView {
                     }
                 });
             }
-            state.set(if slots.model.with_value(Option::is_some) {
-                State::Ready
-            } else {
-                State::Empty
-            });
+            // A load begun meanwhile (a new file) owns the state now.
+            if slots.loads.get_value() == loads {
+                state.set(if slots.model.with_value(Option::is_some) {
+                    State::Ready
+                } else {
+                    State::Empty
+                });
+            }
         });
     };
 
@@ -206,9 +216,10 @@ pub fn ChatPage() -> impl IntoView {
                         side_files=&ADAPTER_FILES[..1]
                     />
                 </div>
-                <ProgressBar progress=load_progress.into() />
-                {move || load_error.get().map(|e| view! { <p class="status error" role="alert">{e}</p> })}
             </details>
+            // Outside the folded section, which stays shut while a model loads.
+            <ProgressBar progress=load_progress.into() />
+            {move || load_error.get().map(|e| view! { <p class="status error" role="alert">{e}</p> })}
             <SettingsPanel settings=settings has_adapter=has_adapter.into() adapter_on=adapter_on />
             <MessageList messages=messages.into() />
             <Composer
@@ -233,11 +244,17 @@ fn GpuStatus(gpu: Signal<Gpu>) -> impl IntoView {
             </p>
         }
         .into_any(),
+        Gpu::Failed(why) => view! {
+            <p class="gpu status error" data-gpu="failed" role="alert">
+                {format!("WebGPU cannot run the chat here: {why}")}
+            </p>
+        }
+        .into_any(),
     }
     }
 }
 
-/// The text box: Enter sends, Shift+Enter starts a new line.
+/// The text box: Enter sends, Shift+Enter starts a new line, Escape stops the answer.
 #[component]
 fn Composer(
     state: Signal<State>,
@@ -261,13 +278,15 @@ fn Composer(
                 id="prompt"
                 rows="3"
                 aria-label="Message"
-                placeholder="Message (Enter sends, Shift+Enter: new line)"
+                placeholder="Message (Enter sends, Shift+Enter: new line, Esc stops)"
                 prop:value=move || text.get()
                 on:input=move |ev| text.set(event_target_value(&ev))
                 on:keydown=move |ev: leptos::ev::KeyboardEvent| {
                     if ev.key() == "Enter" && !ev.shift_key() && !ev.is_composing() {
                         ev.prevent_default();
                         submit();
+                    } else if ev.key() == "Escape" && state.get_untracked() == State::Generating {
+                        on_stop.run(());
                     }
                 }
             ></textarea>
@@ -282,15 +301,35 @@ fn Composer(
     }
 }
 
+/// The adapter's name (browsers may withhold it) and the largest buffer the engine binds.
+fn adapter_summary(report: &DeviceReport) -> String {
+    let name = if report.adapter.is_empty() {
+        "an adapter the browser does not name"
+    } else {
+        &report.adapter
+    };
+    format!(
+        "{name}, buffers of up to {}",
+        human_bytes(report.binding_size)
+    )
+}
+
 /// The engine on the browser's WebGPU adapter, or why there is none.
-async fn start_engine() -> Result<Engine, String> {
-    let navigator = web_sys::window().ok_or("no window")?.navigator();
+async fn start_engine() -> Result<Engine, Gpu> {
+    let navigator = web_sys::window()
+        .ok_or_else(|| Gpu::Missing("no window".into()))?
+        .navigator();
     if !js_sys::Reflect::has(&navigator, &"gpu".into()).unwrap_or(false) {
-        return Err("this browser does not expose navigator.gpu".into());
+        return Err(Gpu::Missing(
+            "this browser does not expose navigator.gpu".into(),
+        ));
     }
-    Engine::new(EngineOptions::default())
+    let adapter = request_adapter()
         .await
-        .map_err(|e| e.to_string())
+        .ok_or_else(|| Gpu::Missing("the browser offers no WebGPU adapter".into()))?;
+    Engine::from_adapter(&adapter, EngineOptions::default())
+        .await
+        .map_err(|e| Gpu::Failed(e.to_string()))
 }
 
 /// Puts the loaded model (with the adapter, when one is loaded) on the GPU, replacing the one
@@ -310,32 +349,57 @@ async fn load_model(
     slots.model.set_value(None);
     error.set(None);
     state.set(State::Loading);
-    // Let the page show the loading state before the upload holds the thread.
+    let this_load = slots.loads.get_value() + 1;
+    slots.loads.set_value(this_load);
+    // Let the page show the loading state before the first tensor (the embedding, the largest)
+    // holds the thread.
     yield_now().await;
     let options = LoadOptions {
         // A full-precision checkpoint becomes QLoRA's NF4 (a 4-bit one stays as stored).
         quantize: Some(QuantizeOnLoad::QLORA),
         ..LoadOptions::default()
     };
-    let loaded = engine.load(
-        &files.config,
-        &*files.source,
-        adapter.as_deref(),
-        &options,
-        &mut |p| {
-            progress.set(Some(Progress {
-                done: p.done as f64,
-                total: p.total as f64,
-                text: format!(
-                    "{} of {} tensors on the GPU ({}): {}",
-                    p.done,
-                    p.total,
-                    human_bytes(p.bytes),
-                    p.tensor
-                ),
-            }))
-        },
-    );
+    // What the load will put on the GPU: the plan's weights and the adapter's f32 matrices.
+    let lora_bytes: usize = adapter.as_deref().map_or(0, |a| {
+        a.modules
+            .values()
+            .map(|p| 4 * (p.a.len() + p.b.len()))
+            .sum()
+    });
+    let expected = engine
+        .plan(&files.config, &*files.source, &options)
+        .map(|footprint| {
+            let bytes = footprint.weight_bytes + lora_bytes as u64;
+            format!(" of about {}", human_bytes(bytes))
+        })
+        .unwrap_or_default();
+    let loaded = engine
+        .load_async(
+            &files.config,
+            &*files.source,
+            adapter.as_deref(),
+            &options,
+            &mut |p| -> Pause {
+                progress.set(Some(Progress {
+                    done: p.done as f64,
+                    total: p.total as f64,
+                    text: format!(
+                        "{} of {} tensors on the GPU ({}{expected}): {}",
+                        p.done,
+                        p.total,
+                        human_bytes(p.bytes),
+                        p.tensor
+                    ),
+                }));
+                // A timer tick per tensor lets the page paint the bar (and stay responsive).
+                Box::pin(yield_now())
+            },
+        )
+        .await;
+    if slots.loads.get_value() != this_load {
+        // A newer load (another model or adapter picked meanwhile) owns the page now.
+        return;
+    }
     progress.set(None);
     match loaded {
         Ok(model) => {
@@ -360,6 +424,7 @@ async fn respond(
     stop: RwSignal<bool>,
 ) -> Result<(), String> {
     let prompt = files.prompt(conversation).map_err(|e| e.to_string())?;
+    let loads = slots.loads.get_value();
     let mut model = slots
         .model
         .try_update_value(Option::take)
@@ -386,12 +451,10 @@ async fn respond(
         })
         .await;
     let seconds = (now_ms() - started) / 1000.0;
-    // A model loaded meanwhile (a new file) wins over this one.
-    slots.model.update_value(|slot| {
-        if slot.is_none() {
-            *slot = Some(model);
-        }
-    });
+    // A load begun meanwhile (a new file) replaces this model.
+    if slots.loads.get_value() == loads {
+        slots.model.set_value(Some(model));
+    }
     let generated = generated.map_err(|e| e.to_string())?;
     let text =
         response_text(&files.tokenizer, &files.stops, &generated).map_err(|e| e.to_string())?;
