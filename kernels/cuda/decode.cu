@@ -3,7 +3,8 @@
 // the greedy choice (repetition penalty, argmax) on the device.
 
 // y[r, o] = sum_i x[r, i] * W[o, i] (+ bias[o]) for r < rows <= R, W bitsandbytes 4-bit
-// [out, in]. One warp per output feature (grid-stride); each lane reads 16 bytes (32 codes) at
+// [out, in]. Each lane reads its rows' x from L1 once per chunk, so the cost grows with the rows:
+// beyond four, dequantization and a tensor-core GEMM are faster. One warp per output feature (grid-stride); each lane reads 16 bytes (32 codes) at
 // a time, the next 16 already in flight. The caller guarantees in % 32 == 0 and blocksize % 32
 // == 0, so those 32 codes share one absmax and a weight row starts 16-byte aligned. The codes of
 // a chunk are summed against x first and scaled by the block's absmax once (the dequantized
@@ -80,8 +81,6 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
 GEMV_4BIT(1)
 GEMV_4BIT(2)
 GEMV_4BIT(4)
-GEMV_4BIT(8)
-GEMV_4BIT(16)
 
 // src [B, heads, T, hd] -> columns past .. past + T of the cache [B, heads, capacity, hd].
 extern "C" __global__ void kv_append(const T* __restrict__ src, T* __restrict__ cache, int rows, int seq,

@@ -29,7 +29,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-const NAMES: [&str; 36] = [
+const NAMES: [&str; 34] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -60,8 +60,6 @@ const NAMES: [&str; 36] = [
     "gemv_4bit_1",
     "gemv_4bit_2",
     "gemv_4bit_4",
-    "gemv_4bit_8",
-    "gemv_4bit_16",
     "kv_append",
     "attention_cached",
     "repetition_penalty",
@@ -69,7 +67,7 @@ const NAMES: [&str; 36] = [
 ];
 
 /// Token rows one [`Kernels::gemv_4bit`] launch serves at most.
-pub const GEMV_MAX_ROWS: usize = 16;
+pub const GEMV_MAX_ROWS: usize = 4;
 
 /// The compiled kernels for one activation precision.
 pub struct Kernels {
@@ -675,9 +673,7 @@ impl Kernels {
         let name = match rows_ {
             1 => "gemv_4bit_1",
             2 => "gemv_4bit_2",
-            3..=4 => "gemv_4bit_4",
-            5..=8 => "gemv_4bit_8",
-            _ => "gemv_4bit_16",
+            _ => "gemv_4bit_4",
         };
         // Eight warps per block, one output feature per warp at a time.
         let cfg = LaunchConfig {

@@ -674,7 +674,7 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
                     let dense = dequantize_4bit(&q).unwrap();
                     let dq_w = DeviceQuantized::upload(gpu, &q, "test").unwrap();
                     assert!(dq_w.gemv_ready());
-                    for rows in [1, 3, 8, 16] {
+                    for rows in [1, 2, 3, 4] {
                         let x = rounded(p, &random(rows * in_features, 23 + rows as u64));
                         let mut expected =
                             cpu_matmul(&x, false, &dense, true, rows, out_features, in_features);

@@ -83,13 +83,14 @@ fn load(model: &str, adapter: Option<&str>) -> Loaded {
 
 /// The CUDA model of `loaded`, its adapter merged when `merge`.
 fn cuda_model(gpu: &Gpu, loaded: &Loaded, precision: Precision, merge: bool) -> CudaModel {
-    let weights = open_checkpoint(&loaded.dir).unwrap();
+    // The wrapper hands the CUDA loader the packed weights (it asks for them first).
+    let weights = Dequantizing::new(open_checkpoint(&loaded.dir).unwrap());
     let options = CudaOptions {
         precision,
         gradient_checkpointing: false,
     };
     let mut model = with_setup(loaded.adapter.as_deref(), |setup| {
-        CudaModel::load(gpu, &loaded.config, &*weights, setup, options).unwrap()
+        CudaModel::load(gpu, &loaded.config, &weights, setup, options).unwrap()
     });
     if merge {
         model.merge_adapters().unwrap();

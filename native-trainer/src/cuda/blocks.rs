@@ -189,17 +189,27 @@ pub(crate) struct CacheSlot<'a> {
 }
 
 /// The attention of a block: over this batch's tokens, or (generation) appending them to the KV
-/// cache and attending over everything cached.
+/// cache and attending over everything cached. Returns the saved state and the context in token
+/// layout `[B, T, heads, hd]`.
 fn attend(
     ctx: &Ctx<'_>,
     inp: &BlockInputs<'_>,
     shape: Shape,
     qkv: [DeviceBuffer; 3],
     cache: Option<CacheSlot<'_>>,
-    context: u64,
-) -> Result<attention::Saved> {
-    match cache {
-        None => attention::forward(ctx, shape, qkv, inp.keys, inp.alibi_slopes, context),
+) -> Result<(attention::Saved, DeviceBuffer)> {
+    let heads = shape.kv_heads * shape.group;
+    let context = ctx.act(shape.q_len(), "attention context")?;
+    // One new token per row (decoding): the head layout is the token layout.
+    let direct = shape.seq == 1;
+    let heads_ctx = if direct {
+        None
+    } else {
+        Some(ctx.act(shape.q_len(), "attention context")?)
+    };
+    let target = heads_ctx.as_ref().unwrap_or(&context).ptr();
+    let saved = match cache {
+        None => attention::forward(ctx, shape, qkv, inp.keys, inp.alibi_slopes, target)?,
         Some(c) => attention::forward_cached(
             ctx,
             shape,
@@ -209,9 +219,22 @@ fn attend(
             c.layer,
             c.past,
             c.capacity,
-            context,
-        ),
+            target,
+        )?,
+    };
+    if let Some(heads_ctx) = heads_ctx {
+        ctx.k.tokens_from_heads(
+            heads_ctx.ptr(),
+            context.ptr(),
+            shape.batch,
+            shape.seq,
+            heads,
+            1,
+            0,
+            shape.hd,
+        )?;
     }
+    Ok((saved, context))
 }
 
 pub(crate) enum Block {
@@ -314,20 +337,7 @@ impl Block {
                 };
                 let (q, k, v) = (split(0)?, split(1)?, split(2)?);
                 drop(qkv);
-                let heads_ctx = ctx.act(shape.q_len(), "attention context")?;
-                let attn = attend(ctx, inp, shape, [q, k, v], cache, heads_ctx.ptr())?;
-                let context = ctx.act(n * h, "attention context")?;
-                ctx.k.tokens_from_heads(
-                    heads_ctx.ptr(),
-                    context.ptr(),
-                    b,
-                    t,
-                    blk.n_head,
-                    1,
-                    0,
-                    hd,
-                )?;
-                drop(heads_ctx);
+                let (attn, context) = attend(ctx, inp, shape, [q, k, v], cache)?;
                 let mid = ctx.act(n * h, "residual")?;
                 let dense_lin = blk.dense.forward(ctx, context.ptr(), n, mid.ptr())?;
                 ctx.k.add(mid.ptr(), x, mid.ptr(), n * h)?;
@@ -380,20 +390,7 @@ impl Block {
                     rope.apply(ctx, q.ptr(), shape, blk.heads, false)?;
                     rope.apply(ctx, k.ptr(), shape, blk.kv_heads, false)?;
                 }
-                let heads_ctx = ctx.act(shape.q_len(), "attention context")?;
-                let attn = attend(ctx, inp, shape, [q, k, v], cache, heads_ctx.ptr())?;
-                let context = ctx.act(n * blk.heads * hd, "attention context")?;
-                ctx.k.tokens_from_heads(
-                    heads_ctx.ptr(),
-                    context.ptr(),
-                    b,
-                    t,
-                    blk.heads,
-                    1,
-                    0,
-                    hd,
-                )?;
-                drop(heads_ctx);
+                let (attn, context) = attend(ctx, inp, shape, [q, k, v], cache)?;
                 let mid = ctx.act(n * h, "residual")?;
                 let o_lin = blk.o_proj.forward(ctx, context.ptr(), n, mid.ptr())?;
                 ctx.k.add(mid.ptr(), x, mid.ptr(), n * h)?;
