@@ -8,7 +8,7 @@ import argparse, json, os, time, torch
 ap = argparse.ArgumentParser()
 ap.add_argument("--layers", type=int, default=30)
 ap.add_argument("--lengths", required=True)
-ap.add_argument("--eval_limit", type=int, default=64)
+ap.add_argument("--eval_limit", type=int, default=32)
 ap.add_argument("--eval_batch", type=int, default=16)
 ap.add_argument("--eval_new_tokens", type=int, default=128)
 ap.add_argument("--prefill_tokens", type=int, default=512)
