@@ -3,7 +3,8 @@
 # only when missing: the wasm32 target (qlora-core must build for the browser), the demo base
 # model (scripts/fetch-demo-model.sh, cached outside the repo), cargo-fuzz (scripts/fuzz.sh),
 # Mesa's software Vulkan driver (the WGSL engine's tests run on it) and the browser app's
-# tools (trunk, wasm-bindgen-cli, wasm-opt, Chromium, chromedriver).
+# tools (trunk, wasm-bindgen-cli, wasm-opt, Chromium, chromedriver), and NVRTC with the CUDA
+# headers (pip wheels) for the CUDA kernels' compile test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +52,26 @@ build_web() {
   export QLORA_WEB_DIST="$PWD/web/dist"
 }
 
+# NVRTC and the CUDA headers (pip wheels, no driver or GPU): the CUDA kernels' compile test
+# (kernels/src/compile.rs) then compiles every kernel for sm_90 on a machine without a GPU.
+NVRTC_VERSION=13.0.88
+CUDA_RUNTIME_VERSION=13.0.96
+ensure_nvrtc() {
+  local dir="$TOOLS_CACHE/cuda-nvrtc-$NVRTC_VERSION"
+  if [ ! -f "$dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+    local wheels
+    wheels="$(mktemp -d)"
+    pip download --quiet --no-deps --dest "$wheels" \
+      "nvidia-cuda-nvrtc==$NVRTC_VERSION" "nvidia-cuda-runtime==$CUDA_RUNTIME_VERSION"
+    mkdir -p "$dir.tmp"
+    for wheel in "$wheels"/*.whl; do python3 -m zipfile -e "$wheel" "$dir.tmp"; done
+    rm -rf "$wheels" "$dir"
+    mv "$dir.tmp" "$dir"
+  fi
+  export LD_LIBRARY_PATH="$dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export CUDA_HOME="$dir/nvidia/cu13"
+}
+
 # lavapipe: the WebGPU adapter of qlora-shaders' tests (they skip only where no adapter exists).
 ensure_lavapipe() {
   if dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
@@ -72,6 +93,7 @@ ensure_trunk
 ensure_wasm_bindgen
 ensure_wasm_opt
 ensure_lavapipe
+ensure_nvrtc
 
 # qlora-core is shared with the browser app: it must build for wasm32.
 cargo build --locked -p qlora-core --target wasm32-unknown-unknown

@@ -652,7 +652,6 @@ impl Kernels {
 
     /// `y [rows, out] = x [rows, in] w^T (+ bias [out])` straight from the packed weight
     /// `w [out, in]`, for `rows <= GEMV_MAX_ROWS` and a weight [`DeviceQuantized::gemv_ready`].
-    #[allow(clippy::too_many_arguments)]
     pub fn gemv_4bit(
         &self,
         w: &DeviceQuantized,
@@ -773,6 +772,7 @@ impl Kernels {
 
     /// transformers' repetition penalty on `logits [batch, vocab]` (f32) for the distinct
     /// tokens `tokens [batch, max_tokens]` (u32), `counts [batch]` (i32) of each row valid.
+    #[allow(clippy::too_many_arguments)]
     pub fn repetition_penalty(
         &self,
         logits: u64,

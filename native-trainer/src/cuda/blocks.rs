@@ -287,7 +287,13 @@ impl Block {
                 &b.dense_4h_to_h,
             ],
             Block::Llama(b) => vec![
-                &b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj,
+                &b.q_proj,
+                &b.k_proj,
+                &b.v_proj,
+                &b.o_proj,
+                &b.gate_proj,
+                &b.up_proj,
+                &b.down_proj,
             ],
         }
     }

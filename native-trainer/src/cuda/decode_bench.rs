@@ -14,7 +14,9 @@ use qlora_kernels::{Gpu, Precision};
 use super::bench::{bloom_7b1, Filler, RandomBase};
 use super::model::{CudaModel, CudaOptions};
 use crate::cpu::lora::{LoraInit, LoraSetup};
-use crate::generate::{generate, generate_batch, GenerateOptions, Generator, Sampler, SamplingParams};
+use crate::generate::{
+    generate, generate_batch, GenerateOptions, Generator, Sampler, SamplingParams,
+};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -65,7 +67,10 @@ fn greedy() -> Sampler {
 /// Bytes per second of a device-to-device copy of 1 GiB (read and written), the best of five.
 fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     let bytes = 1 << 30;
-    let (a, b) = (gpu.alloc(bytes, "bandwidth test")?, gpu.alloc(bytes, "bandwidth test")?);
+    let (a, b) = (
+        gpu.alloc(bytes, "bandwidth test")?,
+        gpu.alloc(bytes, "bandwidth test")?,
+    );
     let mut best = f64::MAX;
     for _ in 0..5 {
         gpu.sync()?;
@@ -118,7 +123,9 @@ pub fn run(
     let prompt = random_ids(32, 1);
     generate(generator, &prompt, &new_tokens(8), &mut greedy(), |_| false)?;
     let started = Instant::now();
-    let out = generate(generator, &prompt, &new_tokens(64), &mut greedy(), |_| false)?;
+    let out = generate(generator, &prompt, &new_tokens(64), &mut greedy(), |_| {
+        false
+    })?;
     let decode_tok_s_bs1 = out.len() as f64 / started.elapsed().as_secs_f64();
     progress(&format!("batch-1 decoding: {decode_tok_s_bs1:.0} tok/s"));
 
@@ -148,7 +155,13 @@ pub fn run(
     let mask = vec![1.0; long.len()];
     gpu.sync()?;
     let started = Instant::now();
-    session.step(&long, &mask, &mut greedy(), &[long.clone()], &[true])?;
+    session.step(
+        &long,
+        &mask,
+        &mut greedy(),
+        std::slice::from_ref(&long),
+        &[true],
+    )?;
     let prefill_tok_s = long.len() as f64 / started.elapsed().as_secs_f64();
     drop(session);
     progress(&format!("prefill: {prefill_tok_s:.0} tok/s"));

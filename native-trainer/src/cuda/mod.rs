@@ -10,8 +10,8 @@
 mod attention;
 mod batch;
 pub mod bench;
-pub mod decode_bench;
 mod blocks;
+pub mod decode_bench;
 pub mod generate;
 mod head;
 mod linear;
