@@ -9,34 +9,20 @@
 //! Skipped, with a printed reason, where no CUDA device opens. `QLORA_FIXTURES` overrides the
 //! fixtures directory (for a test binary run on another machine).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use qlora_core::arch::ModelConfig;
 use qlora_core::checkpoint::bnb4bit::Dequantizing;
 use qlora_core::checkpoint::open_checkpoint;
 use qlora_trainer::cpu::Model;
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
-use qlora_trainer::generate::model::load_model;
+use qlora_trainer::generate::model::{load_model, with_adapter};
 use qlora_trainer::generate::{
     generate, generate_batch, greedy_reference, GenerateOptions, Generator, Sampler, SamplingParams,
 };
 
-fn golden(path: &str) -> PathBuf {
-    let root = std::env::var_os("QLORA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-    root.join("golden").join(path)
-}
-
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
+mod common;
+use common::{golden, gpu};
 
 const MODELS: [(&str, &str); 6] = [
     ("tiny-bloom-nf4", "tiny-bloom-lora"),
@@ -89,35 +75,20 @@ fn cuda_model(gpu: &Gpu, loaded: &Loaded, precision: Precision, merge: bool) -> 
         precision,
         gradient_checkpointing: false,
     };
-    let mut model = with_setup(loaded.adapter.as_deref(), |setup| {
-        CudaModel::load(gpu, &loaded.config, &weights, setup, options).unwrap()
-    });
+    let mut model = with_adapter(loaded.adapter.as_deref(), |setup| {
+        Ok(CudaModel::load(
+            gpu,
+            &loaded.config,
+            &weights,
+            setup,
+            options,
+        )?)
+    })
+    .unwrap();
     if merge {
         model.merge_adapters().unwrap();
     }
     model
-}
-
-fn with_setup<R>(
-    adapter: Option<&Path>,
-    f: impl FnOnce(Option<&qlora_trainer::cpu::LoraSetup<'_>>) -> R,
-) -> R {
-    use qlora_core::arch::PeftNaming;
-    use qlora_core::checkpoint::open_file;
-    use qlora_core::peft::AdapterConfig;
-    use qlora_trainer::cpu::{LoraInit, LoraSetup};
-    let Some(dir) = adapter else { return f(None) };
-    let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let config = AdapterConfig::from_json(&path.display().to_string(), &text).unwrap();
-    let source = open_file(&dir.join("adapter_model.safetensors")).unwrap();
-    f(Some(&LoraSetup {
-        config: config.lora,
-        init: LoraInit::FromSource {
-            source: &*source,
-            naming: PeftNaming::Saved,
-        },
-    }))
 }
 
 fn greedy(penalty: f32) -> Sampler {

@@ -7,8 +7,6 @@
 //! max|cpu| per tensor, the worst over all tensors; `--nocapture` prints them.
 //! `QLORA_FIXTURES` overrides the fixtures directory (for a test binary run on another machine).
 
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor};
 use qlora_core::arch::{LoraConfig, ModelConfig, PeftNaming, TargetModules};
 use qlora_core::checkpoint::bnb4bit::Dequantizing;
@@ -20,22 +18,8 @@ use qlora_trainer::cpu::{backward, causal_lm_loss, LoraInit, LoraSetup, Mode, Mo
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, GpuBatch, Precision};
 use qlora_trainer::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 
-fn golden(path: &str) -> PathBuf {
-    let root = std::env::var_os("QLORA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-    root.join("golden").join(path)
-}
-
-fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
+mod common;
+use common::{golden, gpu};
 
 /// The reference file's `lora_init.<name>` tensors under `<name>`.
 struct Prefixed<'a> {

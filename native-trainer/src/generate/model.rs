@@ -89,7 +89,7 @@ pub fn load_model(
 }
 
 /// `load` given the LoRA setup of the PEFT directory `adapter` (`None` without one).
-fn with_adapter<M>(
+pub fn with_adapter<M>(
     adapter: Option<&Path>,
     load: impl FnOnce(Option<&LoraSetup<'_>>) -> Result<M>,
 ) -> Result<M> {

@@ -1,5 +1,6 @@
-//! What the `qlora train` CLI tests share: the golden tiny BLOOM with a word-level tokenizer,
-//! data it can learn, and helpers to run the binary. Each test binary uses a part of it.
+//! What the `qlora train` CLI tests and the CUDA tests share: the golden fixtures, the GPU when
+//! one opens, the golden tiny BLOOM with a word-level tokenizer, data it can learn, and helpers
+//! to run the binary. Each test binary uses a part of it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,26 @@ use serde_json::{json, Value};
 const COLORS: [&str; 5] = ["red", "blue", "green", "black", "white"];
 const ITEMS: [&str; 4] = ["shirt", "coat", "skirt", "hat"];
 const WORDS: [&str; 7] = ["color", "item", "a", "that", "looks", "great", "="];
+
+/// `path` under the golden fixtures; `QLORA_FIXTURES` overrides the fixtures directory (for a
+/// test binary run on another machine).
+pub fn golden(path: &str) -> PathBuf {
+    let root = std::env::var_os("QLORA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
+    root.join("golden").join(path)
+}
+
+/// The first CUDA device, or `None` after printing why it does not open (the test then skips).
+pub fn gpu() -> Option<qlora_trainer::cuda::Gpu> {
+    match qlora_trainer::cuda::Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
 
 pub fn tiny_bloom() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden/tiny-bloom")
