@@ -75,6 +75,8 @@ fn predict(model: &Path, adapter: Option<&Path>) -> String {
         .arg(model)
         .args(["--prompt", PROMPT, "--do_sample", "false"])
         .args(["--max_new_tokens", MAX_NEW_TOKENS])
+        // The page computes in f32, as the CPU path does (a GPU machine would pick CUDA bf16).
+        .args(["--device", "cpu"])
         .args(["--repetition_penalty", REPETITION_PENALTY]);
     if let Some(adapter) = adapter {
         command.arg("--adapter").arg(adapter);
