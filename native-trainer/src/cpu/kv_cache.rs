@@ -59,8 +59,6 @@ pub struct TokenBook {
 pub struct BookStep {
     /// `[B * S]`: 1 for a real key, 0 for padding, over all cached keys.
     pub key_mask: Vec<f32>,
-    /// `[B * S]`: each key's ALiBi position (see [`key_positions`]).
-    pub key_positions: Vec<f32>,
     /// `[B * T]`: each new token's position, the number of real tokens before it (0 for padding).
     pub positions: Vec<u32>,
 }
@@ -130,7 +128,6 @@ impl TokenBook {
         }
         self.key_mask.clone_from(&key_mask);
         Ok(BookStep {
-            key_positions: key_positions(&key_mask, b),
             key_mask,
             positions,
         })
@@ -183,7 +180,6 @@ impl KvCache {
         let BookStep {
             key_mask,
             positions,
-            ..
         } = book.begin_step(&batch.key_mask, t)?;
         let s = past + t;
         let mut mask = vec![0f32; b * t * s];

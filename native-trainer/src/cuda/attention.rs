@@ -44,7 +44,7 @@ impl Rope {
 pub(crate) struct KeyMask {
     /// 1 real key, 0 padding.
     pub mask: u64,
-    /// Each key's position counting real tokens only (ALiBi).
+    /// Each key's position counting real tokens only (read only with ALiBi slopes; else 0).
     pub positions: u64,
 }
 

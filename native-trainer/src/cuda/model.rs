@@ -17,7 +17,7 @@ use super::head;
 use super::linear::{Ctx, Linear};
 use super::lora::{InitialAdapter, LoraGradients, LoraStore};
 use super::weights::{FrozenWeight, Loader, Norm};
-use crate::cpu::kv_cache::TokenBook;
+use crate::cpu::kv_cache::{key_positions, TokenBook};
 use crate::cpu::lora::{AdapterFactory, LoraSetup};
 use crate::cpu::weights::Weights;
 use crate::train::checkpoint::ParamSpec;
@@ -510,7 +510,14 @@ impl CudaModel {
         let step = cache.book.begin_step(key_mask, t)?;
         let ctx = self.ctx(false, 0);
         let mask = self.gpu.upload(&step.key_mask, "the attention mask")?;
-        let positions = self.gpu.upload(&step.key_positions, "ALiBi positions")?;
+        // Key positions matter only to ALiBi.
+        let positions = self
+            .alibi_slopes()
+            .map(|_| {
+                let positions = key_positions(&step.key_mask, b);
+                self.gpu.upload(&positions, "ALiBi positions")
+            })
+            .transpose()?;
         let query_positions: Vec<f32> = step.positions.iter().map(|&p| p as f32).collect();
         let rope = self.rope(&query_positions)?;
         let inputs = BlockInputs {
@@ -518,7 +525,7 @@ impl CudaModel {
             seq_len: t,
             keys: KeyMask {
                 mask: mask.ptr(),
-                positions: positions.ptr(),
+                positions: positions.as_ref().map_or(0, |p| p.ptr()),
             },
             alibi_slopes: self.alibi_slopes(),
             rope: rope.as_ref(),
