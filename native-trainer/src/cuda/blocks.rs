@@ -298,6 +298,27 @@ impl Block {
         }
     }
 
+    /// The block's projections, to set them up after loading.
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Block::Bloom(b) => vec![
+                &mut b.query_key_value,
+                &mut b.dense,
+                &mut b.dense_h_to_4h,
+                &mut b.dense_4h_to_h,
+            ],
+            Block::Llama(b) => vec![
+                &mut b.q_proj,
+                &mut b.k_proj,
+                &mut b.v_proj,
+                &mut b.o_proj,
+                &mut b.gate_proj,
+                &mut b.up_proj,
+                &mut b.down_proj,
+            ],
+        }
+    }
+
     /// Key/value heads and head size: the shape of this block's KV cache per token.
     pub(crate) fn kv_shape(&self) -> (usize, usize) {
         match self {

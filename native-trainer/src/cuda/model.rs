@@ -210,7 +210,7 @@ impl CudaModel {
         // Each projection gets its own dropout stream.
         let mut next_id = 0u64;
         for block in &mut blocks {
-            for lin in block_linears_mut(block) {
+            for lin in block.linears_mut() {
                 lin.id = next_id;
                 next_id += 1;
             }
@@ -581,7 +581,7 @@ impl CudaModel {
     pub fn merge_adapters(&mut self) -> Result<()> {
         let ctx_gpu = self.gpu.clone();
         for block in &mut self.blocks {
-            for lin in block_linears_mut(block) {
+            for lin in block.linears_mut() {
                 let Some(slot) = lin.lora.take() else {
                     continue;
                 };
@@ -675,24 +675,4 @@ fn check_no_dropout(p: f64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn block_linears_mut(block: &mut Block) -> Vec<&mut Linear> {
-    match block {
-        Block::Bloom(b) => vec![
-            &mut b.query_key_value,
-            &mut b.dense,
-            &mut b.dense_h_to_4h,
-            &mut b.dense_4h_to_h,
-        ],
-        Block::Llama(b) => vec![
-            &mut b.q_proj,
-            &mut b.k_proj,
-            &mut b.v_proj,
-            &mut b.o_proj,
-            &mut b.gate_proj,
-            &mut b.up_proj,
-            &mut b.down_proj,
-        ],
-    }
 }
