@@ -430,19 +430,11 @@ impl Kernels {
         group: usize,
         hd: usize,
     ) -> Result<()> {
-        let n = batch * seq * heads * hd;
-        launch!(
-            self,
+        self.head_layout(
             "heads_from_tokens",
-            packs(n),
             src,
             dst,
-            batch as i32,
-            seq as i32,
-            heads as i32,
-            groups as i32,
-            group as i32,
-            hd as i32
+            [batch, seq, heads, groups, group, hd],
         )
     }
 
@@ -459,10 +451,21 @@ impl Kernels {
         group: usize,
         hd: usize,
     ) -> Result<()> {
+        self.head_layout(
+            "tokens_from_heads",
+            src,
+            dst,
+            [batch, seq, heads, groups, group, hd],
+        )
+    }
+
+    /// One of the two head-layout kernels, which take the same arguments.
+    fn head_layout(&self, kernel: &str, src: u64, dst: u64, dims: [usize; 6]) -> Result<()> {
+        let [batch, seq, heads, groups, group, hd] = dims;
         let n = batch * seq * heads * hd;
         launch!(
             self,
-            "tokens_from_heads",
+            kernel,
             packs(n),
             src,
             dst,
