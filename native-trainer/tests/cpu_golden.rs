@@ -5,12 +5,17 @@
 //! Relative error = max|ours - reference| / max|reference|; run with `--nocapture` to see them.
 
 use candle_core::{DType, Device, Tensor};
-use qlora_core::arch::{ArchConfig, LoraConfig, ModelConfig, PeftNaming, TargetModules};
+use qlora_core::arch::{
+    ArchConfig, Architecture, LoraConfig, ModelConfig, PeftNaming, TargetModules,
+};
 use qlora_core::checkpoint::{RawTensor, SafetensorsFile, TensorInfo, TensorSource};
 use qlora_trainer::cpu::{backward, causal_lm_loss, LoraInit, LoraSetup, Mode, Model};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::Prefixed;
 
 const LOGITS_TOLERANCE: f32 = 1e-5;
 const GRADIENT_TOLERANCE: f32 = 1e-4;
@@ -48,34 +53,6 @@ impl GoldenTensors for SafetensorsFile {
             .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
             .collect();
         Tensor::from_vec(values, raw.shape, &Device::Cpu).unwrap()
-    }
-}
-
-/// The tensors of `inner` whose names start with `prefix`, without it (the reference file stores
-/// the adapter values as `lora_init.<PEFT name>`).
-struct Prefixed<'a> {
-    inner: &'a dyn TensorSource,
-    prefix: &'a str,
-}
-
-impl TensorSource for Prefixed<'_> {
-    fn tensor_infos(&self) -> Vec<TensorInfo> {
-        self.inner
-            .tensor_infos()
-            .into_iter()
-            .filter_map(|info| {
-                let name = info.name.strip_prefix(self.prefix)?.to_string();
-                Some(TensorInfo { name, ..info })
-            })
-            .collect()
-    }
-
-    fn read(&self, name: &str) -> qlora_core::Result<RawTensor> {
-        self.inner.read(&format!("{}{name}", self.prefix))
-    }
-
-    fn file_of(&self, name: &str) -> Option<String> {
-        self.inner.file_of(&format!("{}{name}", self.prefix))
     }
 }
 
@@ -120,15 +97,7 @@ const BLOOM: Case = Case {
     masked: false,
     lora_targets: &["query_key_value"],
 };
-const LLAMA_TARGETS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const LLAMA_TARGETS: &[&str] = Architecture::Llama.default_lora_targets();
 const LLAMA: Case = Case {
     model_dir: "llama/tiny-llama",
     reference: "llama/tiny-llama_reference.safetensors",

@@ -8,45 +8,16 @@
 //! `QLORA_FIXTURES` overrides the fixtures directory (for a test binary run on another machine).
 
 use candle_core::{Device, Tensor};
-use qlora_core::arch::{LoraConfig, ModelConfig, PeftNaming, TargetModules};
+use qlora_core::arch::{Architecture, LoraConfig, ModelConfig, PeftNaming, TargetModules};
 use qlora_core::checkpoint::bnb4bit::Dequantizing;
-use qlora_core::checkpoint::{
-    open_checkpoint, RawTensor, SafetensorsFile, TensorInfo, TensorSource,
-};
+use qlora_core::checkpoint::{open_checkpoint, SafetensorsFile, TensorSource};
 use qlora_core::data::Batch;
 use qlora_trainer::cpu::{backward, causal_lm_loss, LoraInit, LoraSetup, Mode, Model};
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, GpuBatch, Precision};
 use qlora_trainer::train::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 
 mod common;
-use common::{golden, gpu};
-
-/// The reference file's `lora_init.<name>` tensors under `<name>`.
-struct Prefixed<'a> {
-    inner: &'a dyn TensorSource,
-    prefix: &'a str,
-}
-
-impl TensorSource for Prefixed<'_> {
-    fn tensor_infos(&self) -> Vec<TensorInfo> {
-        self.inner
-            .tensor_infos()
-            .into_iter()
-            .filter_map(|i| {
-                Some(TensorInfo {
-                    name: i.name.strip_prefix(self.prefix)?.to_string(),
-                    ..i
-                })
-            })
-            .collect()
-    }
-    fn read(&self, name: &str) -> qlora_core::Result<RawTensor> {
-        self.inner.read(&format!("{}{name}", self.prefix))
-    }
-    fn file_of(&self, name: &str) -> Option<String> {
-        self.inner.file_of(&format!("{}{name}", self.prefix))
-    }
-}
+use common::{golden, gpu, Prefixed};
 
 fn i64s(file: &SafetensorsFile, name: &str) -> (Vec<i64>, Vec<usize>) {
     let raw = file.read(name).unwrap();
@@ -96,15 +67,7 @@ struct Case {
     targets: &'static [&'static str],
 }
 
-const LLAMA_TARGETS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const LLAMA_TARGETS: &[&str] = Architecture::Llama.default_lora_targets();
 
 const CASES: &[Case] = &[
     Case {

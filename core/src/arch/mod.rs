@@ -62,7 +62,7 @@ impl Architecture {
 
     /// The modules PEFT adapts when none are named: BLOOM's fused attention input, and every
     /// linear projection of a LLaMA-family layer (the QLoRA paper's choice).
-    pub fn default_lora_targets(self) -> &'static [&'static str] {
+    pub const fn default_lora_targets(self) -> &'static [&'static str] {
         match self {
             Architecture::Bloom => &["query_key_value"],
             Architecture::Llama | Architecture::Qwen2 => &[

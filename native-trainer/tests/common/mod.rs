@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use qlora_core::checkpoint::{RawTensor, TensorInfo, TensorSource};
 use serde_json::{json, Value};
 
 const COLORS: [&str; 5] = ["red", "blue", "green", "black", "white"];
@@ -29,6 +30,34 @@ pub fn gpu() -> Option<qlora_trainer::cuda::Gpu> {
             eprintln!("skipped: {e}");
             None
         }
+    }
+}
+
+/// The tensors of `inner` whose names start with `prefix`, without it (the golden reference
+/// files store the adapter values as `lora_init.<PEFT name>`).
+pub struct Prefixed<'a> {
+    pub inner: &'a dyn TensorSource,
+    pub prefix: &'a str,
+}
+
+impl TensorSource for Prefixed<'_> {
+    fn tensor_infos(&self) -> Vec<TensorInfo> {
+        self.inner
+            .tensor_infos()
+            .into_iter()
+            .filter_map(|info| {
+                let name = info.name.strip_prefix(self.prefix)?.to_string();
+                Some(TensorInfo { name, ..info })
+            })
+            .collect()
+    }
+
+    fn read(&self, name: &str) -> qlora_core::Result<RawTensor> {
+        self.inner.read(&format!("{}{name}", self.prefix))
+    }
+
+    fn file_of(&self, name: &str) -> Option<String> {
+        self.inner.file_of(&format!("{}{name}", self.prefix))
     }
 }
 
