@@ -47,17 +47,7 @@ fn golden(path: &str) -> PathBuf {
 /// The tiny Qwen2 (vocabulary 384) in NF4 with a word-level tokenizer (`<unk>`, `</s>` as EOS,
 /// the words above, then `w12`..`w383`) and a chat template ending each turn with `.`.
 fn tiny_model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let source = golden("llama/tiny-qwen2-nf4");
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
-    }
-    let tokens = ["<unk>", "</s>"]
-        .into_iter()
-        .map(String::from)
-        .chain(WORDS.iter().map(|w| w.to_string()))
-        .chain((2 + WORDS.len()..384).map(|i| format!("w{i}")));
-    qlora_tests::write_word_level_tokenizer(dir.path(), tokens, 2);
+    let dir = qlora_tests::tiny_model_with_words(&golden("llama/tiny-qwen2-nf4"), &WORDS, 384);
     let config = json!({
         "eos_token": "</s>", "unk_token": "<unk>",
         "chat_template": "{% for message in messages %}{{ message['role'] }} {{ message['content'] }} . {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"

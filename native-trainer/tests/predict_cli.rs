@@ -17,17 +17,8 @@ const WORDS: [&str; 8] = ["Q", "A", ".", "hello", "world", "red", "dress", "shor
 /// A copy of the tiny Qwen2 (vocabulary 384) with a word-level tokenizer: `<unk>`, `</s>` (EOS),
 /// the template's words, then `w10`..`w383`.
 fn tiny_model_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
     let source = qlora_tests::fixtures().join("golden/llama/tiny-qwen2");
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
-    }
-    let tokens = ["<unk>", "</s>"]
-        .into_iter()
-        .map(String::from)
-        .chain(WORDS.iter().map(|w| w.to_string()))
-        .chain((10..384).map(|i| format!("w{i}")));
-    qlora_tests::write_word_level_tokenizer(dir.path(), tokens, 2);
+    let dir = qlora_tests::tiny_model_with_words(&source, &WORDS, 384);
     std::fs::write(
         dir.path().join("special_tokens_map.json"),
         r#"{"eos_token": "</s>", "unk_token": "<unk>"}"#,

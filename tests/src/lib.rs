@@ -40,6 +40,27 @@ pub fn demo_gguf() -> Option<PathBuf> {
 /// positions in `tokens`, the first `specials` of them added as special tokens (the first one
 /// also the unknown token). The golden tiny models come without a tokenizer; the CLI tests give
 /// them this one.
+/// A copy of the golden tiny model in `source` (`config.json`, `model.safetensors`) with a
+/// word-level tokenizer of `vocab` tokens: `<unk>` and `</s>` (special), `words`, then `w<i>`
+/// for the remaining ids `i`.
+pub fn tiny_model_with_words(
+    source: &std::path::Path,
+    words: &[&str],
+    vocab: usize,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    let tokens = ["<unk>", "</s>"]
+        .into_iter()
+        .chain(words.iter().copied())
+        .map(String::from)
+        .chain((2 + words.len()..vocab).map(|i| format!("w{i}")));
+    write_word_level_tokenizer(dir.path(), tokens, 2);
+    dir
+}
+
 pub fn write_word_level_tokenizer(
     dir: &std::path::Path,
     tokens: impl IntoIterator<Item = String>,
