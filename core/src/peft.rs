@@ -399,6 +399,28 @@ mod tests {
         assert_eq!(back.lora, lora);
     }
 
+    /// A key qlora does not know is written back as read, even a number with more digits than an
+    /// f64 holds (found by fuzzing: the parser must round such a number correctly, or the value
+    /// it writes reads back one ulp off).
+    #[test]
+    fn a_long_number_reads_back_as_it_was() {
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: TargetModules::Names(vec!["q_proj".into()]),
+        };
+        let text = AdapterConfig::new(lora, None).to_json().replacen(
+            "{",
+            &format!("{{\"qalora_group_size\": {}16,", "4".repeat(97)),
+            1,
+        );
+        let config = AdapterConfig::from_json("adapter_config.json", &text).unwrap();
+        let back = AdapterConfig::from_json("adapter_config.json", &config.to_json()).unwrap();
+        assert_eq!(back, config);
+    }
+
     /// PEFT resets `fan_in_fan_out` to false for `torch.nn.Linear` targets, the only kind the
     /// supported architectures have, so such a config loads as the same LoRA.
     #[test]
