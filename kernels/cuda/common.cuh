@@ -12,6 +12,12 @@ __device__ __forceinline__ float ld(__nv_bfloat16 x) { return __bfloat162float(x
 __device__ __forceinline__ void st(float* p, float v) { *p = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// BLOOM's tanh GELU, operation for operation as bloom_gelu_forward.
+__device__ __forceinline__ float gelu_tanh(float x) {
+    float inner = (x * 0.79788456f) * (x * 0.044715f * x + 1.0f);
+    return (x * 0.5f) * (tanhf(inner) + 1.0f);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -2,8 +2,9 @@
 // weight, read once), attention of new queries over the KV cache, appending to the cache, and
 // the greedy choice (repetition penalty, argmax) on the device.
 
-// y[r, o] = sum_i x[r, i] * W[o, i] (+ bias[o]) for r < rows <= R, W bitsandbytes 4-bit
-// [out, in]. Each lane reads its rows' x from L1 once per chunk, so the cost grows with the rows:
+// y[r, o] = act(sum_i x[r, i] * W[o, i] (+ bias[o])) (+ residual[r, o]) for r < rows <= R, W
+// bitsandbytes 4-bit [out, in], act BLOOM's GELU when `gelu` (else none): a decoding step's
+// residual additions and activation ride on the product instead of taking launches of their own. Each lane reads its rows' x from L1 once per chunk, so the cost grows with the rows:
 // beyond four, dequantization and a tensor-core GEMM are faster. One warp per output feature (grid-stride); each lane reads 16 bytes (32 codes) at
 // a time, the next 16 already in flight. The caller guarantees in % 32 == 0 and blocksize % 32
 // == 0, so those 32 codes share one absmax and a weight row starts 16-byte aligned. The codes of
@@ -14,8 +15,8 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
                           const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
                           const float* __restrict__ absmax2, float offset, int nested_blocksize,
                           const float* __restrict__ code16, int blocksize, const T* __restrict__ x,
-                          const T* __restrict__ bias, T* __restrict__ y, int rows, int in_features,
-                          int out_features) {
+                          const T* __restrict__ bias, const T* __restrict__ residual, int gelu,
+                          T* __restrict__ y, int rows, int in_features, int out_features) {
     __shared__ float code[16];
     __shared__ float code_nested[256];
     load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
@@ -64,8 +65,13 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
         float b = bias != nullptr ? ld(bias[o]) : 0.0f;
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            float v = warp_sum(acc[r]);
-            if (lane == 0 && r < rows) st(&y[(long long)r * out_features + o], v + b);
+            float v = warp_sum(acc[r]) + b;
+            if (lane == 0 && r < rows) {
+                long long at = (long long)r * out_features + o;
+                if (gelu) v = gelu_tanh(v);
+                if (residual != nullptr) v += ld(residual[at]);
+                st(&y[at], v);
+            }
         }
     }
 }
@@ -74,37 +80,55 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
     extern "C" __global__ void gemv_4bit_##R(                                                             \
         const uint4* packed, const float* absmax, const unsigned char* absmax_q8, const float* code2,      \
         const float* absmax2, float offset, int nested_blocksize, const float* code16, int blocksize,      \
-        const T* x, const T* bias, T* y, int rows, int in_features, int out_features) {                    \
+        const T* x, const T* bias, const T* residual, int gelu, T* y, int rows, int in_features,           \
+        int out_features) {                                                                               \
         gemv_4bit<R>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_blocksize, code16, blocksize, \
-                     x, bias, y, rows, in_features, out_features);                                        \
+                     x, bias, residual, gelu, y, rows, in_features, out_features);                        \
     }
 GEMV_4BIT(1)
 GEMV_4BIT(2)
 GEMV_4BIT(4)
 
-// src [B, heads, T, hd] -> columns past .. past + T of the cache [B, heads, capacity, hd].
-extern "C" __global__ void kv_append(const T* __restrict__ src, T* __restrict__ cache, int rows, int seq,
-                                     int capacity, int past, int hd) {
+// This step's keys and values, element (bh, t, d) of each at src[bh * head_stride + t * hd + d]
+// (a packed [B * heads, T, hd] has head_stride T * hd; one token per row can be read straight
+// from a projection's output, e.g. BLOOM's fused [B, heads, 3, hd] with head_stride 3 * hd) ->
+// columns past .. past + T of the caches [B * heads, capacity, hd], with `past` read from the
+// device (*past_len), so that one recorded decoding step (a CUDA graph) serves every position.
+// Columns beyond the capacity are not written.
+extern "C" __global__ void kv_append(const T* __restrict__ k_src, const T* __restrict__ v_src,
+                                     T* __restrict__ k_cache, T* __restrict__ v_cache, int rows, int seq,
+                                     int capacity, const int* __restrict__ past_len, int hd,
+                                     long long head_stride) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)rows * seq * hd) return;
     int d = i % hd;
     long long r = i / hd;
     int t = r % seq;
     long long bh = r / seq;
-    cache[(bh * capacity + past + t) * hd + d] = src[i];
+    int column = *past_len + t;
+    if (column >= capacity) return;
+    long long from = bh * head_stride + (long long)t * hd + d;
+    long long to = (bh * capacity + column) * hd + d;
+    k_cache[to] = k_src[from];
+    v_cache[to] = v_src[from];
 }
 
-// Attention of new queries q [B, heads, T, hd] over the cached keys and values
-// [B, kv_heads, capacity, hd] (the first `keys` columns filled, the last T of them this step's):
-// context [B, heads, T, hd]. Query t sees keys j <= keys - T + t that are real (key_mask
-// [B, keys]); ALiBi adds slope[h] * positions[b, j] when slopes != null. A row that sees no key
-// gets uniform weights, as the training softmax (and transformers' eager attention) gives it.
-// One block per query; its scores live in dynamic shared memory (hd + keys floats).
-extern "C" __global__ void attention_cached(const T* __restrict__ q, const T* __restrict__ k_cache,
+// Attention of new queries q (element (bh, t, d) at q[bh * q_head_stride + t * hd + d], as in
+// kv_append) over the cached keys and values
+// [B, kv_heads, capacity, hd] (the first keys = *past_len + T columns filled, the last T of them
+// this step's): context [B, heads, T, hd]. Query t sees keys j <= keys - T + t that are real
+// (key_mask [B, mask_stride], the first `keys` of each row); ALiBi adds slope[h] *
+// positions[b, j] (same layout) when slopes != null. A row that sees no key gets uniform weights,
+// as the training softmax (and transformers' eager attention) gives it. One block per query; its
+// scores live in dynamic shared memory (hd + capacity floats). The number of keys is read on the
+// device, so a recorded decoding step (a CUDA graph) serves every position.
+extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q_head_stride,
+                                            const T* __restrict__ k_cache,
                                             const T* __restrict__ v_cache, T* __restrict__ context,
                                             const float* __restrict__ key_mask, const float* __restrict__ slopes,
-                                            const float* __restrict__ positions, int heads, int kv_heads, int seq,
-                                            int keys, int capacity, int hd, float scale) {
+                                            const float* __restrict__ positions, int mask_stride, int heads,
+                                            int kv_heads, int seq, const int* __restrict__ past_len, int capacity,
+                                            int hd, float scale) {
     extern __shared__ float shared[];
     float* q_row = shared;
     float* p = shared + hd;
@@ -116,8 +140,10 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, const T* __
     int kv = h / (heads / kv_heads);
     const T* k_base = k_cache + (b * kv_heads + kv) * capacity * hd;
     const T* v_base = v_cache + (b * kv_heads + kv) * capacity * hd;
-    const float* mask = key_mask + b * keys;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) q_row[d] = ld(q[row * hd + d]);
+    int keys = min(*past_len + seq, capacity);
+    const float* mask = key_mask + b * mask_stride;
+    const T* q_in = q + bh * q_head_stride + (long long)t * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) q_row[d] = ld(q_in[d]);
     __syncthreads();
     int last = keys - seq + t;
     float slope = slopes != nullptr ? slopes[h] : 0.0f;
@@ -128,7 +154,7 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, const T* __
         dot = warp_sum(dot);
         if (lane == 0) {
             bool visible = j <= last && mask[j] != 0.0f;
-            float bias = slopes != nullptr ? slope * positions[b * keys + j] : 0.0f;
+            float bias = slopes != nullptr ? slope * positions[b * mask_stride + j] : 0.0f;
             p[j] = visible ? dot * scale + bias : -QLORA_INFINITY;
         }
     }
@@ -204,4 +230,68 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, unsigne
         // Every logit -inf or NaN: token 0, as a host argmax over such a row gives.
         if (lane == 0) ids[blockIdx.x] = index == vocab ? 0u : (unsigned int)index;
     }
+}
+
+// A float's place in f32::total_cmp's order, as an unsigned key (larger key, larger float).
+__device__ __forceinline__ unsigned int order_key(float v) {
+    unsigned int bits = __float_as_uint(v);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(unsigned int key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// Sampling's top-k on the device, as transformers' TopKLogitsWarper (and the CPU Sampler): the
+// scores of row b are logits[b, :] * inv_temperature (f32, as the host computes them); every
+// score not below the k-th largest (ties with it included) becomes a candidate (index, score),
+// written in no particular order to indices/values [B, room]; counts[b] says how many there are
+// (more than `room`: only `room` written, the caller reads the row instead). The k-th largest
+// is found by radix selection over the scores' order keys, 8 bits per pass. One block per row.
+extern "C" __global__ void top_k_candidates(const float* __restrict__ logits, int vocab, float inv_temperature,
+                                            int k, unsigned int* __restrict__ indices,
+                                            float* __restrict__ values, int room, int* __restrict__ counts) {
+    __shared__ unsigned int histogram[256];
+    __shared__ unsigned int prefix, prefix_mask;
+    __shared__ int remaining, found;
+    const float* row = logits + (long long)blockIdx.x * vocab;
+    if (threadIdx.x == 0) {
+        prefix = 0;
+        prefix_mask = 0;
+        remaining = k;
+        found = 0;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) histogram[i] = 0;
+        __syncthreads();
+        unsigned int want = prefix, mask = prefix_mask;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            unsigned int key = order_key(row[j] * inv_temperature);
+            if ((key & mask) == want) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // The bin, from the top, where the count reaches the k-th largest.
+            int need = remaining, bin = 255;
+            for (; bin > 0 && (int)histogram[bin] < need; bin--) need -= (int)histogram[bin];
+            remaining = need;
+            prefix |= (unsigned int)bin << shift;
+            prefix_mask |= 255u << shift;
+        }
+        __syncthreads();
+    }
+    // Kept as the CPU keeps them: every score that is not < the k-th largest.
+    float kth = key_value(prefix);
+    long long base = (long long)blockIdx.x * room;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float s = row[j] * inv_temperature;
+        if (!(s < kth)) {
+            int at = atomicAdd(&found, 1);
+            if (at < room) {
+                indices[base + at] = (unsigned int)j;
+                values[base + at] = s;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) counts[blockIdx.x] = found;
 }

@@ -48,16 +48,12 @@ extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long lon
     if (threadIdx.x == 0) atomicAdd(total, (double)s);
 }
 
-// BLOOM's tanh GELU, operation for operation as bloom_gelu_forward.
 extern "C" __global__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ out, long long n) {
     long long i = pack_start();
     if (i >= n) return;
     float v[PACK];
     load_pack(x, i, n, v);
-    for (int k = 0; k < PACK; k++) {
-        float inner = (v[k] * 0.79788456f) * (v[k] * 0.044715f * v[k] + 1.0f);
-        v[k] = (v[k] * 0.5f) * (tanhf(inner) + 1.0f);
-    }
+    for (int k = 0; k < PACK; k++) v[k] = gelu_tanh(v[k]);
     store_pack(out, i, n, v);
 }
 

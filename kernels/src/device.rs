@@ -49,7 +49,7 @@ pub struct MemoryStats {
     pub device_total_bytes: usize,
 }
 
-fn driver_error(what: &str, e: DriverError) -> qlora_core::Error {
+pub(crate) fn driver_error(what: &str, e: DriverError) -> qlora_core::Error {
     let name = e
         .error_name()
         .ok()
@@ -147,7 +147,11 @@ impl Gpu {
         let name = ctx
             .name()
             .map_err(|e| driver_error("reading the device name", e))?;
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream: only such a stream can be recorded
+        // into a CUDA graph (decoding steps are, see `Gpu::record`).
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("creating a stream", e))?;
         keep_pool_memory(&ctx)?;
         Ok(Gpu {
             inner: Arc::new(Inner {
@@ -195,22 +199,22 @@ impl Gpu {
 
     /// Copies `data` to device address `ptr` (which must hold that many bytes).
     pub fn write<T: Copy>(&self, ptr: u64, data: &[T]) -> Result<()> {
-        // Synchronous: `data` may be dropped when this returns.
+        // On our stream, after the work queued before it; waited for, as `data` may be dropped
+        // when this returns.
         // SAFETY: the caller gives a device range of at least size_of_val(data) bytes.
-        unsafe {
-            self.sync()?;
-            result::memcpy_htod_sync(ptr, data)
-        }
-        .map_err(|e| driver_error("copying to the device", e))
+        unsafe { result::memcpy_htod_async(ptr, data, self.inner.stream.cu_stream()) }
+            .map_err(|e| driver_error("copying to the device", e))?;
+        self.sync()
     }
 
     /// Reads `len` values of `T` at device address `ptr` (waits for queued work).
     pub fn read<T: Copy + Default>(&self, ptr: u64, len: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); len];
-        self.sync()?;
-        // SAFETY: the caller gives a device range of at least len * size_of::<T>() bytes.
-        unsafe { result::memcpy_dtoh_sync(&mut out, ptr) }
+        // SAFETY: the caller gives a device range of at least len * size_of::<T>() bytes; `out`
+        // lives until the stream has finished the copy.
+        unsafe { result::memcpy_dtoh_async(&mut out, ptr, self.inner.stream.cu_stream()) }
             .map_err(|e| driver_error("copying from the device", e))?;
+        self.sync()?;
         Ok(out)
     }
 

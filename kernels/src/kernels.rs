@@ -29,7 +29,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-const NAMES: [&str; 34] = [
+const NAMES: [&str; 35] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -64,6 +64,7 @@ const NAMES: [&str; 34] = [
     "attention_cached",
     "repetition_penalty",
     "argmax_rows",
+    "top_k_candidates",
 ];
 
 /// Token rows one [`Kernels::gemv_4bit`] launch serves at most.
@@ -655,11 +656,16 @@ impl Kernels {
 
     /// `y [rows, out] = x [rows, in] w^T (+ bias [out])` straight from the packed weight
     /// `w [out, in]`, for `rows <= GEMV_MAX_ROWS` and a weight [`DeviceQuantized::gemv_ready`].
+    /// `y [rows, out] = act(x [rows, in] W^T + bias) + residual` for a 4-bit `W` read once
+    /// (`bias`, `residual`: 0 for none; `gelu`: BLOOM's GELU as the activation, else none).
+    #[allow(clippy::too_many_arguments)]
     pub fn gemv_4bit(
         &self,
         w: &DeviceQuantized,
         x: u64,
         bias: u64,
+        residual: u64,
+        gelu: bool,
         y: u64,
         rows_: usize,
     ) -> Result<()> {
@@ -699,6 +705,8 @@ impl Kernels {
             w.blocksize as i32,
             x,
             bias,
+            residual,
+            i32::from(gelu),
             y,
             rows_ as i32,
             in_features as i32,
@@ -706,45 +714,51 @@ impl Kernels {
         )
     }
 
-    /// Copies `src [rows = B * heads, seq, hd]` into columns `past .. past + seq` of
-    /// `cache [rows, capacity, hd]`.
+    /// Copies this step's keys and values (`rows = B * heads`, `seq` tokens each; element
+    /// `(row, t, d)` at `row * head_stride + t * hd + d`: `head_stride = seq * hd` when packed)
+    /// into columns `past .. past + seq` of the caches `[rows, capacity, hd]`, `past` read from
+    /// the device (`past_len`: one i32), so that a recorded step serves every position. Columns
+    /// past the capacity are dropped: the caller checks that the tokens fit.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_append(
         &self,
-        src: u64,
-        cache: u64,
+        [k_src, v_src]: [u64; 2],
+        [k_cache, v_cache]: [u64; 2],
         rows_: usize,
         seq: usize,
         capacity: usize,
-        past: usize,
+        past_len: u64,
         hd: usize,
+        head_stride: usize,
     ) -> Result<()> {
-        if past + seq > capacity {
-            return Err(error(format!(
-                "KV cache full: {past} + {seq} tokens exceed its capacity of {capacity}"
-            )));
-        }
         launch!(
             self,
             "kv_append",
             grid(rows_ * seq * hd, 256),
-            src,
-            cache,
+            k_src,
+            v_src,
+            k_cache,
+            v_cache,
             rows_ as i32,
             seq as i32,
             capacity as i32,
-            past as i32,
-            hd as i32
+            past_len,
+            hd as i32,
+            head_stride as i64
         )
     }
 
     /// Attention of the new queries over the KV cache (see [`CachedAttention`]).
     pub fn attention_cached(&self, a: &CachedAttention) -> Result<()> {
-        let shared = 4 * (a.hd + a.keys);
+        // Scores for every column the cache can hold: the launch does not depend on how many
+        // are filled (read on the device), so a recorded step serves every position.
+        let shared = 4 * (a.hd + a.capacity);
         if shared > 48 * 1024 {
             return Err(error(format!(
-                "attention over {} cached tokens exceeds the 48 KiB of shared memory a block gets",
-                a.keys
+                "attention over a KV cache of {} tokens exceeds the 48 KiB of shared memory a \
+                 block gets (at most {} tokens): ask for fewer new tokens or a shorter prompt",
+                a.capacity,
+                48 * 1024 / 4 - a.hd
             )));
         }
         let cfg = LaunchConfig {
@@ -757,16 +771,18 @@ impl Kernels {
             "attention_cached",
             cfg,
             a.q,
+            a.q_head_stride as i64,
             a.k_cache,
             a.v_cache,
             a.context,
             a.key_mask,
             a.slopes,
             a.positions,
+            a.mask_stride as i32,
             a.heads as i32,
             a.kv_heads as i32,
             a.seq as i32,
-            a.keys as i32,
+            a.past_len,
             a.capacity as i32,
             a.hd as i32,
             a.scale
@@ -817,6 +833,42 @@ impl Kernels {
         )
     }
 
+    /// Sampling's top-k of each row of `logits [batch, vocab]` (f32) scaled by
+    /// `inv_temperature`: every score not below the k-th largest, as `(indices, values)`
+    /// `[batch, room]` (u32, f32) in no particular order, `counts [batch]` (i32) of them per row
+    /// (above `room`: only `room` were written). `1 <= k < vocab`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn top_k_candidates(
+        &self,
+        logits: u64,
+        batch: usize,
+        vocab: usize,
+        inv_temperature: f32,
+        k: usize,
+        [indices, values]: [u64; 2],
+        room: usize,
+        counts: u64,
+    ) -> Result<()> {
+        if k == 0 || k >= vocab {
+            return Err(error(format!(
+                "top_k_candidates: k = {k} must be in 1..{vocab}"
+            )));
+        }
+        launch!(
+            self,
+            "top_k_candidates",
+            rows(batch, 1024),
+            logits,
+            vocab as i32,
+            inv_temperature,
+            k as i32,
+            indices,
+            values,
+            room as i32,
+            counts
+        )
+    }
+
     /// Bytes of `n` activations.
     pub fn bytes(&self, n: usize) -> usize {
         n * self.t()
@@ -847,25 +899,29 @@ struct AbsmaxArgs {
 }
 
 /// Arguments of [`Kernels::attention_cached`]: `seq` new queries per row, `q [batch, heads, seq,
-/// hd]`, over the first `keys` columns of the caches `[batch, kv_heads, capacity, hd]` (the last
-/// `seq` of them this step's), writing `context [batch, heads, seq, hd]`.
+/// hd]`, over the first `past + seq` columns of the caches `[batch, kv_heads, capacity, hd]` (the
+/// last `seq` of them this step's), writing `context [batch, heads, seq, hd]`.
 #[derive(Debug, Clone, Copy)]
 pub struct CachedAttention {
     pub q: u64,
+    /// Elements between the query heads (`seq * hd` when packed; see [`Kernels::kv_append`]).
+    pub q_head_stride: usize,
     pub k_cache: u64,
     pub v_cache: u64,
     pub context: u64,
-    /// `[batch, keys]` f32: 1 real key, 0 padding.
+    /// `[batch, mask_stride]` f32: 1 real key, 0 padding (the first `past + seq` of each row).
     pub key_mask: u64,
     /// `[heads]` f32 ALiBi slopes, or 0 for none.
     pub slopes: u64,
-    /// `[batch, keys]` f32 ALiBi positions (ignored without slopes).
+    /// `[batch, mask_stride]` f32 ALiBi positions (ignored without slopes).
     pub positions: u64,
+    pub mask_stride: usize,
     pub batch: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub seq: usize,
-    pub keys: usize,
+    /// One i32 on the device: the tokens cached before this step's `seq`.
+    pub past_len: u64,
     pub capacity: usize,
     pub hd: usize,
     pub scale: f32,

@@ -13,11 +13,13 @@ mod buffer;
 mod compile;
 mod device;
 mod gemm;
+mod graph;
 mod kernels;
 
 pub use buffer::DeviceBuffer;
 pub use device::{Gpu, MemoryStats};
 pub use gemm::Gemm;
+pub use graph::Recorded;
 pub use kernels::{
     AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, Kernels, SoftmaxArgs,
     GEMV_MAX_ROWS,

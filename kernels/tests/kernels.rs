@@ -683,13 +683,28 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
                         }
                         let (gx, gb) = (up(gpu, p, &x), up(gpu, p, &bias));
                         let y = gpu.alloc(k.bytes(rows * out_features), "test").unwrap();
-                        k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), y.ptr(), rows)
+                        k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), 0, false, y.ptr(), rows)
                             .unwrap();
                         let r = rel(&down(gpu, p, &y, rows * out_features), &expected);
                         println!(
                             "gemv_4bit {qt} dq={dq} bs={bs} {out_features}x{in_features} rows={rows} {p:?}: rel {r:.2e}"
                         );
                         assert!(r <= tolerance(p), "rel {r}");
+                        // The decoding epilogue: gelu(x W^T + b) + residual.
+                        let residual = rounded(p, &random(rows * out_features, 24));
+                        let gr = up(gpu, p, &residual);
+                        k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), gr.ptr(), true, y.ptr(), rows)
+                            .unwrap();
+                        let expected: Vec<f64> = expected
+                            .iter()
+                            .zip(&residual)
+                            .map(|(&v, &res)| {
+                                let inner = 0.79788456 * v * (1.0 + 0.044715 * v * v);
+                                0.5 * v * (1.0 + inner.tanh()) + f64::from(res)
+                            })
+                            .collect();
+                        let r = rel(&down(gpu, p, &y, rows * out_features), &expected);
+                        assert!(r <= tolerance(p), "gelu + residual: rel {r}");
                     }
                 }
             }
@@ -765,20 +780,23 @@ fn cached_attention_matches_a_cpu_softmax_over_the_visible_keys() {
             let gm = gpu.upload(&mask, "t").unwrap();
             let gpos = gpu.upload(&positions, "t").unwrap();
             let gs = gpu.upload(&slopes, "t").unwrap();
+            let past_len = gpu.upload(&[(keys - seq) as i32], "t").unwrap();
             let context = gpu.alloc(k.bytes(expected.len()), "t").unwrap();
             k.attention_cached(&CachedAttention {
                 q: gq.ptr(),
+                q_head_stride: seq * hd,
                 k_cache: gk.ptr(),
                 v_cache: gv.ptr(),
                 context: context.ptr(),
                 key_mask: gm.ptr(),
                 slopes: if alibi { gs.ptr() } else { 0 },
                 positions: gpos.ptr(),
+                mask_stride: keys,
                 batch,
                 heads,
                 kv_heads,
                 seq,
-                keys,
+                past_len: past_len.ptr(),
                 capacity,
                 hd,
                 scale,
@@ -788,29 +806,37 @@ fn cached_attention_matches_a_cpu_softmax_over_the_visible_keys() {
             println!("attention_cached alibi={alibi} {p:?}: rel {r:.2e}");
             assert!(r <= tolerance(p), "rel {r}");
         }
-        // kv_append writes this step's keys at columns 5.. of the cache.
-        let src = rounded(p, &random(batch * kv_heads * seq * hd, 34));
-        let cache = up(gpu, p, &kc);
+        // kv_append writes this step's keys and values at columns 5.. of the caches, read
+        // from one source that interleaves them per head (head stride 2 * seq * hd, values
+        // seq * hd after the keys).
+        let rows = batch * kv_heads;
+        let src = rounded(p, &random(rows * 2 * seq * hd, 34));
+        let gsrc = up(gpu, p, &src);
+        let (kcache, vcache) = (up(gpu, p, &kc), up(gpu, p, &vc));
+        let five = gpu.upload(&[5i32], "t").unwrap();
         k.kv_append(
-            up(gpu, p, &src).ptr(),
-            cache.ptr(),
-            batch * kv_heads,
+            [gsrc.ptr(), gsrc.at(k.bytes(seq * hd))],
+            [kcache.ptr(), vcache.ptr()],
+            rows,
             seq,
             capacity,
-            5,
+            five.ptr(),
             hd,
+            2 * seq * hd,
         )
         .unwrap();
-        let after = down(gpu, p, &cache, kc.len());
-        for r in 0..batch * kv_heads {
-            for c in 0..capacity {
-                let got = &after[(r * capacity + c) * hd..][..hd];
-                let want = if (5..5 + seq).contains(&c) {
-                    &src[(r * seq + c - 5) * hd..][..hd]
-                } else {
-                    &kc[(r * capacity + c) * hd..][..hd]
-                };
-                assert_eq!(got, want, "cache row {r} column {c}");
+        for (slot, (cache, before)) in [(kcache, &kc), (vcache, &vc)].into_iter().enumerate() {
+            let after = down(gpu, p, &cache, before.len());
+            for r in 0..rows {
+                for c in 0..capacity {
+                    let got = &after[(r * capacity + c) * hd..][..hd];
+                    let want = if (5..5 + seq).contains(&c) {
+                        &src[r * 2 * seq * hd + slot * seq * hd + (c - 5) * hd..][..hd]
+                    } else {
+                        &before[(r * capacity + c) * hd..][..hd]
+                    };
+                    assert_eq!(got, want, "cache {slot} row {r} column {c}");
+                }
             }
         }
     });
@@ -840,4 +866,64 @@ fn greedy_choice_applies_the_penalty_and_takes_the_first_maximum() {
     let after = gpu.read::<f32>(g.ptr(), 2 * vocab).unwrap();
     assert_eq!((after[vocab + 5], after[vocab + 7]), (2.0, -4.0));
     assert_eq!(after[0], logits[0], "row 0 has no penalized tokens");
+}
+
+#[test]
+fn top_k_candidates_keep_every_score_not_below_the_kth_largest() {
+    let Some(gpu) = gpu() else { return };
+    let k = gpu.kernels(Precision::F32).unwrap();
+    let (batch, vocab, room) = (3, 5000, 300);
+    // Row 0 random, row 1 coarse (many ties, also at the k-th largest), row 2 with -inf and
+    // signed zeros.
+    let mut logits = random(batch * vocab, 51);
+    for v in &mut logits[vocab..2 * vocab] {
+        *v = (*v * 8.0).round();
+    }
+    for (j, v) in logits[2 * vocab..].iter_mut().enumerate() {
+        match j % 7 {
+            0 => *v = f32::NEG_INFINITY,
+            1 => *v = 0.0,
+            2 => *v = -0.0,
+            _ => {}
+        }
+    }
+    let inv_temperature = 1.0 / 0.7f32;
+    let found = gpu.alloc(4 * (2 * batch * room + batch), "t").unwrap();
+    let g = gpu.upload(&logits, "t").unwrap();
+    for top_k in [1, 7, 50, 200] {
+        k.top_k_candidates(
+            g.ptr(),
+            batch,
+            vocab,
+            inv_temperature,
+            top_k,
+            [found.ptr(), found.at(4 * batch * room)],
+            room,
+            found.at(8 * batch * room),
+        )
+        .unwrap();
+        let words: Vec<u32> = gpu.read(found.ptr(), 2 * batch * room + batch).unwrap();
+        for row in 0..batch {
+            let scores: Vec<f32> = logits[row * vocab..][..vocab]
+                .iter()
+                .map(|&l| l * inv_temperature)
+                .collect();
+            let mut sorted = scores.clone();
+            sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+            let kth = sorted[top_k - 1];
+            let expected: Vec<(u32, u32)> = (0..vocab)
+                .filter(|&j| !(scores[j] < kth))
+                .map(|j| (j as u32, scores[j].to_bits()))
+                .collect();
+            let count = words[2 * batch * room + row] as usize;
+            assert_eq!(count, expected.len(), "row {row} k {top_k}");
+            let mut got: Vec<(u32, u32)> = (0..count.min(room))
+                .map(|i| (words[row * room + i], words[batch * room + row * room + i]))
+                .collect();
+            got.sort_unstable();
+            if count <= room {
+                assert_eq!(got, expected, "row {row} k {top_k}");
+            }
+        }
+    }
 }

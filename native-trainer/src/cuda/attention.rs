@@ -7,11 +7,12 @@ use qlora_kernels::{CachedAttention, DeviceBuffer, Gemm, Precision, SoftmaxArgs}
 
 use super::linear::Ctx;
 
-/// RoPE tables `[B, T, hd]` (f32) for each row's own positions, and whether pairs are
-/// `(c, c + hd/2)` (else `(2j, 2j+1)`).
+/// Where RoPE tables `[B, T, hd]` (f32) for each row's own positions are on the device, and
+/// whether pairs are `(c, c + hd/2)` (else `(2j, 2j+1)`).
+#[derive(Clone, Copy)]
 pub(crate) struct Rope {
-    pub cos: DeviceBuffer,
-    pub sin: DeviceBuffer,
+    pub cos: u64,
+    pub sin: u64,
     pub half_split: bool,
 }
 
@@ -27,8 +28,8 @@ impl Rope {
     ) -> Result<()> {
         ctx.k.rope(
             x,
-            self.cos.ptr(),
-            self.sin.ptr(),
+            self.cos,
+            self.sin,
             s.batch * heads * s.seq,
             heads,
             s.seq,
@@ -39,13 +40,16 @@ impl Rope {
     }
 }
 
-/// The keys a query may see besides causality: `[B, keys]` f32 each.
+/// The keys a query may see besides causality: `[B, stride]` f32 each, the first `keys` of a
+/// row used (`stride` is `keys` except in a recorded decoding step, where the rows are as long
+/// as the KV cache).
 #[derive(Clone, Copy)]
 pub(crate) struct KeyMask {
     /// 1 real key, 0 padding.
     pub mask: u64,
     /// Each key's position counting real tokens only (read only with ALiBi slopes; else 0).
     pub positions: u64,
+    pub stride: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -75,13 +79,12 @@ impl Shape {
     }
 }
 
-/// The attention's saved state: its inputs (heads layout) and the probabilities (`None` after
-/// attention over a KV cache, which is never differentiated).
+/// The attention's saved state: its inputs (heads layout) and the probabilities.
 pub(crate) struct Saved {
     pub q: DeviceBuffer,
     pub k: DeviceBuffer,
     pub v: DeviceBuffer,
-    probs: Option<DeviceBuffer>,
+    probs: DeviceBuffer,
 }
 
 /// `context [B, heads, T, hd] = softmax(scale q k^T + alibi + mask) v`.
@@ -129,12 +132,7 @@ pub(crate) fn forward(
         &ctx.gemm(rows, hd, t, probs.ptr(), false, v.ptr(), false, context)
             .batched(nb, rows * t, t * hd, rows * hd),
     )?;
-    Ok(Saved {
-        q,
-        k,
-        v,
-        probs: Some(probs),
-    })
+    Ok(Saved { q, k, v, probs })
 }
 
 /// One layer's KV cache: keys and values `[B, kv_heads, capacity, hd]` in the activation
@@ -144,51 +142,79 @@ pub(crate) struct LayerCache {
     pub v: DeviceBuffer,
 }
 
-/// Appends this step's `k`, `v` (`[B, kv_heads, T, hd]`, `past` tokens already cached) to
-/// `cache` and writes the context of the new queries over every cached token. The first step
-/// (an empty cache: the prompts) takes the batched path of [`forward`].
+/// Where a step's new tokens go in the KV cache: `past` tokens are cached before them, a number
+/// the kernels read from the device (`past_len`, one i32) so that a recorded step serves every
+/// position; the host's copy only chooses the path (the first step takes the batched one).
+#[derive(Clone, Copy)]
+pub(crate) struct CachePosition {
+    pub past: usize,
+    pub past_len: u64,
+    pub capacity: usize,
+}
+
+/// A step's queries, keys and values, element `(b * heads + h, t, d)` of each at
+/// `(b * heads + h) * head_stride + t * hd + d`: packed heads layout `[B, heads, T, hd]`
+/// (`head_stride = T * hd`), or at one token per row a view into the projections' output (BLOOM's
+/// fused `[B, heads, 3, hd]` has `head_stride = 3 * hd`), which needs no copy.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadsView {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub head_stride: usize,
+}
+
+/// Appends this step's keys and values to `cache` at `at`.
+pub(crate) fn append(
+    ctx: &Ctx<'_>,
+    s: Shape,
+    heads: HeadsView,
+    cache: &LayerCache,
+    at: CachePosition,
+) -> Result<()> {
+    ctx.k.kv_append(
+        [heads.k, heads.v],
+        [cache.k.ptr(), cache.v.ptr()],
+        s.batch * s.kv_heads,
+        s.seq,
+        at.capacity,
+        at.past_len,
+        s.hd,
+        heads.head_stride,
+    )
+}
+
+/// Attention of this step's queries over every token in `cache` (this step's keys and values
+/// already appended), the context into `context [B, heads, T, hd]`. Never differentiated.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_cached(
     ctx: &Ctx<'_>,
     s: Shape,
-    [q, k, v]: [DeviceBuffer; 3],
+    heads: HeadsView,
     keys: KeyMask,
     slopes: Option<&DeviceBuffer>,
     cache: &LayerCache,
-    past: usize,
-    capacity: usize,
+    at: CachePosition,
     context: u64,
-) -> Result<Saved> {
-    let rows = s.batch * s.kv_heads;
-    ctx.k
-        .kv_append(k.ptr(), cache.k.ptr(), rows, s.seq, capacity, past, s.hd)?;
-    ctx.k
-        .kv_append(v.ptr(), cache.v.ptr(), rows, s.seq, capacity, past, s.hd)?;
-    if past == 0 {
-        return forward(ctx, s, [q, k, v], keys, slopes, context);
-    }
+) -> Result<()> {
     ctx.k.attention_cached(&CachedAttention {
-        q: q.ptr(),
+        q: heads.q,
+        q_head_stride: heads.head_stride,
         k_cache: cache.k.ptr(),
         v_cache: cache.v.ptr(),
         context,
         key_mask: keys.mask,
         slopes: slopes.map_or(0, |b| b.ptr()),
         positions: keys.positions,
+        mask_stride: keys.stride,
         batch: s.batch,
         heads: s.kv_heads * s.group,
         kv_heads: s.kv_heads,
         seq: s.seq,
-        keys: past + s.seq,
-        capacity,
+        past_len: at.past_len,
+        capacity: at.capacity,
         hd: s.hd,
         scale: 1.0 / (s.hd as f32).sqrt(),
-    })?;
-    Ok(Saved {
-        q,
-        k,
-        v,
-        probs: None,
     })
 }
 
@@ -200,10 +226,7 @@ pub(crate) fn backward(
     dcontext: u64,
 ) -> Result<[DeviceBuffer; 3]> {
     let (rows, t, hd, nb) = (s.rows(), s.seq, s.hd, s.batches());
-    let probs = saved
-        .probs
-        .as_ref()
-        .expect("attention over a KV cache is never differentiated");
+    let probs = &saved.probs;
     let dprobs = ctx.gpu.alloc(4 * s.scores_len(), "attention gradient")?;
     ctx.gpu.gemm(
         &Gemm::new(

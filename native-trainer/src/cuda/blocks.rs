@@ -4,11 +4,11 @@
 //! the gradient of its output, in place, into the gradient of its input.
 
 use qlora_core::arch::NormKind;
-use qlora_core::Result;
+use qlora_core::{Error, Result};
 use qlora_kernels::DeviceBuffer;
 
-use super::attention::{self, KeyMask, LayerCache, Rope, Shape};
-use super::linear::{Ctx, GradOut, Linear, LinearSaved};
+use super::attention::{self, CachePosition, HeadsView, KeyMask, LayerCache, Rope, Shape};
+use super::linear::{Ctx, Epilogue, GradOut, Linear, LinearSaved};
 use super::weights::Norm;
 use qlora_kernels::Precision;
 
@@ -177,27 +177,35 @@ pub(crate) struct BlockInputs<'a> {
     /// BLOOM's ALiBi slopes `[nh]` (f32).
     pub alibi_slopes: Option<&'a DeviceBuffer>,
     /// The LLaMA family's RoPE tables for the new tokens.
-    pub rope: Option<&'a Rope>,
+    pub rope: Option<Rope>,
 }
 
-/// Generation: the KV cache of the layer a block runs as, with `past` tokens in it already.
+/// Generation: the KV cache of the layer a block runs as, and where the new tokens go in it.
 #[derive(Clone, Copy)]
 pub(crate) struct CacheSlot<'a> {
     pub layer: &'a LayerCache,
-    pub past: usize,
-    pub capacity: usize,
+    pub at: CachePosition,
+}
+
+/// A step's queries, keys and values as a block hands them to its attention.
+enum Qkv {
+    /// Each in packed heads layout `[B, heads, T, hd]`.
+    Packed([DeviceBuffer; 3]),
+    /// Viewed in place in the projections' output (generation, one token per row: no copy).
+    View(HeadsView),
 }
 
 /// The attention of a block: over this batch's tokens, or (generation) appending them to the KV
-/// cache and attending over everything cached. Returns the saved state and the context in token
-/// layout `[B, T, heads, hd]`.
+/// cache and attending over everything cached. Returns the saved state (`None` after attention
+/// over the KV cache, which is never differentiated) and the context in token layout
+/// `[B, T, heads, hd]`.
 fn attend(
     ctx: &Ctx<'_>,
     inp: &BlockInputs<'_>,
     shape: Shape,
-    qkv: [DeviceBuffer; 3],
+    qkv: Qkv,
     cache: Option<CacheSlot<'_>>,
-) -> Result<(attention::Saved, DeviceBuffer)> {
+) -> Result<(Option<attention::Saved>, DeviceBuffer)> {
     let heads = shape.kv_heads * shape.group;
     let context = ctx.act(shape.q_len(), "attention context")?;
     // One new token per row (decoding): the head layout is the token layout.
@@ -208,19 +216,40 @@ fn attend(
         Some(ctx.act(shape.q_len(), "attention context")?)
     };
     let target = heads_ctx.as_ref().unwrap_or(&context).ptr();
-    let saved = match cache {
-        None => attention::forward(ctx, shape, qkv, inp.keys, inp.alibi_slopes, target)?,
-        Some(c) => attention::forward_cached(
-            ctx,
-            shape,
-            qkv,
-            inp.keys,
-            inp.alibi_slopes,
-            c.layer,
-            c.past,
-            c.capacity,
-            target,
-        )?,
+    let (keys, slopes) = (inp.keys, inp.alibi_slopes);
+    let saved = match (qkv, cache) {
+        (Qkv::Packed(qkv), None) => {
+            Some(attention::forward(ctx, shape, qkv, keys, slopes, target)?)
+        }
+        (Qkv::View(_), None) => {
+            return Err(Error::Invalid(
+                "attention over a view of the projections needs a KV cache".into(),
+            ))
+        }
+        (qkv, Some(c)) => {
+            let view = match &qkv {
+                Qkv::Packed([q, k, v]) => HeadsView {
+                    q: q.ptr(),
+                    k: k.ptr(),
+                    v: v.ptr(),
+                    head_stride: shape.seq * shape.hd,
+                },
+                Qkv::View(view) => *view,
+            };
+            attention::append(ctx, shape, view, c.layer, c.at)?;
+            match qkv {
+                // The prompts: the batched path.
+                Qkv::Packed(qkv) if c.at.past == 0 => {
+                    Some(attention::forward(ctx, shape, qkv, keys, slopes, target)?)
+                }
+                _ => {
+                    attention::forward_cached(
+                        ctx, shape, view, keys, slopes, c.layer, c.at, target,
+                    )?;
+                    None
+                }
+            }
+        }
     };
     if let Some(heads_ctx) = heads_ctx {
         ctx.k.tokens_from_heads(
@@ -237,6 +266,15 @@ fn attend(
     Ok((saved, context))
 }
 
+/// The attention state a backward pass needs: missing only after a generation step.
+fn saved_attention(attn: &Option<attention::Saved>) -> Result<&attention::Saved> {
+    attn.as_ref().ok_or_else(|| {
+        Error::Invalid(
+            "a generation step (attention over the KV cache) has no backward pass".into(),
+        )
+    })
+}
+
 pub(crate) enum Block {
     Bloom(Box<BloomBlock>),
     Llama(Box<LlamaBlock>),
@@ -247,12 +285,14 @@ pub(crate) enum Saved {
     Bloom {
         ln1: NormSaved,
         qkv_lin: LinearSaved,
-        attn: attention::Saved,
+        /// `None` after a generation step (never differentiated).
+        attn: Option<attention::Saved>,
         context: DeviceBuffer,
         dense_lin: LinearSaved,
         mid: DeviceBuffer,
         ln2: NormSaved,
-        up_pre: DeviceBuffer,
+        /// `None` after a generation step (never differentiated).
+        up_pre: Option<DeviceBuffer>,
         up: DeviceBuffer,
         up_lin: LinearSaved,
         down_lin: LinearSaved,
@@ -262,7 +302,8 @@ pub(crate) enum Saved {
         q_lin: LinearSaved,
         k_lin: LinearSaved,
         v_lin: LinearSaved,
-        attn: attention::Saved,
+        /// `None` after a generation step (never differentiated).
+        attn: Option<attention::Saved>,
         context: DeviceBuffer,
         o_lin: LinearSaved,
         mid: DeviceBuffer,
@@ -355,28 +396,70 @@ impl Block {
                     group: 1,
                     hd,
                 };
-                // [B, T, nh, 3, hd] -> q, k, v [B, nh, T, hd]
-                let split = |g: usize| -> Result<DeviceBuffer> {
-                    let dst = ctx.act(shape.q_len(), "attention heads")?;
-                    ctx.k
-                        .heads_from_tokens(qkv.ptr(), dst.ptr(), b, t, blk.n_head, 3, g, hd)?;
-                    Ok(dst)
+                let qkv_heads = if cache.is_some() && t == 1 {
+                    // [B, 1, nh, 3, hd]: each of q, k, v is [B, nh, hd] with a stride.
+                    let slot = |g: usize| qkv.at(ctx.k.bytes(g * hd));
+                    Qkv::View(HeadsView {
+                        q: slot(0),
+                        k: slot(1),
+                        v: slot(2),
+                        head_stride: 3 * hd,
+                    })
+                } else {
+                    // [B, T, nh, 3, hd] -> q, k, v [B, nh, T, hd]
+                    let split = |g: usize| -> Result<DeviceBuffer> {
+                        let dst = ctx.act(shape.q_len(), "attention heads")?;
+                        ctx.k.heads_from_tokens(
+                            qkv.ptr(),
+                            dst.ptr(),
+                            b,
+                            t,
+                            blk.n_head,
+                            3,
+                            g,
+                            hd,
+                        )?;
+                        Ok(dst)
+                    };
+                    Qkv::Packed([split(0)?, split(1)?, split(2)?])
                 };
-                let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                let (attn, context) = attend(ctx, inp, shape, qkv_heads, cache)?;
                 drop(qkv);
-                let (attn, context) = attend(ctx, inp, shape, [q, k, v], cache)?;
                 let mid = ctx.act(n * h, "residual")?;
-                let dense_lin = blk.dense.forward(ctx, context.ptr(), n, mid.ptr())?;
-                ctx.k.add(mid.ptr(), x, mid.ptr(), n * h)?;
+                let dense_lin = blk.dense.forward_then(
+                    ctx,
+                    context.ptr(),
+                    n,
+                    mid.ptr(),
+                    Epilogue::residual(x),
+                )?;
                 let ln2 = blk.post_attention_layernorm.forward(ctx, mid.ptr(), n)?;
-                let up_pre = ctx.act(n * 4 * h, "MLP")?;
-                let up_lin = blk
-                    .dense_h_to_4h
-                    .forward(ctx, ln2.out.ptr(), n, up_pre.ptr())?;
                 let up = ctx.act(n * 4 * h, "MLP")?;
-                ctx.k.gelu_fwd(up_pre.ptr(), up.ptr(), n * 4 * h)?;
-                let down_lin = blk.dense_4h_to_h.forward(ctx, up.ptr(), n, out)?;
-                ctx.k.add(out, mid.ptr(), out, n * h)?;
+                // Generation keeps no pre-activation (no backward pass follows).
+                let (up_pre, up_lin) = if cache.is_some() {
+                    let gelu = Epilogue {
+                        gelu: true,
+                        residual: None,
+                    };
+                    let lin =
+                        blk.dense_h_to_4h
+                            .forward_then(ctx, ln2.out.ptr(), n, up.ptr(), gelu)?;
+                    (None, lin)
+                } else {
+                    let up_pre = ctx.act(n * 4 * h, "MLP")?;
+                    let lin = blk
+                        .dense_h_to_4h
+                        .forward(ctx, ln2.out.ptr(), n, up_pre.ptr())?;
+                    ctx.k.gelu_fwd(up_pre.ptr(), up.ptr(), n * 4 * h)?;
+                    (Some(up_pre), lin)
+                };
+                let down_lin = blk.dense_4h_to_h.forward_then(
+                    ctx,
+                    up.ptr(),
+                    n,
+                    out,
+                    Epilogue::residual(mid.ptr()),
+                )?;
                 Ok(Saved::Bloom {
                     ln1,
                     qkv_lin,
@@ -405,6 +488,10 @@ impl Block {
                 let project = |lin: &Linear, heads: usize| -> Result<(DeviceBuffer, LinearSaved)> {
                     let tokens = ctx.act(n * heads * hd, "attention projection")?;
                     let saved = lin.forward(ctx, ln1.out.ptr(), n, tokens.ptr())?;
+                    if t == 1 {
+                        // [B, 1, heads, hd] is the heads layout already.
+                        return Ok((tokens, saved));
+                    }
                     let dst = ctx.act(n * heads * hd, "attention heads")?;
                     ctx.k
                         .heads_from_tokens(tokens.ptr(), dst.ptr(), b, t, heads, 1, 0, hd)?;
@@ -417,10 +504,15 @@ impl Block {
                     rope.apply(ctx, q.ptr(), shape, blk.heads, false)?;
                     rope.apply(ctx, k.ptr(), shape, blk.kv_heads, false)?;
                 }
-                let (attn, context) = attend(ctx, inp, shape, [q, k, v], cache)?;
+                let (attn, context) = attend(ctx, inp, shape, Qkv::Packed([q, k, v]), cache)?;
                 let mid = ctx.act(n * h, "residual")?;
-                let o_lin = blk.o_proj.forward(ctx, context.ptr(), n, mid.ptr())?;
-                ctx.k.add(mid.ptr(), x, mid.ptr(), n * h)?;
+                let o_lin = blk.o_proj.forward_then(
+                    ctx,
+                    context.ptr(),
+                    n,
+                    mid.ptr(),
+                    Epilogue::residual(x),
+                )?;
                 let ln2 = blk.post_attention_layernorm.forward(ctx, mid.ptr(), n)?;
                 let i = blk.intermediate;
                 let gate = ctx.act(n * i, "MLP")?;
@@ -429,8 +521,13 @@ impl Block {
                 let up_lin = blk.up_proj.forward(ctx, ln2.out.ptr(), n, up.ptr())?;
                 let act = ctx.act(n * i, "MLP")?;
                 ctx.k.swiglu_fwd(gate.ptr(), up.ptr(), act.ptr(), n * i)?;
-                let down_lin = blk.down_proj.forward(ctx, act.ptr(), n, out)?;
-                ctx.k.add(out, mid.ptr(), out, n * h)?;
+                let down_lin = blk.down_proj.forward_then(
+                    ctx,
+                    act.ptr(),
+                    n,
+                    out,
+                    Epilogue::residual(mid.ptr()),
+                )?;
                 Ok(Saved::Llama {
                     ln1,
                     q_lin,
@@ -505,6 +602,9 @@ impl Block {
                         accumulate: false,
                     }),
                 )?;
+                let up_pre = up_pre
+                    .as_ref()
+                    .expect("a training forward pass keeps the pre-activation");
                 ctx.k
                     .gelu_bwd(up_pre.ptr(), dup.ptr(), dup.ptr(), n * 4 * h)?;
                 let mut dln2 = NormGrad::new(ctx, n * h)?;
@@ -546,7 +646,8 @@ impl Block {
                     hd,
                 )?;
                 drop(dcontext);
-                let dqkv_heads = attention::backward(ctx, shape, attn, dheads.ptr())?;
+                let dqkv_heads =
+                    attention::backward(ctx, shape, saved_attention(attn)?, dheads.ptr())?;
                 drop(dheads);
                 let dqkv = ctx.act(n * 3 * h, "query_key_value gradient")?;
                 for (g, d) in dqkv_heads.iter().enumerate() {
@@ -667,7 +768,8 @@ impl Block {
                 ctx.k
                     .heads_from_tokens(dcontext.ptr(), dheads.ptr(), b, t, blk.heads, 1, 0, hd)?;
                 drop(dcontext);
-                let [dq, dk, dv] = attention::backward(ctx, shape, attn, dheads.ptr())?;
+                let [dq, dk, dv] =
+                    attention::backward(ctx, shape, saved_attention(attn)?, dheads.ptr())?;
                 drop(dheads);
                 if let Some(rope) = inp.rope {
                     rope.apply(ctx, dq.ptr(), shape, blk.heads, true)?;

@@ -85,6 +85,25 @@ pub(crate) struct GradOut {
     pub accumulate: bool,
 }
 
+/// What follows a projection in a block: BLOOM's GELU and/or a residual addition (`y` becomes
+/// `gelu(y) + residual`). Fused into the decoding GEMV when the projection has no adapter
+/// (an adapter's term must come before them); separate kernels otherwise.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Epilogue {
+    pub gelu: bool,
+    /// `[n, out]` added last.
+    pub residual: Option<u64>,
+}
+
+impl Epilogue {
+    pub(crate) fn residual(residual: u64) -> Epilogue {
+        Epilogue {
+            gelu: false,
+            residual: Some(residual),
+        }
+    }
+}
+
 /// What the backward pass needs from the forward pass besides the input: `dropout(x) A^T`.
 pub(crate) struct LinearSaved {
     xa: Option<DeviceBuffer>,
@@ -132,11 +151,30 @@ impl Linear {
     /// `y [n, out] = x [n, in] W^T + b (+ LoRA)`. A few rows (decoding) against a 4-bit weight
     /// take the fused GEMV, which reads the packed weight once and never forms it dense.
     pub(crate) fn forward(&self, ctx: &Ctx<'_>, x: u64, n: usize, y: u64) -> Result<LinearSaved> {
+        self.forward_then(ctx, x, n, y, Epilogue::default())
+    }
+
+    /// [`Linear::forward`] followed by `epilogue`.
+    pub(crate) fn forward_then(
+        &self,
+        ctx: &Ctx<'_>,
+        x: u64,
+        n: usize,
+        y: u64,
+        epilogue: Epilogue,
+    ) -> Result<LinearSaved> {
         let (i, o) = (self.in_features, self.out_features);
+        let mut pending = Some(epilogue);
         match &self.weight {
             FrozenWeight::Packed(q) if n <= GEMV_MAX_ROWS && q.gemv_ready() => {
                 let bias = self.bias.as_ref().map_or(0, |b| b.ptr());
-                ctx.k.gemv_4bit(q, x, bias, y, n)?;
+                let fused = if self.lora.is_none() {
+                    pending.take().unwrap_or_default()
+                } else {
+                    Epilogue::default()
+                };
+                let residual = fused.residual.unwrap_or(0);
+                ctx.k.gemv_4bit(q, x, bias, residual, fused.gelu, y, n)?;
             }
             _ => {
                 let w = self.weight_ptr(ctx)?;
@@ -146,21 +184,32 @@ impl Linear {
                 }
             }
         }
-        let Some(slot) = self.lora else {
-            return Ok(LinearSaved { xa: None });
+        let xa = match self.lora {
+            None => None,
+            Some(slot) => {
+                let s = &ctx.lora.slots[slot];
+                let dropped = self.dropped(ctx, x, n, s.dropout)?;
+                let xd = dropped.as_ref().map_or(x, |d| d.ptr());
+                let xa = ctx.act(n * s.r, "LoRA activations")?;
+                ctx.gpu
+                    .gemm(&ctx.gemm(n, s.r, i, xd, false, ctx.lora.a(slot), true, xa.ptr()))?;
+                ctx.gpu.gemm(
+                    &ctx.gemm(n, o, s.r, xa.ptr(), false, ctx.lora.b(slot), true, y)
+                        .alpha(s.scale)
+                        .accumulate(),
+                )?;
+                Some(xa)
+            }
         };
-        let s = &ctx.lora.slots[slot];
-        let dropped = self.dropped(ctx, x, n, s.dropout)?;
-        let xd = dropped.as_ref().map_or(x, |d| d.ptr());
-        let xa = ctx.act(n * s.r, "LoRA activations")?;
-        ctx.gpu
-            .gemm(&ctx.gemm(n, s.r, i, xd, false, ctx.lora.a(slot), true, xa.ptr()))?;
-        ctx.gpu.gemm(
-            &ctx.gemm(n, o, s.r, xa.ptr(), false, ctx.lora.b(slot), true, y)
-                .alpha(s.scale)
-                .accumulate(),
-        )?;
-        Ok(LinearSaved { xa: Some(xa) })
+        if let Some(epilogue) = pending {
+            if epilogue.gelu {
+                ctx.k.gelu_fwd(y, y, n * o)?;
+            }
+            if let Some(residual) = epilogue.residual {
+                ctx.k.add(y, residual, y, n * o)?;
+            }
+        }
+        Ok(LinearSaved { xa })
     }
 
     /// Given `dy [n, out]` and the forward input `x`, accumulates the LoRA gradients and, when

@@ -9,10 +9,10 @@ use qlora_core::checkpoint::TensorSource;
 use qlora_core::{Error, Result};
 use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, MemoryStats, Precision};
 
-use super::attention::{KeyMask, LayerCache, Rope};
+use super::attention::{CachePosition, KeyMask, LayerCache, Rope};
 use super::batch::GpuBatch;
 use super::blocks::{Block, BlockInputs, BloomBlock, CacheSlot, LlamaBlock, Saved};
-use super::generate::GpuKvCache;
+use super::generate::{DecodeInputs, GpuKvCache};
 use super::head;
 use super::linear::{Ctx, Linear};
 use super::lora::{InitialAdapter, LoraGradients, LoraStore};
@@ -62,6 +62,19 @@ pub struct CudaModel {
     /// Dequantization target, sized for the largest projection.
     scratch: DeviceBuffer,
     lora: LoraStore,
+    /// Decoding steps are recorded into a CUDA graph (see [`CudaModel::forward_cached`]).
+    record_decoding: bool,
+}
+
+/// What one generation step reads: its token ids `[B * T]`, the keys' mask and positions, the
+/// RoPE tables, and where its tokens go in the KV cache.
+struct StepRun {
+    ids: u64,
+    keys: KeyMask,
+    rope: Option<Rope>,
+    batch: usize,
+    seq: usize,
+    at: CachePosition,
 }
 
 /// A projection with an adapter from `factory` when targeted; `id` seeds its dropout masks.
@@ -240,6 +253,7 @@ impl CudaModel {
             hidden,
             scratch,
             lora,
+            record_decoding: true,
         })
     }
 
@@ -289,16 +303,16 @@ impl CudaModel {
         }
     }
 
-    /// RoPE tables `[B, T, hd]` for the tokens at `positions [B * T]`, as the CPU path computes
-    /// them; `None` for ALiBi models.
-    fn rope(&self, positions: &[f32]) -> Result<Option<Rope>> {
+    /// RoPE tables `[B, T, hd]` (cos, sin) for the tokens at `positions [B * T]`, as the CPU
+    /// path computes them, and the pair layout; `None` for ALiBi models.
+    fn rope_tables(&self, positions: &[f32]) -> Option<(Vec<f32>, Vec<f32>, bool)> {
         let Positional::Rope {
             inv_freq,
             head_dim,
             half_split,
         } = &self.positional
         else {
-            return Ok(None);
+            return None;
         };
         let d = *head_dim;
         let (mut cos, mut sin) = (
@@ -313,11 +327,23 @@ impl CudaModel {
                 sin.push(angle.sin() as f32);
             }
         }
-        Ok(Some(Rope {
-            cos: self.gpu.upload(&cos, "RoPE table")?,
-            sin: self.gpu.upload(&sin, "RoPE table")?,
-            half_split: *half_split,
-        }))
+        Some((cos, sin, *half_split))
+    }
+
+    /// The RoPE tables of [`CudaModel::rope_tables`] on the device (one buffer: cos, then sin).
+    fn rope(&self, positions: &[f32]) -> Result<Option<(DeviceBuffer, Rope)>> {
+        let Some((mut cos, sin, half_split)) = self.rope_tables(positions) else {
+            return Ok(None);
+        };
+        let len = cos.len();
+        cos.extend(sin);
+        let tables = self.gpu.upload(&cos, "RoPE tables")?;
+        let rope = Rope {
+            cos: tables.ptr(),
+            sin: tables.at(4 * len),
+            half_split,
+        };
+        Ok(Some((tables, rope)))
     }
 
     fn alibi_slopes(&self) -> Option<&DeviceBuffer> {
@@ -328,13 +354,14 @@ impl CudaModel {
     }
 
     /// The blocks' inputs for a training or evaluation batch.
-    fn batch_inputs<'a>(&'a self, batch: &GpuBatch, rope: Option<&'a Rope>) -> BlockInputs<'a> {
+    fn batch_inputs(&self, batch: &GpuBatch, rope: Option<Rope>) -> BlockInputs<'_> {
         BlockInputs {
             batch_size: batch.batch_size,
             seq_len: batch.seq_len,
             keys: KeyMask {
                 mask: batch.key_mask.ptr(),
                 positions: batch.positions.ptr(),
+                stride: batch.seq_len,
             },
             alibi_slopes: self.alibi_slopes(),
             rope,
@@ -342,10 +369,10 @@ impl CudaModel {
     }
 
     /// The embedded (and for BLOOM normalized) input `[N, H]`.
-    fn embed(&self, ctx: &Ctx<'_>, ids: &DeviceBuffer, n: usize) -> Result<DeviceBuffer> {
+    fn embed(&self, ctx: &Ctx<'_>, ids: u64, n: usize) -> Result<DeviceBuffer> {
         let x = ctx.act(n * self.hidden, "embeddings")?;
         self.kernels
-            .embedding(ids.ptr(), self.embedding.ptr(), x.ptr(), n, self.hidden)?;
+            .embedding(ids, self.embedding.ptr(), x.ptr(), n, self.hidden)?;
         match &self.embedding_norm {
             Some(norm) => Ok(norm.forward(ctx, x.ptr(), n)?.out),
             None => Ok(x),
@@ -361,10 +388,10 @@ impl CudaModel {
     pub fn forward_backward(&self, batch: &GpuBatch, grad_scale: f32, seed: u64) -> Result<f64> {
         let ctx = self.ctx(true, seed);
         let rope = self.rope(&batch.token_positions)?;
-        let inputs = self.batch_inputs(batch, rope.as_ref());
+        let inputs = self.batch_inputs(batch, rope.as_ref().map(|r| r.1));
         let n = batch.tokens();
         // Block inputs x_0..x_L (x_L is the last block's output).
-        let mut xs = vec![self.embed(&ctx, &batch.ids, n)?];
+        let mut xs = vec![self.embed(&ctx, batch.ids.ptr(), n)?];
         let mut saved: Vec<Option<Saved>> = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let out = ctx.act(n * self.hidden, "block output")?;
@@ -418,9 +445,9 @@ impl CudaModel {
     pub fn loss(&self, batch: &GpuBatch) -> Result<f64> {
         let ctx = self.ctx(false, 0);
         let rope = self.rope(&batch.token_positions)?;
-        let inputs = self.batch_inputs(batch, rope.as_ref());
+        let inputs = self.batch_inputs(batch, rope.as_ref().map(|r| r.1));
         let n = batch.tokens();
-        let mut x = self.embed(&ctx, &batch.ids, n)?;
+        let mut x = self.embed(&ctx, batch.ids.ptr(), n)?;
         for block in &self.blocks {
             let out = ctx.act(n * self.hidden, "block output")?;
             block.forward(&ctx, &inputs, x.ptr(), out.ptr(), None)?;
@@ -470,22 +497,38 @@ impl CudaModel {
                 })
             })
             .collect::<Result<_>>()?;
+        let rope_dim = match &self.positional {
+            Positional::Rope { head_dim, .. } => *head_dim,
+            Positional::Alibi(_) => 0,
+        };
         Ok(GpuKvCache {
             layers,
             capacity,
             book: TokenBook::new(batch),
+            inputs: DecodeInputs::new(&self.gpu, batch, capacity, rope_dim)?,
+            logits: self.gpu.alloc(4 * batch * self.vocab, "logits")?,
+            recorded_step: None,
+            record: self.record_decoding,
         })
     }
 
+    /// Records decoding steps into a CUDA graph (the default) or launches every kernel of every
+    /// step from the host (`false`: to measure what recording gains).
+    pub fn set_record_decoding(&mut self, record: bool) {
+        self.record_decoding = record;
+    }
+
     /// Feeds `ids [B, T]` (`key_mask [B, T]`: 1 real, 0 padding) after the tokens in `cache`
-    /// and returns each row's last-position logits `[B, vocab]` (f32, on the device). No
-    /// dropout, no autograd state: generation.
-    pub fn forward_cached(
+    /// and returns each row's last-position logits `[B, vocab]` (f32, on the device, in the
+    /// cache). No dropout, no autograd state: generation. A decoding step (one token per row
+    /// after the prompts) is recorded once into a CUDA graph and replayed after that: its inputs
+    /// are written where the recorded kernels read them.
+    pub fn forward_cached<'c>(
         &self,
         ids: &[u32],
         key_mask: &[f32],
-        cache: &mut GpuKvCache,
-    ) -> Result<DeviceBuffer> {
+        cache: &'c mut GpuKvCache,
+    ) -> Result<&'c DeviceBuffer> {
         let b = cache.book.batch_size();
         let t = ids.len() / b.max(1);
         if ids.len() != b * t || key_mask.len() != b * t || t == 0 {
@@ -508,37 +551,103 @@ impl CudaModel {
             )));
         }
         let step = cache.book.begin_step(key_mask, t)?;
-        let ctx = self.ctx(false, 0);
-        let mask = self.gpu.upload(&step.key_mask, "the attention mask")?;
         // Key positions matter only to ALiBi.
         let positions = self
             .alibi_slopes()
-            .map(|_| {
-                let positions = key_positions(&step.key_mask, b);
-                self.gpu.upload(&positions, "ALiBi positions")
-            })
-            .transpose()?;
+            .map(|_| key_positions(&step.key_mask, b));
         let query_positions: Vec<f32> = step.positions.iter().map(|&p| p as f32).collect();
+        let rope = self.rope_tables(&query_positions);
+        let at = |past_len| CachePosition {
+            past,
+            past_len,
+            capacity: cache.capacity,
+        };
+        if t == 1 && past > 0 && cache.record {
+            let inputs = &cache.inputs;
+            inputs.write(
+                &self.gpu,
+                past,
+                ids,
+                &step.key_mask,
+                positions.as_deref(),
+                rope,
+            )?;
+            let run = StepRun {
+                ids: inputs.ids(),
+                keys: inputs.keys(),
+                rope: inputs.rope(self.rope_layout()),
+                batch: b,
+                seq: 1,
+                at: at(inputs.past_len()),
+            };
+            if cache.recorded_step.is_none() {
+                let recorded = self
+                    .gpu
+                    .record(|| self.run_step(&run, &cache.layers, cache.logits.ptr()));
+                match recorded {
+                    Ok(r) => cache.recorded_step = Some(r),
+                    Err(e) => {
+                        // Launched one kernel at a time from now on: slower, not wrong.
+                        tracing::warn!("decoding steps are not recorded into a CUDA graph: {e}");
+                        cache.record = false;
+                        self.run_step(&run, &cache.layers, cache.logits.ptr())?;
+                        return Ok(&cache.logits);
+                    }
+                }
+            }
+            let recorded = cache.recorded_step.as_ref().expect("recorded above");
+            recorded.launch()?;
+            return Ok(&cache.logits);
+        }
+        cache.inputs.write_past(&self.gpu, past)?;
+        let mask = self.gpu.upload(&step.key_mask, "the attention mask")?;
+        let positions = positions
+            .map(|p| self.gpu.upload(&p, "ALiBi positions"))
+            .transpose()?;
+        let ids_on_device = self.gpu.upload(ids, "token ids")?;
         let rope = self.rope(&query_positions)?;
-        let inputs = BlockInputs {
-            batch_size: b,
-            seq_len: t,
+        let run = StepRun {
+            ids: ids_on_device.ptr(),
             keys: KeyMask {
                 mask: mask.ptr(),
                 positions: positions.as_ref().map_or(0, |p| p.ptr()),
+                stride: past + t,
             },
+            rope: rope.as_ref().map(|r| r.1),
+            batch: b,
+            seq: t,
+            at: at(cache.inputs.past_len()),
+        };
+        self.run_step(&run, &cache.layers, cache.logits.ptr())?;
+        Ok(&cache.logits)
+    }
+
+    /// The pair layout of RoPE models.
+    fn rope_layout(&self) -> Option<bool> {
+        match &self.positional {
+            Positional::Rope { half_split, .. } => Some(*half_split),
+            Positional::Alibi(_) => None,
+        }
+    }
+
+    /// The device work of one generation step (recordable: no host copies, no synchronization,
+    /// every buffer it allocates freed before it returns): `run.seq` new tokens per row through
+    /// every block into the KV cache `layers`, each row's last-position logits into `logits`.
+    fn run_step(&self, run: &StepRun, layers: &[LayerCache], logits: u64) -> Result<()> {
+        let (b, t) = (run.batch, run.seq);
+        let ctx = self.ctx(false, 0);
+        let inputs = BlockInputs {
+            batch_size: b,
+            seq_len: t,
+            keys: run.keys,
             alibi_slopes: self.alibi_slopes(),
-            rope: rope.as_ref(),
+            rope: run.rope,
         };
         let n = b * t;
-        let mut x = self.embed(&ctx, &self.gpu.upload(ids, "token ids")?, n)?;
-        for (block, layer) in self.blocks.iter().zip(&cache.layers) {
+        let mut x = self.embed(&ctx, run.ids, n)?;
+        for (block, layer) in self.blocks.iter().zip(layers) {
             let out = ctx.act(n * self.hidden, "block output")?;
-            let slot = CacheSlot {
-                layer,
-                past,
-                capacity: cache.capacity,
-            };
+            let slot = CacheSlot { layer, at: run.at };
             block.forward(&ctx, &inputs, x.ptr(), out.ptr(), Some(slot))?;
             x = out;
         }
@@ -558,7 +667,6 @@ impl CudaModel {
             rows
         };
         let normed = self.final_norm.forward(&ctx, last.ptr(), b)?;
-        let logits = self.gpu.alloc(4 * b * self.vocab, "logits")?;
         self.gpu.gemm(&Gemm::new(
             b,
             self.vocab,
@@ -567,11 +675,10 @@ impl CudaModel {
             false,
             self.head_table(),
             true,
-            logits.ptr(),
+            logits,
             self.options.precision,
             Precision::F32,
-        ))?;
-        Ok(logits)
+        ))
     }
 
     /// Folds each adapter into a dense copy of its frozen weight (the 4-bit base dequantized,

@@ -90,14 +90,41 @@ impl Sampler {
     pub fn next_token(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         let mut scores = logits.to_vec();
         apply_repetition_penalty(&mut scores, context, self.params.repetition_penalty);
+        self.next_token_penalized(scores)
+    }
+
+    /// [`Sampler::next_token`] for logits the repetition penalty was applied to already.
+    pub fn next_token_penalized(&mut self, mut scores: Vec<f32>) -> u32 {
         if !self.params.do_sample {
             return argmax(&scores);
         }
-        let inverse_temperature = 1.0 / self.params.temperature;
+        let inverse_temperature = self.inverse_temperature();
         scores.iter_mut().for_each(|s| *s *= inverse_temperature);
         keep_top_k(&mut scores, self.params.top_k);
-        keep_top_p(&mut scores, self.params.top_p);
-        sample(&scores, self.rng.random::<f64>())
+        self.draw(&mut scores)
+    }
+
+    /// What the scores are multiplied by before top-k (the device computes the same f32).
+    pub fn inverse_temperature(&self) -> f32 {
+        1.0 / self.params.temperature
+    }
+
+    /// The token [`Sampler::next_token`] draws when the penalty, the temperature and top-k were
+    /// applied elsewhere (on the GPU): `candidates` are the `(token, score)` pairs top-k kept,
+    /// in any order. The same token for the same seed: every other score is -inf in
+    /// `next_token`'s row, which neither top-p (zero probability, sorted first) nor the draw
+    /// (skipped) sees.
+    pub fn next_token_from_candidates(&mut self, candidates: &mut [(u32, f32)]) -> u32 {
+        candidates.sort_unstable_by_key(|&(token, _)| token);
+        let mut scores: Vec<f32> = candidates.iter().map(|&(_, score)| score).collect();
+        let chosen = self.draw(&mut scores);
+        candidates[chosen as usize].0
+    }
+
+    /// Top-p, then a draw from the softmax of `scores`.
+    fn draw(&mut self, scores: &mut [f32]) -> u32 {
+        keep_top_p(scores, self.params.top_p);
+        sample(scores, self.rng.random::<f64>())
     }
 }
 
@@ -195,6 +222,46 @@ fn sample(scores: &[f32], u: f64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drawing_from_the_top_k_candidates_gives_the_full_rows_token() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for case in 0..200 {
+            let vocab = 50 + case;
+            // Coarse values, so that the k-th largest often ties.
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| (rng.random::<f32>() * 40.0).round() / 4.0 - 5.0)
+                .collect();
+            let params = SamplingParams {
+                do_sample: true,
+                temperature: 0.3 + (case % 5) as f32 * 0.4,
+                top_p: [1.0, 0.9, 0.5, 0.05][case % 4],
+                top_k: 1 + case % 40,
+                repetition_penalty: 1.0,
+            };
+            let mut full = Sampler::new(params, case as u64).unwrap();
+            let mut from_candidates = Sampler::new(params, case as u64).unwrap();
+            for _ in 0..5 {
+                let expected = full.next_token(&logits, &[]);
+                // What the device hands over: the kept scores in no particular order.
+                let t = from_candidates.inverse_temperature();
+                let mut scaled: Vec<f32> = logits.iter().map(|&l| l * t).collect();
+                keep_top_k(&mut scaled, params.top_k);
+                let mut candidates: Vec<(u32, f32)> = scaled
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .filter(|(_, s)| **s != f32::NEG_INFINITY)
+                    .map(|(i, &s)| (i as u32, s))
+                    .collect();
+                assert_eq!(
+                    from_candidates.next_token_from_candidates(&mut candidates),
+                    expected,
+                    "case {case}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative_scores_once() {
