@@ -49,7 +49,7 @@ pub struct MemoryStats {
     pub device_total_bytes: usize,
 }
 
-fn driver_error(what: &str, e: DriverError) -> qlora_core::Error {
+pub(crate) fn driver_error(what: &str, e: DriverError) -> qlora_core::Error {
     let name = e
         .error_name()
         .ok()
