@@ -65,6 +65,30 @@ pub fn args_without(args: impl IntoIterator<Item = OsString>, flag: &str) -> Vec
     kept
 }
 
+/// `--nproc_per_node N` (named `flag`) of this very program: runs it `nproc` times with the
+/// same arguments less `flag`, as the ranks of one data-parallel run on this host. Refused
+/// inside a rank (RANK already set: torchrun or a launcher started this process).
+pub fn launch_this_program(nproc: usize, flag: &str) -> Result<(), DistributedError> {
+    if nproc == 0 {
+        return Err(DistributedError::Launch("must be at least 1".into()));
+    }
+    if std::env::var_os("RANK").is_some() {
+        return Err(DistributedError::Launch(format!(
+            "RANK is set: this process is already one rank of a data-parallel run (torchrun); \
+             leave {flag} out there"
+        )));
+    }
+    let program = std::env::current_exe()
+        .map_err(|e| DistributedError::Launch(format!("finding this program: {e}")))?;
+    let args = args_without(std::env::args_os().skip(1), flag);
+    let command = || {
+        let mut c = Command::new(&program);
+        c.args(&args);
+        c
+    };
+    launch(nproc, &command, Arc::new(PrefixedTerminal))
+}
+
 /// One running child, its output forwarders, and the last error line it printed.
 struct Rank {
     child: Child,
