@@ -220,14 +220,14 @@ fn finish(rank: Option<Rank>) -> Option<String> {
     last
 }
 
-/// Kills every child still running and waits for it.
+/// Kills every child still running and waits for it. Its forwarders are left to end on their
+/// own: a process the child started may still hold its output open.
 fn stop_all(ranks: &mut [Option<Rank>]) {
     for rank in ranks.iter_mut() {
-        if let Some(r) = rank.as_mut() {
+        if let Some(mut r) = rank.take() {
             let _ = r.child.kill();
             let _ = r.child.wait();
         }
-        finish(rank.take());
     }
 }
 
@@ -288,7 +288,7 @@ mod tests {
         // Rank 1 fails at once; the others would run for a minute.
         let script = "if [ \"$RANK\" = 1 ]; then echo 'loading' >&2; \
                       echo 'error: CUDA device 1 does not exist' >&2; echo 'bye' >&2; exit 3; fi; \
-                      sleep 60";
+                      exec sleep 60";
         let started = Instant::now();
         let e = launch(3, &shell(script), sink).unwrap_err().to_string();
         assert!(started.elapsed() < Duration::from_secs(20), "the others were not stopped");

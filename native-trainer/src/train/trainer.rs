@@ -692,6 +692,32 @@ mod tests {
     use qlora_core::peft::LoraPair;
 
     #[test]
+    fn ranks_split_each_step_without_overlap_in_the_single_process_order() {
+        use rand::rngs::StdRng;
+        // 23 examples in micro-batches of 2 (12, the last of one example), 3 ranks x 2
+        // micro-batches a step: 2 steps, the second of 6 micro-batches, then none left.
+        let batches = super::super::batches::epoch_batches(23, 2, &mut StdRng::seed_from_u64(4));
+        for step in batches.chunks(6) {
+            let shares: Vec<Vec<(usize, &Vec<usize>)>> = (0..3)
+                .map(|rank| rank_micro_batches(step, rank, 3).collect())
+                .collect();
+            let mut positions: Vec<usize> = shares.iter().flatten().map(|(j, _)| *j).collect();
+            positions.sort_unstable();
+            assert_eq!(positions, (0..step.len()).collect::<Vec<_>>());
+            for (rank, share) in shares.iter().enumerate() {
+                for (j, micro_batch) in share {
+                    assert_eq!(j % 3, rank);
+                    assert_eq!(*micro_batch, &step[*j]);
+                }
+            }
+        }
+        // A last step with fewer micro-batches than ranks leaves some ranks without one.
+        let short = &batches[10..];
+        assert_eq!(rank_micro_batches(short, 2, 3).count(), 0);
+        assert_eq!(rank_micro_batches(short, 1, 3).count(), 1);
+    }
+
+    #[test]
     fn a_checkpoint_adapter_is_read_in_parameter_order_or_refused() {
         let pair = |a: Vec<f32>, b: Vec<f32>| LoraPair {
             r: 1,
