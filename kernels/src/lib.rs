@@ -20,11 +20,11 @@ mod nccl;
 pub use buffer::DeviceBuffer;
 pub use device::{Gpu, MemoryStats};
 pub use gemm::Gemm;
-pub use nccl::{check_library as check_nccl, Communicator, NcclId, NCCL_ID_BYTES};
 pub use kernels::{
     AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, Kernels, SoftmaxArgs,
     GEMV_MAX_ROWS,
 };
+pub use nccl::{check_library as check_nccl, Communicator, NcclId, NCCL_ID_BYTES};
 
 /// The element type of activations and of the frozen weights they multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

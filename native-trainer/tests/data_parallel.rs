@@ -134,7 +134,10 @@ fn train_rank(ranks: &dyn Collective, options: &TrainOptions, out_dir: &Path) ->
     };
     let mut records = Vec::new();
     let mut trainable = CpuTrainable::new(&model).unwrap();
-    train_data_parallel(&mut trainable, &run, ranks, &mut |r| records.push(r.clone())).unwrap();
+    train_data_parallel(&mut trainable, &run, ranks, &mut |r| {
+        records.push(r.clone())
+    })
+    .unwrap();
     records
 }
 
@@ -172,7 +175,10 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
             worst = worst
                 .max(relative(dp.loss, one.loss))
                 .max(relative(dp.grad_norm, one.grad_norm))
-                .max(relative(dp.val_loss.unwrap_or(1.0), one.val_loss.unwrap_or(1.0)));
+                .max(relative(
+                    dp.val_loss.unwrap_or(1.0),
+                    one.val_loss.unwrap_or(1.0),
+                ));
         }
     }
     println!("2 ranks vs 1 process: max relative difference {worst:.2e}");

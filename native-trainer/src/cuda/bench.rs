@@ -301,7 +301,11 @@ pub fn run(
         // The slowest rank's figures: the run goes at its pace.
         let mut slowest = [
             median(&times[2..]),
-            if data_parallel { median(&allreduce_ms) } else { 0.0 },
+            if data_parallel {
+                median(&allreduce_ms)
+            } else {
+                0.0
+            },
         ];
         max_over_ranks(ranks, &mut slowest)?;
         let [median, allreduce_median] = slowest;

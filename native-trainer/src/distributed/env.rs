@@ -189,17 +189,26 @@ mod tests {
                 .collect()
         };
         let e = message(&without("WORLD_SIZE"));
-        assert!(e.contains("WORLD_SIZE is not set") && e.contains("RANK"), "{e}");
+        assert!(
+            e.contains("WORLD_SIZE is not set") && e.contains("RANK"),
+            "{e}"
+        );
         let e = message(&without("MASTER_PORT"));
         assert!(e.contains("MASTER_PORT is not set"), "{e}");
         let e = message(&with("RANK", "2"));
-        assert!(e.contains("RANK=2") && e.contains("below WORLD_SIZE"), "{e}");
+        assert!(
+            e.contains("RANK=2") && e.contains("below WORLD_SIZE"),
+            "{e}"
+        );
         let e = message(&with("RANK", "one"));
         assert!(e.contains("RANK=one"), "{e}");
         let e = message(&with("WORLD_SIZE", "0"));
         assert!(e.contains("WORLD_SIZE=0"), "{e}");
         let e = message(&with("MASTER_PORT", "70000"));
-        assert!(e.contains("MASTER_PORT=70000") && e.contains("65535"), "{e}");
+        assert!(
+            e.contains("MASTER_PORT=70000") && e.contains("65535"),
+            "{e}"
+        );
         let e = message(&with("MASTER_ADDR", " "));
         assert!(e.contains("MASTER_ADDR"), "{e}");
     }

@@ -32,8 +32,7 @@ impl NcclGroup {
             master: env.master(),
             msg: "rank 0 sent an id of the wrong length".into(),
         })?;
-        let communicator =
-            Communicator::join(gpu, NcclId(id), env.rank, env.world_size, timeout)?;
+        let communicator = Communicator::join(gpu, NcclId(id), env.rank, env.world_size, timeout)?;
         Ok(NcclGroup { communicator })
     }
 }

@@ -103,14 +103,17 @@ pub fn launch(
     command: &dyn Fn() -> Command,
     sink: Arc<dyn OutputSink>,
 ) -> Result<(), DistributedError> {
-    let port = free_port().map_err(|e| DistributedError::Launch(format!("finding a free port: {e}")))?;
+    let port =
+        free_port().map_err(|e| DistributedError::Launch(format!("finding a free port: {e}")))?;
     let mut ranks: Vec<Option<Rank>> = Vec::new();
     for rank in 0..nproc {
         match spawn_rank(rank, nproc, port, command(), sink.clone()) {
             Ok(r) => ranks.push(Some(r)),
             Err(e) => {
                 stop_all(&mut ranks);
-                return Err(DistributedError::Launch(format!("starting rank {rank}: {e}")));
+                return Err(DistributedError::Launch(format!(
+                    "starting rank {rank}: {e}"
+                )));
             }
         }
     }
@@ -137,7 +140,9 @@ pub fn launch(
                 }
                 Err(e) => {
                     stop_all(&mut ranks);
-                    return Err(DistributedError::Launch(format!("waiting for rank {rank}: {e}")));
+                    return Err(DistributedError::Launch(format!(
+                        "waiting for rank {rank}: {e}"
+                    )));
                 }
             }
         }
@@ -196,7 +201,12 @@ fn forward(
         while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
             let text = String::from_utf8_lossy(&line);
             // A progress bar redraws its line with carriage returns: show the newest state.
-            let text = text.trim_end().rsplit('\r').next().unwrap_or("").to_string();
+            let text = text
+                .trim_end()
+                .rsplit('\r')
+                .next()
+                .unwrap_or("")
+                .to_string();
             if let Some(last) = &last_error {
                 let is_error = text.starts_with("error") || text.contains("panicked at");
                 if !text.is_empty() && (is_error || !saw_error) {
@@ -216,7 +226,11 @@ fn finish(rank: Option<Rank>) -> Option<String> {
     for forwarder in rank.forwarders {
         let _ = forwarder.join();
     }
-    let last = rank.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let last = rank
+        .last_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     last
 }
 
@@ -249,7 +263,10 @@ mod tests {
 
     impl OutputSink for Collected {
         fn line(&self, rank: usize, stream: Stream, text: &str) {
-            self.0.lock().unwrap().push((rank, stream, text.to_string()));
+            self.0
+                .lock()
+                .unwrap()
+                .push((rank, stream, text.to_string()));
         }
     }
 
@@ -264,7 +281,8 @@ mod tests {
     #[test]
     fn children_get_the_torchrun_variables_and_their_output_is_prefixed() {
         let sink = Arc::new(Collected::default());
-        let script = "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT\"; echo note >&2";
+        let script =
+            "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT\"; echo note >&2";
         launch(3, &shell(script), sink.clone()).unwrap();
         let lines = sink.0.lock().unwrap().clone();
         let mut ports = Vec::new();
@@ -275,11 +293,16 @@ mod tests {
                 .map(|(_, _, t)| t)
                 .collect();
             let fields: Vec<&str> = out[0].split(' ').collect();
-            assert_eq!(fields[..4], [&*rank.to_string(), &*rank.to_string(), "3", "127.0.0.1"]);
+            assert_eq!(
+                fields[..4],
+                [&*rank.to_string(), &*rank.to_string(), "3", "127.0.0.1"]
+            );
             ports.push(fields[4].to_string());
             assert!(lines.contains(&(rank, Stream::Stderr, "note".into())));
         }
-        assert!(ports.iter().all(|p| *p == ports[0] && p.parse::<u16>().is_ok()));
+        assert!(ports
+            .iter()
+            .all(|p| *p == ports[0] && p.parse::<u16>().is_ok()));
     }
 
     #[test]
@@ -291,9 +314,14 @@ mod tests {
                       exec sleep 60";
         let started = Instant::now();
         let e = launch(3, &shell(script), sink).unwrap_err().to_string();
-        assert!(started.elapsed() < Duration::from_secs(20), "the others were not stopped");
         assert!(
-            e.contains("rank 1") && e.contains("exit code 3") && e.contains("CUDA device 1 does not exist"),
+            started.elapsed() < Duration::from_secs(20),
+            "the others were not stopped"
+        );
+        assert!(
+            e.contains("rank 1")
+                && e.contains("exit code 3")
+                && e.contains("CUDA device 1 does not exist"),
             "{e}"
         );
     }
@@ -302,7 +330,14 @@ mod tests {
     fn the_launcher_flag_is_removed_from_the_childrens_arguments() {
         let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
         let kept = args_without(
-            args(&["train", "--nproc_per_node", "4", "--lr", "1e-4", "--nproc_per_node=2"]),
+            args(&[
+                "train",
+                "--nproc_per_node",
+                "4",
+                "--lr",
+                "1e-4",
+                "--nproc_per_node=2",
+            ]),
             "--nproc_per_node",
         );
         assert_eq!(kept, args(&["train", "--lr", "1e-4"]));

@@ -30,8 +30,13 @@ pub fn rendezvous(
 ) -> Result<Vec<u8>, DistributedError> {
     let deadline = Instant::now() + timeout;
     if env.rank == 0 {
-        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, env.master_port))
-            .map_err(|e| failed(env, format!("rank 0 cannot listen on port {}: {e}", env.master_port)))?;
+        let listener =
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, env.master_port)).map_err(|e| {
+                failed(
+                    env,
+                    format!("rank 0 cannot listen on port {}: {e}", env.master_port),
+                )
+            })?;
         serve(env, &listener, identity, &payload()?, deadline, timeout)
     } else {
         join(env, identity, deadline, timeout)
@@ -162,7 +167,10 @@ fn join(
         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
             timed_out("no id received".into())
         } else {
-            failed(env, format!("rank {}: the connection to rank 0 broke: {e}", env.rank))
+            failed(
+                env,
+                format!("rank {}: the connection to rank 0 broke: {e}", env.rank),
+            )
         }
     };
     stream
@@ -171,7 +179,10 @@ fn join(
     write_hello(&mut stream, env, identity).map_err(io)?;
     match read_reply(&mut stream).map_err(io)? {
         Ok(payload) => Ok(payload),
-        Err(problem) => Err(failed(env, format!("rank 0 refused rank {}: {problem}", env.rank))),
+        Err(problem) => Err(failed(
+            env,
+            format!("rank 0 refused rank {}: {problem}", env.rank),
+        )),
     }
 }
 
@@ -200,11 +211,14 @@ fn read_hello(stream: &mut TcpStream) -> std::io::Result<Hello> {
     let mut magic = [0; 8];
     stream.read_exact(&mut magic)?;
     if &magic != MAGIC {
-        return Err(invalid("not a qlora rendezvous message (another program on this port?)"));
+        return Err(invalid(
+            "not a qlora rendezvous message (another program on this port?)",
+        ));
     }
     let rank = read_u32(stream)? as usize;
     let world_size = read_u32(stream)? as usize;
-    let identity = String::from_utf8(read_field(stream)?).map_err(|_| invalid("identity not UTF-8"))?;
+    let identity =
+        String::from_utf8(read_field(stream)?).map_err(|_| invalid("identity not UTF-8"))?;
     Ok(Hello {
         rank,
         world_size,
@@ -324,7 +338,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("rank(s) 1 of 2"), "{e}");
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && e.contains("rank(s) 1 of 2"),
+            "{e}"
+        );
         // And a rank whose rank 0 never comes.
         let e = rendezvous(
             &env(1, 2, port),
@@ -334,7 +351,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("timed out"), "{e}");
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && e.contains("timed out"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,9 +13,9 @@ pub mod schedule;
 pub mod trainable;
 pub mod trainer;
 
+pub use collective::{Collective, SingleProcess};
 pub use cpu_trainable::CpuTrainable;
 pub use trainable::Trainable;
-pub use collective::{Collective, SingleProcess};
 pub use trainer::{
     train, train_data_parallel, validation_loss, Evaluation, Run, Summary, TrainOptions,
 };

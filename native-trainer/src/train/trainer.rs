@@ -552,7 +552,8 @@ pub fn train_data_parallel(
             model.zero_grad()?;
             // Every rank draws every micro-batch's dropout seed, in the step's order, so that a
             // micro-batch gets the same masks whichever rank computes it.
-            let dropout_seeds: Vec<u64> = group.iter().map(|_| state.dropout_rng.random()).collect();
+            let dropout_seeds: Vec<u64> =
+                group.iter().map(|_| state.dropout_rng.random()).collect();
             let (mut loss_sum, mut tokens) = (0.0, 0);
             let mut first_non_finite = None;
             for (j, indices) in rank_micro_batches(group, rank, world_size) {
@@ -573,7 +574,9 @@ pub fn train_data_parallel(
             let tokens = tokens as usize;
             if !loss_sum.is_finite() {
                 let (what, batch): (String, Vec<&Vec<usize>>) = match first_non_finite {
-                    Some((value, indices)) => (format!("the training loss is {value}"), vec![indices]),
+                    Some((value, indices)) => {
+                        (format!("the training loss is {value}"), vec![indices])
+                    }
                     None => (
                         format!("the training loss (summed over the ranks) is {loss_sum}"),
                         group.iter().collect(),
