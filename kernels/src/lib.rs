@@ -1,7 +1,8 @@
 //! CUDA kernels of qlora and their host side: a [`Gpu`] context that opens a device with clear
 //! errors, device buffers with peak-memory accounting, CUDA C sources compiled at run time by
 //! NVRTC (cached per device, in memory and on disk), cuBLASLt GEMMs, and one host wrapper per
-//! kernel ([`Kernels`]).
+//! kernel ([`Kernels`]), and NCCL's all-reduce between the GPUs of a data-parallel run
+//! ([`Communicator`]).
 //!
 //! Everything is loaded at run time (cudarc's dynamic loading): this crate builds, and code that
 //! uses it runs its CPU paths, on machines without CUDA; [`Gpu::open`] then says what is missing.
@@ -15,6 +16,7 @@ mod device;
 mod gemm;
 mod graph;
 mod kernels;
+mod nccl;
 
 pub use buffer::DeviceBuffer;
 pub use device::{Gpu, MemoryStats};
@@ -24,6 +26,7 @@ pub use kernels::{
     AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, Kernels, SoftmaxArgs,
     GEMV_MAX_ROWS,
 };
+pub use nccl::{check_library as check_nccl, Communicator, NcclId, NCCL_ID_BYTES};
 
 /// The element type of activations and of the frozen weights they multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

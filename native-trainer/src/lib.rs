@@ -2,10 +2,12 @@
 //!
 //! - [`cpu`]: the CPU reference implementation of the models, LoRA and the causal-LM loss
 //!   (candle-core), which the GPU paths are checked against.
+//! - [`distributed`]: data-parallel training over several GPUs (NCCL), and its launcher.
 //! - [`generate`]: decoding with a KV cache, sampling, streaming and the ADGEN evaluation.
 
 pub mod cpu;
 pub mod cuda;
+pub mod distributed;
 pub mod generate;
 pub mod load;
 pub mod merge;

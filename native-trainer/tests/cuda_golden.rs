@@ -428,6 +428,7 @@ fn a_200_step_training_run_tracks_the_cpu_loop() {
             max_steps: Some(200),
             batch_size: 4,
             gradient_steps: 2,
+            world_size: 1,
             schedule: ScheduleKind::Linear,
             lr: 2e-3,
             warmup_steps: 10,

@@ -3,11 +3,15 @@
 //! `qlora_trainer::cuda::bench` and `qlora_trainer::cuda::decode_bench`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use qlora_trainer::cuda::bench::{self, BenchConfig};
 use qlora_trainer::cuda::decode_bench::{self, GenerateBenchOptions};
 use qlora_trainer::cuda::Gpu;
+use qlora_trainer::distributed::launcher::{args_without, launch_this_program};
+use qlora_trainer::distributed::{NcclGroup, RankEnv};
+use qlora_trainer::train::{Collective, SingleProcess};
 
 #[derive(clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -70,6 +74,14 @@ pub struct TrainArgs {
     /// Also write the JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Data-parallel on this many GPUs of this host (one process each, NCCL all-reduce of the
+    /// LoRA gradients): the batch of --configs is per GPU, tokens/s count all GPUs. Or start the
+    /// processes yourself with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Data-parallel: seconds to wait for the other ranks before giving up.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub dist_timeout: u64,
 }
 
 fn parse_config(text: &str) -> Result<BenchConfig> {
@@ -162,27 +174,58 @@ fn train(args: TrainArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let gpu = Gpu::open(0)?;
+    if let Some(nproc) = args.nproc_per_node {
+        return Ok(launch_this_program(nproc, "--nproc_per_node")?);
+    }
+    let rank_env = RankEnv::from_env()?.filter(|e| e.world_size > 1);
+    let gpu = Gpu::open(rank_env.as_ref().map_or(0, |e| e.local_rank))?;
+    let nccl;
+    let ranks: &dyn Collective = match &rank_env {
+        Some(env) => {
+            let identity = args_without(std::env::args_os().skip(1), "--nproc_per_node")
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            nccl = NcclGroup::join(&gpu, env, &identity, Duration::from_secs(args.dist_timeout))?;
+            &nccl
+        }
+        None => &SingleProcess,
+    };
+    let rank = ranks.rank();
     eprintln!("device: {}", gpu.describe());
     let results = bench::run(
         &gpu,
+        ranks,
         args.layers,
         &configs,
         args.steps,
         args.bf16_tflops * 1e12,
         &mut |r| {
+            if rank > 0 {
+                return;
+            }
+            let allreduce = r
+                .allreduce_ms_median
+                .map_or(String::new(), |ms| format!(", all-reduce {ms:.2} ms/step"));
             eprintln!(
-                "{}: {:.0} tok/s, peak {:.2} GiB, {:.1}% of the floor",
+                "{} x {} GPU(s): {:.0} tok/s ({:.0} per GPU), peak {:.2} GiB, {:.1}% of the floor{allreduce}",
                 r.config,
+                r.world_size,
                 r.tok_s,
+                r.tok_s_per_gpu,
                 r.peak_alloc_gib,
                 100.0 * r.fraction_of_floor
             )
         },
     )?;
+    if rank > 0 {
+        return Ok(());
+    }
     write_json(
         serde_json::json!({
             "device": gpu.describe(),
+            "world_size": ranks.world_size(),
             "layers": args.layers,
             "bf16_tflops": args.bf16_tflops,
             "train": results,

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::HumanCount;
@@ -20,6 +21,8 @@ use qlora_core::quant::QuantType;
 use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
+use qlora_trainer::distributed::launcher::{args_without, launch_this_program};
+use qlora_trainer::distributed::{NcclGroup, RankEnv};
 use qlora_trainer::generate::model::{load_for_generation, GenerationDevice};
 use qlora_trainer::generate::{evaluate, EvalOptions, Example};
 use qlora_trainer::load::{load_base, QuantOnLoad};
@@ -29,7 +32,9 @@ use qlora_trainer::train::log::StepRecord;
 use qlora_trainer::train::optimizer::AdamWParams;
 use qlora_trainer::train::schedule::ScheduleKind;
 use qlora_trainer::train::trainer::{BEST_DIR, FINAL_DIR, LOG_FILE};
-use qlora_trainer::train::{train, CpuTrainable, Summary, TrainOptions};
+use qlora_trainer::train::{
+    train_data_parallel, CpuTrainable, Run, SingleProcess, Summary, TrainOptions,
+};
 
 /// The demo data, built into the binary so that `qlora train` works from any directory.
 const DEMO_TRAIN: DataFile = DataFile::Embedded {
@@ -156,6 +161,16 @@ pub struct Args {
     /// Where to train [default: cuda when a CUDA device opens, else cpu].
     #[arg(long, value_enum)]
     pub device: Option<Device>,
+    /// Data-parallel training on this many GPUs of this host: starts one process per GPU (as
+    /// torchrun does; or start them yourself with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    /// MASTER_PORT set). --batch_size is per GPU: a step averages --batch_size x GPUs x
+    /// --gradient_steps examples.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Data-parallel: seconds to wait for the other ranks (rendezvous, NCCL set-up, each
+    /// all-reduce) before giving up with an error.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub dist_timeout: u64,
     /// CUDA: keep only each layer's input and recompute the layer in the backward pass (less
     /// memory, about a third more compute).
     #[arg(long)]
@@ -202,10 +217,15 @@ impl From<CudaPrecision> for Precision {
 /// The CUDA device to work on, or `None` for the CPU: `--device cuda` must open one; without
 /// `--device`, a device that does not open means the CPU (said in the log).
 pub fn choose_device(device: Option<Device>) -> Result<Option<Gpu>> {
+    choose_device_at(device, 0)
+}
+
+/// [`choose_device`] with the CUDA device `ordinal` (a data-parallel rank's LOCAL_RANK).
+fn choose_device_at(device: Option<Device>, ordinal: usize) -> Result<Option<Gpu>> {
     match device {
         Some(Device::Cpu) => Ok(None),
-        Some(Device::Cuda) => Ok(Some(Gpu::open(0)?)),
-        None => match Gpu::open(0) {
+        Some(Device::Cuda) => Ok(Some(Gpu::open(ordinal)?)),
+        None => match Gpu::open(ordinal) {
             Ok(gpu) => Ok(Some(gpu)),
             Err(e) => {
                 tracing::info!("using the CPU: {e}");
@@ -333,9 +353,34 @@ impl DataFile {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let gpu = choose_device(args.device)?;
+    if let Some(nproc) = args.nproc_per_node {
+        return Ok(launch_this_program(nproc, "--nproc_per_node")?);
+    }
+    let rank_env = RankEnv::from_env()?;
+    let (rank, world_size) = rank_env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    let writes = rank == 0;
+    if world_size > 1 && args.device == Some(Device::Cpu) {
+        bail!(
+            "WORLD_SIZE={world_size}: data-parallel training runs on CUDA GPUs (NCCL); drop \
+             --device cpu or train in one process"
+        );
+    }
+    let ordinal = rank_env.as_ref().map_or(0, |e| e.local_rank);
+    let device = if world_size > 1 {
+        Some(Device::Cuda)
+    } else {
+        args.device
+    };
+    let gpu = choose_device_at(device, ordinal)?;
     if let Some(gpu) = &gpu {
-        tracing::info!("training on {}", gpu.describe());
+        match &rank_env {
+            Some(env) if world_size > 1 => tracing::info!(
+                "rank {} of {world_size}: training on GPU {ordinal}, {}",
+                env.rank,
+                gpu.describe()
+            ),
+            _ => tracing::info!("training on {}", gpu.describe()),
+        }
     }
     let demo = args.model_name_or_path.is_none() && args.train_file.is_none();
     let (model_path, train_file, validation_file, defaults) = if demo {
@@ -373,7 +418,9 @@ pub fn run(args: Args) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from(defaults.out_dir));
             // The demo's own directory is rewritten by every demo run.
             let overwrite = args.overwrite || (demo && args.out_dir.is_none());
-            check_out_dir(&out_dir, overwrite)?;
+            if writes {
+                check_out_dir(&out_dir, overwrite)?;
+            }
             (out_dir, None)
         }
         Some(dir) => {
@@ -484,6 +531,7 @@ pub fn run(args: Args) -> Result<()> {
         max_steps: args.max_steps.or(defaults.max_steps),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
         gradient_steps: args.gradient_steps.unwrap_or(defaults.gradient_steps),
+        world_size,
         schedule: args.lr_scheduler,
         lr: args.lr.unwrap_or(defaults.lr),
         warmup_steps: args.warmup_steps.unwrap_or(defaults.warmup_steps),
@@ -498,13 +546,21 @@ pub fn run(args: Args) -> Result<()> {
         pad_id,
         ignore_pad_token_for_loss: args.ignore_pad_token_for_loss,
     };
-    if options.resume_from.is_none() {
+    if options.resume_from.is_none() && writes {
         create_out_dir(&out_dir)?;
     }
     let total_steps = options.total_steps(train_examples.examples.len());
-    let bar = progress::steps_bar(total_steps as u64, "training");
+    // Rank 0 alone reports progress (and tokens/s over all GPUs).
+    let bar = if writes {
+        progress::steps_bar(total_steps as u64, "training")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let report_every = total_steps.div_ceil(20).max(1);
     let mut on_step = |r: &StepRecord| {
+        if !writes {
+            return;
+        }
         bar.set_position(r.step as u64);
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s",
@@ -522,7 +578,13 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     };
-    let validation = validation_examples.as_ref().map(|v| v.examples.as_slice());
+    let run = Run {
+        train: &train_examples.examples,
+        validation: validation_examples.as_ref().map(|v| v.examples.as_slice()),
+        options: &options,
+        adapter_config: &adapter_config,
+        out_dir: &out_dir,
+    };
     let summary = match &gpu {
         Some(gpu) => {
             let cuda_options = CudaOptions {
@@ -536,31 +598,33 @@ pub fn run(args: Args) -> Result<()> {
                 Some(&setup),
                 cuda_options,
             )?;
-            train(
-                &mut model,
-                &train_examples.examples,
-                validation,
-                &options,
-                &adapter_config,
-                &out_dir,
-                &mut on_step,
-            )
+            match rank_env.as_ref().filter(|_| world_size > 1) {
+                // Joined once the model is loaded: the slow, failure-prone part is behind.
+                Some(env) => {
+                    let identity = args_without(std::env::args_os().skip(1), "--nproc_per_node")
+                        .iter()
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let timeout = Duration::from_secs(args.dist_timeout);
+                    let ranks = NcclGroup::join(gpu, env, &identity, timeout)?;
+                    tracing::info!("rank {rank}: joined the {world_size} ranks");
+                    train_data_parallel(&mut model, &run, &ranks, &mut on_step)
+                }
+                None => train_data_parallel(&mut model, &run, &SingleProcess, &mut on_step),
+            }
         }
         None => {
             let model = Model::load(&base.config, &*base.weights, Some(&setup))?;
-            train(
-                &mut CpuTrainable::new(&model)?,
-                &train_examples.examples,
-                validation,
-                &options,
-                &adapter_config,
-                &out_dir,
-                &mut on_step,
-            )
+            let mut trainable = CpuTrainable::new(&model)?;
+            train_data_parallel(&mut trainable, &run, &SingleProcess, &mut on_step)
         }
     };
     bar.finish_and_clear();
     let summary = summary?;
+    if !writes {
+        return Ok(());
+    }
     print_summary(&summary, &out_dir);
     if demo {
         let adapter = if summary.best.is_some() {

@@ -1,11 +1,13 @@
 //! `qlora bench train`: training throughput and peak GPU memory on a BLOOM-7b1-shaped model with
 //! random weights (YaYi-7B's architecture), configured as `shared/anchors/hf_qlora_bench.py`
 //! configures the reference stack: nf4 with double quantization, LoRA r=16, alpha=32, dropout
-//! 0.05 on query_key_value, bf16; the median step time after two warm-up steps.
+//! 0.05 on query_key_value, bf16; the median step time after two warm-up steps. Data-parallel
+//! (`--nproc_per_node`): each rank trains its own micro-batch and the LoRA gradients are summed
+//! by NCCL before the update, as in training; tokens/s then count every GPU.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use half::bf16;
 use qlora_core::arch::{LoraConfig, ModelConfig, TargetModules};
@@ -18,6 +20,7 @@ use super::batch::GpuBatch;
 use super::model::{CudaModel, CudaOptions};
 use crate::cpu::lora::{LoraInit, LoraSetup};
 use crate::train::optimizer::AdamWParams;
+use crate::train::Collective;
 use qlora_kernels::{Gpu, Precision};
 
 /// Parameters of BLOOM-7b1 (for the FLOP floor).
@@ -188,24 +191,34 @@ impl std::fmt::Display for BenchConfig {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
+    /// Per GPU.
     pub config: String,
+    /// GPUs (data-parallel ranks) the step ran on.
+    pub world_size: usize,
+    /// The slowest rank's median step (a step ends at the all-reduce, which waits for all).
     pub step_s_median: f64,
+    /// Tokens per second over all GPUs.
     pub tok_s: f64,
+    pub tok_s_per_gpu: f64,
+    /// Median time of the gradient all-reduce, the slowest rank's (data-parallel only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_ms_median: Option<f64>,
     /// Peak of the device memory this run allocated (weights included), as
     /// `torch.cuda.max_memory_allocated` counts it.
     pub peak_alloc_gib: f64,
     /// Device memory in use at the end (CUDA context and libraries included).
     pub device_used_gib: f64,
     pub loss: f64,
-    /// tok/s at the card's bf16 rate if every FLOP of 6·N (recomputation) or 4·N per token ran.
+    /// tok/s of one GPU at the card's bf16 rate if every FLOP of 6·N (recomputation) or 4·N per token ran.
     pub floor_tok_s: f64,
     pub fraction_of_floor: f64,
 }
 
 /// Measures `configs` on `gpu` with `layers` BLOOM-7b1 blocks; `bf16_flops` is the card's bf16
-/// rate for the floor.
+/// rate for the floor; `ranks` are the data-parallel ranks the steps run on.
 pub fn run(
     gpu: &Gpu,
+    ranks: &dyn Collective,
     layers: usize,
     configs: &[BenchConfig],
     steps: usize,
@@ -258,37 +271,82 @@ pub fn run(
         let gpu_batch = GpuBatch::upload(gpu, &batch, model.vocab_size())?;
         gpu.sync()?;
         gpu.reset_peak();
-        let mut times = Vec::new();
+        let (mut times, mut allreduce_times) = (Vec::new(), Vec::new());
         let mut loss = f64::NAN;
+        let data_parallel = ranks.world_size() > 1;
         for step in 0..steps + 2 {
             let started = Instant::now();
             model.zero_grad()?;
-            loss = model.forward_backward(&gpu_batch, 1.0, step as u64)?;
+            let scale = 1.0 / ranks.world_size() as f32;
+            loss = model.forward_backward(&gpu_batch, scale, step as u64)?;
+            if data_parallel {
+                let (ptr, len) = model.gradient_buffer();
+                allreduce_times.push(ranks.sum_device_f32(ptr, len)?);
+            }
             model.clip_grad_norm(0.0)?;
             model.adamw_step(AdamWParams::with_weight_decay(0.0), 2e-4)?;
             gpu.sync()?;
             times.push(started.elapsed().as_secs_f64());
         }
-        let mut timed = times[2..].to_vec();
-        timed.sort_by(f64::total_cmp);
-        let median = timed[timed.len() / 2];
+        let median = |values: &[f64]| {
+            let mut sorted = values.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2]
+        };
+        let allreduce_ms: Vec<f64> = allreduce_times
+            .iter()
+            .skip(2)
+            .map(|d: &Duration| d.as_secs_f64() * 1e3)
+            .collect();
+        // The slowest rank's figures: the run goes at its pace.
+        let mut slowest = [
+            median(&times[2..]),
+            if data_parallel {
+                median(&allreduce_ms)
+            } else {
+                0.0
+            },
+        ];
+        max_over_ranks(ranks, &mut slowest)?;
+        let [median, allreduce_median] = slowest;
         let memory = gpu.memory()?;
         let flops_per_token = if c.gradient_checkpointing { 6.0 } else { 4.0 } * params;
-        let tok_s = n as f64 / median;
+        let tok_s = (n * ranks.world_size()) as f64 / median;
         let floor = bf16_flops / flops_per_token;
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         let r = BenchResult {
             config: c.to_string(),
+            world_size: ranks.world_size(),
             step_s_median: median,
             tok_s,
+            tok_s_per_gpu: tok_s / ranks.world_size() as f64,
+            allreduce_ms_median: data_parallel.then_some(allreduce_median),
             peak_alloc_gib: gib(memory.peak_bytes),
             device_used_gib: gib(memory.device_used_bytes),
             loss,
             floor_tok_s: floor,
-            fraction_of_floor: tok_s / floor,
+            fraction_of_floor: tok_s / ranks.world_size() as f64 / floor,
         };
         report(&r);
         results.push(r);
     }
     Ok(results)
+}
+
+/// Replaces each of `values` (non-negative) by its maximum over the ranks: the ranks' values are
+/// gathered by summing a vector in which each rank fills its own slots.
+fn max_over_ranks(ranks: &dyn Collective, values: &mut [f64]) -> Result<()> {
+    let world = ranks.world_size();
+    let mut gathered = vec![0.0; values.len() * world];
+    for (i, v) in values.iter().enumerate() {
+        gathered[i * world + ranks.rank()] = *v;
+    }
+    ranks.sum(&mut gathered)?;
+    for (i, v) in values.iter_mut().enumerate() {
+        *v = gathered[i * world..(i + 1) * world]
+            .iter()
+            .copied()
+            .fold(0.0, f64::max);
+    }
+    Ok(())
 }

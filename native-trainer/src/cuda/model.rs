@@ -726,6 +726,11 @@ impl CudaModel {
         self.lora.zero_grad(&self.gpu)
     }
 
+    /// The device address and length of the flat f32 buffer of every LoRA gradient.
+    pub(crate) fn gradient_buffer(&self) -> (u64, usize) {
+        (self.lora.grad.ptr(), self.lora.len)
+    }
+
     /// Global gradient norm before clipping to `max_norm` (`<= 0`: no clipping).
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<f64> {
         self.lora.clip_grad_norm(&self.gpu, &self.kernels, max_norm)

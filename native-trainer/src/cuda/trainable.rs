@@ -4,6 +4,8 @@
 //! dropout generator (hashed with each projection's id and element index on the GPU), so the
 //! generator's saved position restores them.
 
+use std::time::Duration;
+
 use qlora_core::data::Batch;
 use qlora_core::peft::{AdapterConfig, LoraAdapter};
 use qlora_core::Result;
@@ -14,6 +16,7 @@ use super::batch::GpuBatch;
 use super::model::CudaModel;
 use crate::train::adapter::adapter_from_pairs;
 use crate::train::checkpoint::ParamSpec;
+use crate::train::collective::Collective;
 use crate::train::optimizer::{AdamW, AdamWParams};
 use crate::train::Trainable;
 
@@ -35,6 +38,12 @@ impl Trainable for CudaModel {
         let gpu_batch = GpuBatch::upload(self.gpu(), batch, self.vocab_size())?;
         let seed: u64 = dropout_rng.random();
         self.forward_backward(&gpu_batch, 1.0 / micro_batches as f32, seed)
+    }
+
+    fn all_reduce_gradients(&mut self, ranks: &dyn Collective) -> Result<Duration> {
+        // The LoRA gradients are one flat f32 buffer: one all-reduce.
+        let (ptr, len) = self.gradient_buffer();
+        ranks.sum_device_f32(ptr, len)
     }
 
     fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {

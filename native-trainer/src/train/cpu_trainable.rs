@@ -2,6 +2,8 @@
 //! updates on the host (and copies back into the model's Vars), the summed gradients of the
 //! step's micro-batches, and AdamW's state.
 
+use std::time::{Duration, Instant};
+
 use candle_core::{Device, Tensor, Var};
 use qlora_core::data::Batch;
 use qlora_core::peft::{AdapterConfig, LoraAdapter};
@@ -11,6 +13,7 @@ use rand_chacha::ChaCha12Rng;
 use super::adapter::model_adapter;
 use super::batches::BatchTensors;
 use super::checkpoint::ParamSpec;
+use super::collective::Collective;
 use super::optimizer::{clip_grad_norm, AdamW, AdamWParams};
 use super::trainable::Trainable;
 use crate::cpu::{backward, causal_lm_loss, compute_error, Mode, Model};
@@ -23,10 +26,8 @@ pub struct CpuTrainable<'m> {
     specs: Vec<ParamSpec>,
     /// f32 copies of the Vars' values, which the optimizer updates.
     values: Vec<Vec<f32>>,
-    /// The sum of the step's micro-batch gradients, then (once all are in) their mean.
+    /// The step's micro-batch gradients, each divided by the step's micro-batch count, summed.
     grads: Vec<Vec<f32>>,
-    /// Micro-batches summed into `grads` since [`Trainable::zero_grad`].
-    accumulated: usize,
     optimizer: AdamW,
 }
 
@@ -56,7 +57,6 @@ impl<'m> CpuTrainable<'m> {
             vars,
             specs,
             grads: lengths.iter().map(|&n| vec![0.0; n]).collect(),
-            accumulated: 0,
             optimizer: AdamW::new(&lengths),
             values,
         })
@@ -89,7 +89,6 @@ impl Trainable for CpuTrainable<'_> {
 
     fn zero_grad(&mut self) -> Result<()> {
         self.grads.iter_mut().for_each(|g| g.fill(0.0));
-        self.accumulated = 0;
         Ok(())
     }
 
@@ -108,19 +107,28 @@ impl Trainable for CpuTrainable<'_> {
         let loss = causal_lm_loss(&logits, &tensors.labels)?;
         let grads = backward(&loss)?;
         let pairs = self.model.lora_gradients(&grads)?;
+        let micro = micro_batches as f32;
         for (sum, grad) in self
             .grads
             .iter_mut()
             .zip(pairs.iter().flat_map(|g| [&g.a, &g.b]))
         {
-            sum.iter_mut().zip(flat(grad)?).for_each(|(s, g)| *s += g);
-        }
-        self.accumulated += 1;
-        if self.accumulated == micro_batches {
-            let micro = micro_batches as f32;
-            self.grads.iter_mut().flatten().for_each(|g| *g /= micro);
+            sum.iter_mut()
+                .zip(flat(grad)?)
+                .for_each(|(s, g)| *s += g / micro);
         }
         scalar(&loss)
+    }
+
+    fn all_reduce_gradients(&mut self, ranks: &dyn Collective) -> Result<Duration> {
+        let started = Instant::now();
+        let mut all: Vec<f64> = self.grads.iter().flatten().map(|&g| f64::from(g)).collect();
+        ranks.sum(&mut all)?;
+        let mut summed = all.into_iter();
+        for g in self.grads.iter_mut().flatten() {
+            *g = summed.next().expect("as many sums as gradients") as f32;
+        }
+        Ok(started.elapsed())
     }
 
     fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {

@@ -25,6 +25,9 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Real (non-padding) tokens per second over the step.
     pub tokens_per_s: f64,
+    /// Milliseconds the all-reduce of the step's gradient took (data-parallel runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_ms: Option<f64>,
     /// Validation loss, on steps where it was computed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
@@ -123,6 +126,7 @@ mod tests {
             lr: 1e-3,
             grad_norm: 0.5,
             tokens_per_s: 10.0,
+            allreduce_ms: None,
             val_loss: None,
         }
     }

@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod batches;
 pub mod checkpoint;
+pub mod collective;
 pub mod cpu_trainable;
 pub mod log;
 pub mod optimizer;
@@ -12,6 +13,9 @@ pub mod schedule;
 pub mod trainable;
 pub mod trainer;
 
+pub use collective::{Collective, SingleProcess};
 pub use cpu_trainable::CpuTrainable;
 pub use trainable::Trainable;
-pub use trainer::{train, validation_loss, Evaluation, Summary, TrainOptions};
+pub use trainer::{
+    train, train_data_parallel, validation_loss, Evaluation, Run, Summary, TrainOptions,
+};

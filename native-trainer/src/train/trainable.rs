@@ -1,12 +1,15 @@
 //! What the training loop ([`super::train`]) needs of a model: the CPU model
 //! ([`super::cpu::CpuTrainable`]) and the CUDA one ([`crate::cuda::CudaModel`]) both provide it.
 
+use std::time::Duration;
+
 use qlora_core::data::Batch;
 use qlora_core::peft::{AdapterConfig, LoraAdapter};
 use qlora_core::Result;
 use rand_chacha::ChaCha12Rng;
 
 use super::checkpoint::ParamSpec;
+use super::collective::Collective;
 use super::optimizer::{AdamW, AdamWParams};
 
 /// A model whose LoRA matrices train with AdamW on micro-batches, a step's gradient being the
@@ -19,16 +22,20 @@ pub trait Trainable {
     /// Starts an optimizer step: the gradients to zero.
     fn zero_grad(&mut self) -> Result<()>;
 
-    /// The forward and backward pass of one of the step's `micro_batches` micro-batches, its
-    /// dropout masks drawn from `dropout_rng`: returns its mean loss per target and adds its
-    /// share to the step's gradient, which is the mean of the micro-batches' once all of them
-    /// are in (the CPU model sums and then divides, the CUDA one scales each).
+    /// The forward and backward pass of one of the step's `micro_batches` micro-batches (over
+    /// all ranks), its dropout masks drawn from `dropout_rng`: returns its mean loss per target
+    /// and adds its share (its gradient / `micro_batches`) to the step's gradient, which is the
+    /// mean of the micro-batches' once all of them are in.
     fn accumulate_gradients(
         &mut self,
         batch: &Batch,
         micro_batches: usize,
         dropout_rng: &mut ChaCha12Rng,
     ) -> Result<f64>;
+
+    /// Adds the other ranks' step gradients to this one's (data-parallel training: the sum of
+    /// the ranks' shares is the step's mean gradient); returns how long that took.
+    fn all_reduce_gradients(&mut self, ranks: &dyn Collective) -> Result<Duration>;
 
     /// The global L2 norm of the step's gradient, which is then clipped to `max_norm` as
     /// `torch.nn.utils.clip_grad_norm_` does (`max_norm <= 0`: no clipping).

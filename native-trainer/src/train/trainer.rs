@@ -4,6 +4,16 @@
 //! `final/`). Every `save_steps` it writes a [checkpoint](super::checkpoint) from which a killed
 //! run continues exactly; a non-finite loss, gradient norm or weight stops it before anything is
 //! saved from that step.
+//!
+//! Data-parallel ([`train_data_parallel`]): each of the `W` ranks runs this loop on its own GPU.
+//! A step takes `gradient_steps x W` consecutive micro-batches of the epoch's shuffled order (the
+//! order a single process with `gradient_steps x W` would see: the same seed, the same data);
+//! rank `r` computes the micro-batches `r, r + W, r + 2W, ...` of the step, each gradient scaled by
+//! 1 / (the step's micro-batches), and the sum over the ranks (one all-reduce of the flat
+//! gradient buffer, before clipping) is then the step's mean gradient, as on one GPU. Losses,
+//! token counts and the validation loss (its batches split among the ranks the same way) are
+//! summed over the ranks; every rank therefore takes the same decisions (clipping, the best
+//! adapter, a diverged run), and only rank 0 writes files.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +22,7 @@ use std::time::Instant;
 use qlora_core::data::{collate, Example};
 use qlora_core::peft::{AdapterConfig, LoraAdapter};
 use qlora_core::{Error, Result};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
 use super::adapter::save_adapter;
@@ -21,6 +31,7 @@ use super::checkpoint::{
     checkpoint_name, examples_digest, recover_out_dir, save_checkpoint, BestState, Checkpoint,
     ExactF64, ParamSpec, RngState, TrainerState,
 };
+use super::collective::{Collective, SingleProcess};
 use super::log::{StepRecord, TrainLog};
 use super::optimizer::AdamWParams;
 use super::schedule::{LrSchedule, ScheduleKind};
@@ -40,9 +51,13 @@ pub struct TrainOptions {
     pub epochs: usize,
     /// Optimizer steps to take, as many epochs as that needs (transformers' `max_steps`).
     pub max_steps: Option<usize>,
+    /// Examples per micro-batch (per GPU in a data-parallel run).
     pub batch_size: usize,
-    /// Micro-batches whose gradients are averaged into one optimizer step.
+    /// Micro-batches (on each rank) whose gradients are averaged into one optimizer step.
     pub gradient_steps: usize,
+    /// The processes of a data-parallel run (1: a single process); a step averages
+    /// `gradient_steps x world_size` micro-batches.
+    pub world_size: usize,
     pub schedule: ScheduleKind,
     pub lr: f64,
     pub warmup_steps: usize,
@@ -68,9 +83,14 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
+    /// Micro-batches of one optimizer step, over all ranks.
+    pub fn micro_batches_per_step(&self) -> usize {
+        self.gradient_steps * self.world_size
+    }
+
     /// Optimizer steps in one epoch of `examples`.
     pub fn steps_per_epoch(&self, examples: usize) -> usize {
-        batches_per_epoch(examples, self.batch_size).div_ceil(self.gradient_steps)
+        batches_per_epoch(examples, self.batch_size).div_ceil(self.micro_batches_per_step())
     }
 
     /// The learning-rate schedule of a run of `total_steps` optimizer steps.
@@ -93,6 +113,7 @@ impl TrainOptions {
         let positive = [
             ("batch_size", Some(self.batch_size)),
             ("gradient_steps", Some(self.gradient_steps)),
+            ("world size", Some(self.world_size)),
             ("epoch", self.max_steps.is_none().then_some(self.epochs)),
             ("max_steps", self.max_steps),
             ("eval_steps", self.eval_steps),
@@ -164,6 +185,13 @@ impl TrainOptions {
         ];
         let mut identity = self.run_identity.clone();
         identity.extend(entries.map(|(k, v)| (k.to_string(), v)));
+        // Absent for one process, so that earlier checkpoints still resume.
+        if self.world_size > 1 {
+            identity.insert(
+                "data-parallel ranks (WORLD_SIZE, --nproc_per_node)".into(),
+                self.world_size.to_string(),
+            );
+        }
         identity
     }
 }
@@ -200,18 +228,58 @@ pub fn validation_loss(
     pad_id: u32,
     ignore_pad_token_for_loss: bool,
 ) -> Result<f64> {
-    let (mut weighted, mut targets) = (0.0, 0usize);
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = collate(&refs, pad_id, ignore_pad_token_for_loss);
-        let batch_targets = loss_targets(&batch);
-        if batch_targets == 0 {
-            continue;
+    let batches = ValidationBatches {
+        batch_size,
+        pad_id,
+        ignore_pad_token_for_loss,
+    };
+    batches.loss(model, examples, &SingleProcess)
+}
+
+/// How validation data is batched.
+struct ValidationBatches {
+    batch_size: usize,
+    pad_id: u32,
+    ignore_pad_token_for_loss: bool,
+}
+
+impl ValidationBatches {
+    /// [`validation_loss`] split among the ranks: rank `r` evaluates batches `r, r + W, ...`, and
+    /// the loss-weighted sums and target counts are summed over the ranks.
+    fn loss(
+        &self,
+        model: &impl Trainable,
+        examples: &[Example],
+        ranks: &dyn Collective,
+    ) -> Result<f64> {
+        let mut sums = [0.0, 0.0]; // loss x targets, targets
+        let chunks = examples.chunks(self.batch_size.max(1));
+        for chunk in chunks.skip(ranks.rank()).step_by(ranks.world_size()) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let batch = collate(&refs, self.pad_id, self.ignore_pad_token_for_loss);
+            let batch_targets = loss_targets(&batch);
+            if batch_targets == 0 {
+                continue;
+            }
+            sums[0] += model.eval_loss(&batch)? * batch_targets as f64;
+            sums[1] += batch_targets as f64;
         }
-        weighted += model.eval_loss(&batch)? * batch_targets as f64;
-        targets += batch_targets;
+        ranks.sum(&mut sums)?;
+        Ok(sums[0] / sums[1].max(1.0))
     }
-    Ok(weighted / targets.max(1) as f64)
+}
+
+/// The micro-batches of a step that `rank` of `world_size` computes: `rank`, `rank + W`, ...
+/// (with their positions in the step).
+pub fn rank_micro_batches(
+    step: &[Vec<usize>],
+    rank: usize,
+    world_size: usize,
+) -> impl Iterator<Item = (usize, &Vec<usize>)> {
+    step.iter()
+        .enumerate()
+        .skip(rank)
+        .step_by(world_size.max(1))
 }
 
 /// The values of a checkpoint's `adapter` in the order of `specs` (`dir` names the checkpoint
@@ -385,7 +453,51 @@ pub fn train(
     out_dir: &Path,
     progress: &mut dyn FnMut(&StepRecord),
 ) -> Result<Summary> {
+    let run = Run {
+        train,
+        validation,
+        options,
+        adapter_config,
+        out_dir,
+    };
+    train_data_parallel(model, &run, &SingleProcess, progress)
+}
+
+/// What a run trains on, how, and where it writes.
+pub struct Run<'a> {
+    pub train: &'a [Example],
+    pub validation: Option<&'a [Example]>,
+    pub options: &'a TrainOptions,
+    pub adapter_config: &'a AdapterConfig,
+    /// Written by rank 0 only.
+    pub out_dir: &'a Path,
+}
+
+/// [`train`] as one rank of a data-parallel run over `ranks` (see the module's documentation);
+/// every rank gets the same [`Summary`] (counts over all ranks).
+pub fn train_data_parallel(
+    model: &mut impl Trainable,
+    run: &Run<'_>,
+    ranks: &dyn Collective,
+    progress: &mut dyn FnMut(&StepRecord),
+) -> Result<Summary> {
+    let Run {
+        train,
+        validation,
+        options,
+        adapter_config,
+        out_dir,
+    } = *run;
     options.check()?;
+    if ranks.world_size() != options.world_size {
+        return Err(Error::Invalid(format!(
+            "the training options are for {} ranks, the run has {}",
+            options.world_size,
+            ranks.world_size()
+        )));
+    }
+    let (rank, world_size) = (ranks.rank(), ranks.world_size());
+    let writes = rank == 0;
     if train.is_empty() {
         return Err(Error::Invalid("no training examples".into()));
     }
@@ -395,8 +507,16 @@ pub fn train(
     let trainable_params = specs.iter().map(ParamSpec::elements).sum();
     let run = options.identity(adapter_config, train, validation);
     let log_path = out_dir.join(LOG_FILE);
+    let validation_batches = ValidationBatches {
+        batch_size: options.batch_size,
+        pad_id: options.pad_id,
+        ignore_pad_token_for_loss: options.ignore_pad_token_for_loss,
+    };
     let (mut state, mut log) = match &options.resume_from {
-        None => (RunState::fresh(options.seed), TrainLog::create(&log_path)?),
+        None => {
+            let log = writes.then(|| TrainLog::create(&log_path)).transpose()?;
+            (RunState::fresh(options.seed), log)
+        }
         Some(dir) => {
             let checkpoint = Checkpoint::load(dir)?;
             checkpoint.check_run(&run)?;
@@ -411,8 +531,12 @@ pub fn train(
             }
             let weights = adapter_values(&checkpoint.adapter, &specs, dir)?;
             model.restore(weights, checkpoint.optimizer(&specs)?)?;
-            recover_out_dir(out_dir)?;
-            let log = TrainLog::resume(&log_path, checkpoint.state.log_lines)?;
+            let log = if writes {
+                recover_out_dir(out_dir)?;
+                Some(TrainLog::resume(&log_path, checkpoint.state.log_lines)?)
+            } else {
+                None
+            };
             (RunState::resumed(&checkpoint)?, log)
         }
     };
@@ -421,24 +545,50 @@ pub fn train(
     while state.step < total_steps {
         let mut shuffle_rng = state.epoch_shuffle_rng.clone();
         let batches = epoch_batches(train.len(), options.batch_size, &mut shuffle_rng);
-        let groups: Vec<&[Vec<usize>]> = batches.chunks(options.gradient_steps).collect();
+        let groups: Vec<&[Vec<usize>]> = batches.chunks(options.micro_batches_per_step()).collect();
         while state.steps_in_epoch < groups.len() && state.step < total_steps {
             let group = groups[state.steps_in_epoch];
             let step_started = Instant::now();
             model.zero_grad()?;
+            // Every rank draws every micro-batch's dropout seed, in the step's order, so that a
+            // micro-batch gets the same masks whichever rank computes it.
+            let dropout_seeds: Vec<u64> =
+                group.iter().map(|_| state.dropout_rng.random()).collect();
             let (mut loss_sum, mut tokens) = (0.0, 0);
-            for indices in group {
+            let mut first_non_finite = None;
+            for (j, indices) in rank_micro_batches(group, rank, world_size) {
                 let examples: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
                 let batch = collate(&examples, options.pad_id, options.ignore_pad_token_for_loss);
-                let value =
-                    model.accumulate_gradients(&batch, group.len(), &mut state.dropout_rng)?;
-                if !value.is_finite() {
-                    let what = format!("the training loss is {value}");
-                    return Err(diverged(&what, state.step + 1, &state, &[indices], train));
+                let mut dropout_rng = ChaCha12Rng::seed_from_u64(dropout_seeds[j]);
+                let value = model.accumulate_gradients(&batch, group.len(), &mut dropout_rng)?;
+                if !value.is_finite() && first_non_finite.is_none() {
+                    first_non_finite = Some((value, indices));
                 }
                 loss_sum += value;
                 tokens += real_tokens(&batch);
             }
+            // A non-finite loss on any rank makes the sum non-finite on all: all stop together.
+            let mut sums = [loss_sum, tokens as f64];
+            ranks.sum(&mut sums)?;
+            let [loss_sum, tokens] = sums;
+            let tokens = tokens as usize;
+            if !loss_sum.is_finite() {
+                let (what, batch): (String, Vec<&Vec<usize>>) = match first_non_finite {
+                    Some((value, indices)) => {
+                        (format!("the training loss is {value}"), vec![indices])
+                    }
+                    None => (
+                        format!("the training loss (summed over the ranks) is {loss_sum}"),
+                        group.iter().collect(),
+                    ),
+                };
+                return Err(diverged(&what, state.step + 1, &state, &batch, train));
+            }
+            let allreduce = if world_size > 1 {
+                Some(model.all_reduce_gradients(ranks)?)
+            } else {
+                None
+            };
             let whole_group: Vec<&Vec<usize>> = group.iter().collect();
             let grad_norm = model.clip_grad_norm(options.max_grad_norm)?;
             if !grad_norm.is_finite() {
@@ -451,7 +601,7 @@ pub fn train(
                 let what = "the updated LoRA weights are not finite";
                 return Err(diverged(what, state.step + 1, &state, &whole_group, train));
             }
-            // Speed of the training step alone, validation and saving excluded.
+            // Speed of the training step alone (over all ranks), validation and saving excluded.
             let tokens_per_s = tokens as f64 / step_started.elapsed().as_secs_f64();
             state.step += 1;
             state.steps_in_epoch += 1;
@@ -465,20 +615,17 @@ pub fn train(
                 step == total_steps || options.eval_steps.is_some_and(|n| step.is_multiple_of(n));
             let val_loss = match validation.filter(|_| eval_due) {
                 Some(examples) => {
-                    let v = validation_loss(
-                        model,
-                        examples,
-                        options.batch_size,
-                        options.pad_id,
-                        options.ignore_pad_token_for_loss,
-                    )?;
+                    let v = validation_batches.loss(model, examples, ranks)?;
                     if !v.is_finite() {
                         let what = format!("the validation loss after the update is {v}");
                         return Err(diverged(&what, step, &state, &whole_group, train));
                     }
                     if state.best.is_none_or(|b| v < b.val_loss) {
                         state.best = Some(Evaluation { step, val_loss: v });
-                        save_adapter(&model.adapter(adapter_config)?, &out_dir.join(BEST_DIR))?;
+                        if writes {
+                            let best = model.adapter(adapter_config)?;
+                            save_adapter(&best, &out_dir.join(BEST_DIR))?;
+                        }
                     }
                     Some(v)
                 }
@@ -486,7 +633,7 @@ pub fn train(
             };
             let micro_done = batches
                 .len()
-                .min(state.steps_in_epoch * options.gradient_steps);
+                .min(state.steps_in_epoch * options.micro_batches_per_step());
             let record = StepRecord {
                 step,
                 epoch: state.epoch as f64 + micro_done as f64 / batches.len() as f64,
@@ -494,21 +641,27 @@ pub fn train(
                 lr,
                 grad_norm,
                 tokens_per_s,
+                allreduce_ms: allreduce.map(|d| d.as_secs_f64() * 1e3),
                 val_loss,
             };
-            log.write(&record)?;
-            if options.save_steps.is_some_and(|n| step.is_multiple_of(n)) {
-                // The checkpoint claims the log's lines up to this step.
-                log.sync()?;
-                let optimizer = model.optimizer_state()?;
-                save_checkpoint(
-                    out_dir,
-                    &model.adapter(adapter_config)?,
-                    &specs,
-                    &optimizer,
-                    &state.saved(optimizer.steps(), &run),
-                    options.save_total_limit,
-                )?;
+            let save_due = options.save_steps.is_some_and(|n| step.is_multiple_of(n));
+            if let Some(log) = log.as_mut() {
+                log.write(&record)?;
+            }
+            if save_due {
+                if let Some(log) = log.as_mut() {
+                    // The checkpoint claims the log's lines up to this step.
+                    log.sync()?;
+                    let optimizer = model.optimizer_state()?;
+                    save_checkpoint(
+                        out_dir,
+                        &model.adapter(adapter_config)?,
+                        &specs,
+                        &optimizer,
+                        &state.saved(optimizer.steps(), &run),
+                        options.save_total_limit,
+                    )?;
+                }
                 state.last_checkpoint = Some(step);
             }
             progress(&record);
@@ -519,7 +672,9 @@ pub fn train(
             state.epoch_shuffle_rng = shuffle_rng;
         }
     }
-    save_adapter(&model.adapter(adapter_config)?, &out_dir.join(FINAL_DIR))?;
+    if writes {
+        save_adapter(&model.adapter(adapter_config)?, &out_dir.join(FINAL_DIR))?;
+    }
     let epochs = state.step as f64 / options.steps_per_epoch(train.len()) as f64;
     Ok(Summary {
         trainable_params,
@@ -538,6 +693,32 @@ mod tests {
     use super::*;
     use qlora_core::arch::{LoraConfig, TargetModules};
     use qlora_core::peft::LoraPair;
+
+    #[test]
+    fn ranks_split_each_step_without_overlap_in_the_single_process_order() {
+        use rand::rngs::StdRng;
+        // 23 examples in micro-batches of 2 (12, the last of one example), 3 ranks x 2
+        // micro-batches a step: 2 steps, the second of 6 micro-batches, then none left.
+        let batches = super::super::batches::epoch_batches(23, 2, &mut StdRng::seed_from_u64(4));
+        for step in batches.chunks(6) {
+            let shares: Vec<Vec<(usize, &Vec<usize>)>> = (0..3)
+                .map(|rank| rank_micro_batches(step, rank, 3).collect())
+                .collect();
+            let mut positions: Vec<usize> = shares.iter().flatten().map(|(j, _)| *j).collect();
+            positions.sort_unstable();
+            assert_eq!(positions, (0..step.len()).collect::<Vec<_>>());
+            for (rank, share) in shares.iter().enumerate() {
+                for (j, micro_batch) in share {
+                    assert_eq!(j % 3, rank);
+                    assert_eq!(*micro_batch, &step[*j]);
+                }
+            }
+        }
+        // A last step with fewer micro-batches than ranks leaves some ranks without one.
+        let short = &batches[10..];
+        assert_eq!(rank_micro_batches(short, 2, 3).count(), 0);
+        assert_eq!(rank_micro_batches(short, 1, 3).count(), 1);
+    }
 
     #[test]
     fn a_checkpoint_adapter_is_read_in_parameter_order_or_refused() {
