@@ -278,6 +278,7 @@ fn split_tensors_give_the_same_logits() {
         quantize: None,
         max_seq_len: 64,
         chunk: 4,
+        ..LoadOptions::default()
     };
     for dir in ["tiny-bloom", "llama/tiny-qwen2-nf4"] {
         let case = Case {
