@@ -59,7 +59,7 @@ impl std::fmt::Display for DeviceReport {
 pub struct Engine {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
-    pub(crate) kernels: Kernels,
+    pub(crate) kernels: Arc<Kernels>,
     pub(crate) errors: DeviceErrors,
     report: DeviceReport,
 }
@@ -162,7 +162,7 @@ impl Engine {
         Ok(Engine {
             device,
             queue,
-            kernels,
+            kernels: Arc::new(kernels),
             errors,
             report,
         })

@@ -367,8 +367,8 @@ impl Recorder {
         }
     }
 
-    /// The recorded commands, ready to finish and submit.
-    pub(crate) fn finish(mut self) -> wgpu::CommandEncoder {
+    /// The recorded commands, the open compute pass ended.
+    pub(crate) fn into_encoder(mut self) -> wgpu::CommandEncoder {
         self.pass = None;
         self.encoder
     }
@@ -484,7 +484,7 @@ impl Recorder {
         bias: Option<&wgpu::Buffer>,
         weight: WeightBinding<'_>,
     ) {
-        let kernels = self.engine.kernels.clone();
+        let kernels = Arc::clone(&self.engine.kernels);
         let (pipelines, weight_bindings) = weight.resolve(&kernels);
         let (pipeline, groups) = if params.rows == 1 {
             let groups = (params.n as usize).div_ceil(MATVEC_ROWS);
@@ -512,7 +512,7 @@ impl Recorder {
         y: &wgpu::Buffer,
         weight: WeightBinding<'_>,
     ) {
-        let kernels = self.engine.kernels.clone();
+        let kernels = Arc::clone(&self.engine.kernels);
         let (pipelines, weight_bindings) = weight.resolve(&kernels);
         let groups = grid(
             &self.engine,
@@ -534,7 +534,7 @@ impl Recorder {
         y: &wgpu::Buffer,
         weight: WeightBinding<'_>,
     ) {
-        let kernels = self.engine.kernels.clone();
+        let kernels = Arc::clone(&self.engine.kernels);
         let (pipelines, weight_bindings) = weight.resolve(&kernels);
         let groups = ((params.k as usize).div_ceil(64) as u32, t as u32);
         let mut bindings = vec![

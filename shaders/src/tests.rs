@@ -36,7 +36,7 @@ fn read(rec: Recorder, buffer: &wgpu::Buffer, count: usize) -> Vec<f32> {
     let engine = rec.engine.clone();
     let bytes = block_on(submit_and_read(
         &engine,
-        rec.finish(),
+        rec.into_encoder(),
         buffer,
         (count * 4) as u64,
     ))
@@ -565,7 +565,7 @@ fn argmax_sampling_and_penalty_choose_as_the_cpu_would() {
             rec.repetition_penalty(&p, &lb, &ids);
         }
         rec.choose(&p, greedy, &lb, &token);
-        let bytes = block_on(submit_and_read(&engine, rec.finish(), &token, 4)).unwrap();
+        let bytes = block_on(submit_and_read(&engine, rec.into_encoder(), &token, 4)).unwrap();
         u32::from_le_bytes(bytes[..4].try_into().unwrap())
     };
     let mut logits = random(&mut rng, n, 3.0);
@@ -631,7 +631,7 @@ fn rejected_work_is_an_error_not_zeros() {
     let mut rec = Recorder::new(&engine);
     // Reads past the end of `small`: the device rejects the whole submission.
     rec.copy(&small, 0, &large, 0, 64);
-    let err = block_on(submit_and_read(&engine, rec.finish(), &large, 64))
+    let err = block_on(submit_and_read(&engine, rec.into_encoder(), &large, 64))
         .expect_err("an invalid copy must fail the read")
         .to_string();
     assert!(err.contains("WebGPU rejected the work"), "{err}");
@@ -639,9 +639,9 @@ fn rejected_work_is_an_error_not_zeros() {
     // once.
     let mut rec = Recorder::new(&engine);
     rec.copy(&small, 0, &large, 0, 64);
-    engine.queue.submit([rec.finish().finish()]);
+    engine.queue.submit([rec.into_encoder().finish()]);
     let rec = Recorder::new(&engine);
-    let err = block_on(submit_and_read(&engine, rec.finish(), &large, 64))
+    let err = block_on(submit_and_read(&engine, rec.into_encoder(), &large, 64))
         .expect_err("the earlier rejected work must fail the next read")
         .to_string();
     assert!(err.contains("the WebGPU device reported"), "{err}");

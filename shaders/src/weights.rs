@@ -484,7 +484,7 @@ impl Engine {
         };
         rec.unpack(&shape, &out, WeightBinding::Q4(&buffer, &params));
         let bytes =
-            crate::buffers::submit_and_read(self, rec.finish(), &out, (q.numel() * 4) as u64)
+            crate::buffers::submit_and_read(self, rec.into_encoder(), &out, (q.numel() * 4) as u64)
                 .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }

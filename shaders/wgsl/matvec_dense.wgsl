@@ -13,7 +13,7 @@ fn halves(word: u32) -> vec2<f32> {
     return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
 }
 
-// Σ W[n, k] x[k] over the elements of load `at` (w[at]) of row load j.
+// Σ W[n, k] x[k] over the elements of the row's load j (`words`).
 fn dot_load(words: vec4<u32>, j: u32) -> f32 {
     if DTYPE == 0u {
         return dot(bitcast<vec4<f32>>(words), x[j]);

@@ -525,8 +525,13 @@ impl LoadedModel {
     }
 
     async fn read_f32(&self, rec: Recorder, count: usize) -> Result<Vec<f32>> {
-        let bytes =
-            submit_and_read(&self.engine, rec.finish(), &self.logits, (count * 4) as u64).await?;
+        let bytes = submit_and_read(
+            &self.engine,
+            rec.into_encoder(),
+            &self.logits,
+            (count * 4) as u64,
+        )
+        .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
