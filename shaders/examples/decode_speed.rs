@@ -3,7 +3,8 @@
 //! as the engine reads them, so a 7B shape needs no 28 GB in memory).
 //!
 //! `cargo run --release -p qlora-shaders --example decode_speed -- <bloom|llama> <hidden>
-//! <layers> <vocab> [new tokens]`; YaYi-7B: `bloom 4096 30 250684`. Prints one JSON object.
+//! <layers> <vocab> [new tokens] [bf16|f32 LM head]`; YaYi-7B: `bloom 4096 30 250684`. The LM
+//! head is bf16 unless `f32` is given (the CUDA path keeps it bf16). Prints one JSON object.
 
 use std::time::Instant;
 
@@ -86,6 +87,11 @@ fn main() -> Result<()> {
     let arch = args.first().map_or("bloom", String::as_str);
     let config = config(arch, number(1, 1024)?, number(2, 4)?, number(3, 32000)?)?;
     let new_tokens = number(4, 64)?;
+    let bf16_lm_head = match args.get(5).map(String::as_str) {
+        None | Some("bf16") => true,
+        Some("f32") => false,
+        Some(other) => return Err(Error::Invalid(format!("LM head `{other}`: bf16 or f32"))),
+    };
     let weights = RandomWeights {
         infos: config
             .describe()
@@ -103,6 +109,7 @@ fn main() -> Result<()> {
         quantize: Some(QuantizeOnLoad::QLORA),
         max_seq_len: 512,
         chunk: 32,
+        bf16_lm_head,
     };
     let plan = engine.plan(&config, &weights, &options)?;
     let started = Instant::now();
@@ -118,18 +125,24 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let ids = block_on(model.generate(&prompt, &greedy, |_| false))?;
     let generate_s = started.elapsed().as_secs_f64();
+    // generate = one more 32-token prefill plus the decode steps (the first token comes from
+    // the prefill).
+    let decode_s = (generate_s - prefill_s).max(1e-9);
+    let steps = ids.len() as f64 - 1.0;
     println!(
         "{{\"device\": \"{}\", \"arch\": \"{arch}\", \"hidden\": {}, \"layers\": {}, \
-         \"vocab\": {}, \"weight_bytes\": {}, \"load_s\": {load_s:.2}, \
-         \"prefill_32_tok_per_s\": {:.2}, \"decode_tok_per_s\": {:.2}}}",
+         \"vocab\": {}, \"lm_head\": \"{}\", \"weight_bytes\": {}, \"load_s\": {load_s:.2}, \
+         \"prefill_32_tok_per_s\": {:.2}, \"decode_tok_per_s\": {:.2}, \
+         \"decode_ms_per_token\": {:.3}}}",
         engine.report().adapter,
         config.hidden_size(),
         config.num_layers(),
         config.vocab_size(),
+        if bf16_lm_head { "bf16" } else { "f32" },
         plan.weight_bytes,
         32.0 / prefill_s,
-        // generate = one more 32-token prefill plus the decode steps.
-        (ids.len() as f64 - 1.0) / (generate_s - prefill_s).max(1e-9),
+        steps / decode_s,
+        1e3 * decode_s / steps,
     );
     Ok(())
 }

@@ -27,9 +27,19 @@ pub(crate) fn check_fits(engine: &Engine, what: &str, bytes: u64) -> Result<()> 
     Ok(())
 }
 
-/// A storage buffer holding `data` (padded to whole 4-byte words; never empty).
+/// Every storage buffer is a whole number of 16-byte loads: the matvec kernels read weights
+/// and inputs as `vec4` (`wgsl/matvec.wgsl`), and a binding's last partial `vec4` would be out
+/// of bounds.
+pub(crate) const ALIGN: usize = 16;
+
+/// `bytes` rounded up to whole [`ALIGN`]ed loads (at least one).
+pub(crate) fn padded(bytes: usize) -> usize {
+    bytes.div_ceil(ALIGN).max(1) * ALIGN
+}
+
+/// A storage buffer holding `data`, zero-padded ([`padded`]).
 pub(crate) fn upload(engine: &Engine, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
-    let padded = data.len().div_ceil(4).max(1) * 4;
+    let padded = padded(data.len());
     check_fits(engine, label, padded as u64)?;
     let mut contents = data.to_vec();
     contents.resize(padded, 0);
@@ -46,9 +56,9 @@ pub(crate) fn upload_f32(engine: &Engine, label: &str, values: &[f32]) -> Result
     upload(engine, label, bytemuck::cast_slice(values))
 }
 
-/// A zeroed storage buffer of `words` 4-byte elements.
+/// A zeroed storage buffer of `words` 4-byte elements ([`padded`]).
 pub(crate) fn scratch(engine: &Engine, label: &str, words: usize) -> Result<wgpu::Buffer> {
-    let bytes = (words.max(1) * 4) as u64;
+    let bytes = padded(words * 4) as u64;
     check_fits(engine, label, bytes)?;
     Ok(engine.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
@@ -59,8 +69,8 @@ pub(crate) fn scratch(engine: &Engine, label: &str, words: usize) -> Result<wgpu
 }
 
 /// A uniform buffer holding `params`, padded to 16 bytes.
-pub(crate) fn uniform<T: bytemuck::Pod>(engine: &Engine, params: &T) -> wgpu::Buffer {
-    let mut contents = bytemuck::bytes_of(params).to_vec();
+pub(crate) fn uniform(engine: &Engine, params: &[u8]) -> wgpu::Buffer {
+    let mut contents = params.to_vec();
     contents.resize(contents.len().div_ceil(16) * 16, 0);
     engine
         .device
@@ -175,6 +185,21 @@ pub(crate) struct Matrix {
     pub data: Vec<u8>,
 }
 
+impl Matrix {
+    /// An f32 matrix rounded to bf16 (nearest even).
+    pub(crate) fn to_bf16(&self) -> Matrix {
+        let values: &[f32] = bytemuck::cast_slice(&self.data);
+        let data = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        Matrix {
+            dtype: Dense::Bf16,
+            data,
+        }
+    }
+}
+
 /// A row-major matrix `[rows, cols]` in as few buffers as the binding limit allows, each
 /// holding whole rows.
 #[derive(Clone)]
@@ -232,14 +257,6 @@ impl RowSplit {
             dtype: matrix.dtype,
             parts,
         })
-    }
-
-    /// The part holding `row`, and the row's index in it.
-    pub(crate) fn locate(&self, row: usize) -> Option<(&RowPart, usize)> {
-        self.parts
-            .iter()
-            .find(|p| (p.first_row..p.first_row + p.rows).contains(&row))
-            .map(|p| (p, row - p.first_row))
     }
 
     pub(crate) fn bytes(&self) -> u64 {

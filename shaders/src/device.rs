@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use qlora_core::{Error, Result};
 
+use crate::buffers::ALIGN;
 use crate::kernels::Kernels;
 
 /// How the engine uses the device.
@@ -30,7 +31,8 @@ pub struct DeviceReport {
     pub max_compute_workgroups_per_dimension: u32,
     pub shader_f16: bool,
     /// The largest buffer the engine binds: the smaller of the two size limits (and of
-    /// [`EngineOptions::max_binding_size`]); larger tensors are split by rows.
+    /// [`EngineOptions::max_binding_size`]), in whole 16-byte units; larger tensors are split
+    /// by rows.
     pub binding_size: u64,
 }
 
@@ -57,7 +59,7 @@ impl std::fmt::Display for DeviceReport {
 pub struct Engine {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
-    pub(crate) kernels: Kernels,
+    pub(crate) kernels: Arc<Kernels>,
     pub(crate) errors: DeviceErrors,
     report: DeviceReport,
 }
@@ -129,10 +131,13 @@ impl Engine {
             .map_err(|e| Error::Invalid(format!("WebGPU device request failed: {e}")))?;
         let info = adapter.get_info();
         let granted = device.limits();
+        // Whole 16-byte loads (buffers::ALIGN), so that a padded part still binds.
         let binding_size = granted
             .max_storage_buffer_binding_size
             .min(granted.max_buffer_size)
-            .min(options.max_binding_size.unwrap_or(u64::MAX));
+            .min(options.max_binding_size.unwrap_or(u64::MAX))
+            / ALIGN as u64
+            * ALIGN as u64;
         let report = DeviceReport {
             adapter: info.name,
             backend: format!("{:?}", info.backend),
@@ -157,7 +162,7 @@ impl Engine {
         Ok(Engine {
             device,
             queue,
-            kernels,
+            kernels: Arc::new(kernels),
             errors,
             report,
         })

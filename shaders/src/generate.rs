@@ -99,12 +99,12 @@ impl LoadedModel {
         let (head, last) = prompt.split_at((prompt.len() - 1) / chunk * chunk);
         for piece in head.chunks(chunk) {
             let rec = self.record_forward_last(piece)?;
-            self.engine().queue.submit([rec.encoder.finish()]);
+            self.engine().queue.submit([rec.into_encoder().finish()]);
         }
         let mut rec = self.record_forward_last(last)?;
         if options.max_new_tokens == 0 {
             // The cache must still hold the whole prompt.
-            self.engine().queue.submit([rec.encoder.finish()]);
+            self.engine().queue.submit([rec.into_encoder().finish()]);
             return Ok(Vec::new());
         }
         let mut rng = StdRng::seed_from_u64(options.seed);
@@ -161,7 +161,7 @@ impl LoadedModel {
             params.u = rng.random::<f32>();
         }
         rec.choose(&params, !sampling.do_sample, logits, token);
-        let bytes = submit_and_read(self.engine(), rec.encoder, token, 4).await?;
+        let bytes = submit_and_read(self.engine(), rec.into_encoder(), token, 4).await?;
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 }

@@ -1,7 +1,7 @@
 //! Each kernel against a CPU reference on random inputs, on the machine's WebGPU adapter
 //! (lavapipe in CI); skipped, with the reason printed, only where there is none.
 
-use qlora_core::quant::{cast_f32, dequantize_4bit, quantize_4bit, QuantType};
+use qlora_core::quant::{cast_f32, dequantize_4bit, quantize_4bit, FloatData, QuantType};
 use qlora_core::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,8 +10,8 @@ use crate::block_on;
 use crate::buffers::{scratch, submit_and_read, upload, upload_f32, Dense};
 use crate::device::{request_adapter, Engine, EngineOptions};
 use crate::kernels::{
-    AttnParams, LinearParams, NormParams, Recorder, SampleParams, WeightBinding, ACCUMULATE,
-    HAS_BIAS,
+    AttnParams, LinearParams, NormParams, Recorder, SampleParams, StepBuffer, WeightBinding,
+    ACCUMULATE, HAS_BIAS,
 };
 use crate::weights::upload_q4;
 
@@ -36,7 +36,7 @@ fn read(rec: Recorder, buffer: &wgpu::Buffer, count: usize) -> Vec<f32> {
     let engine = rec.engine.clone();
     let bytes = block_on(submit_and_read(
         &engine,
-        rec.encoder,
+        rec.into_encoder(),
         buffer,
         (count * 4) as u64,
     ))
@@ -104,25 +104,61 @@ fn reference_linear(x: &[f32], w: &[f32], rows: usize, n: usize, k: usize) -> Ve
     y
 }
 
+/// One 4-bit weight case: its shape, block size, the dtype it was quantized from and the scale
+/// of its values (a tiny one gives blocks whose products flush to zero).
+struct Q4Case {
+    n: usize,
+    k: usize,
+    blocksize: usize,
+    dtype: DType,
+    scale: f32,
+}
+
 #[test]
 fn four_bit_matvec_and_tiled_matmul_equal_the_dequantized_product() {
     let Some((engine, _one_at_a_time)) = engine() else {
         return;
     };
     let mut rng = StdRng::seed_from_u64(2);
-    // Rows of a multiple of 8 (whole words of codes per row) and rows that are not.
-    for (n, k) in [(45, 192), (13, 190)] {
-        let w = random(&mut rng, n * k, 1.0);
+    let case = |n, k, blocksize, dtype, scale| Q4Case {
+        n,
+        k,
+        blocksize,
+        dtype,
+        scale,
+    };
+    let cases = [
+        // Rows of whole 32-code loads (the matvec's wide path; with 2112, lanes with two loads
+        // in flight and a last single one) and rows that are not.
+        case(45, 192, 64, DType::F32, 1.0),
+        case(21, 2112, 64, DType::F32, 1.0),
+        case(13, 190, 64, DType::F32, 1.0),
+        case(11, 1024, 256, DType::F32, 1.0),
+        // Values rounded to the source dtype, and absmax too small for the factored sum.
+        case(9, 2112, 64, DType::BF16, 1.0),
+        case(9, 640, 128, DType::F16, 1.0),
+        case(9, 640, 64, DType::F32, 1e-37),
+    ];
+    for c in cases {
+        let (n, k) = (c.n, c.k);
+        let w = random(&mut rng, n * k, c.scale);
         let bias = random(&mut rng, n, 1.0);
+        let source = cast_f32(&w, c.dtype).unwrap();
         for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Fp4, false)] {
-            let q =
-                quantize_4bit(qlora_core::quant::FloatSlice::F32(&w), &[n, k], qt, 64, dq).unwrap();
+            let q = quantize_4bit(source.as_slice(), &[n, k], qt, c.blocksize, dq).unwrap();
             let dense = dequantize_4bit(&q).unwrap();
             let (buffer, params) = upload_q4(&engine, "w", &q).unwrap();
-            // One row (the matrix-vector kernel) and 19 (tiles with ragged edges).
+            // One row (the matrix-vector kernel) and 19 (tiles with ragged edges). With tiny
+            // weights, x is large and y starts at zero, so that the product is what is compared.
+            let tiny = c.scale < 1.0;
             for rows in [1, 19] {
-                let x = random(&mut rng, rows * k, 1.0);
-                let start = random(&mut rng, rows * n, 1.0);
+                let x = random(&mut rng, rows * k, if tiny { 1e30 } else { 1.0 });
+                let start = if tiny {
+                    vec![0.0; rows * n]
+                } else {
+                    random(&mut rng, rows * n, 1.0)
+                };
+                let bias = if tiny { vec![0.0; n] } else { bias.clone() };
                 let xb = upload_f32(&engine, "x", &x).unwrap();
                 let yb = upload_f32(&engine, "y", &start).unwrap();
                 let bb = upload_f32(&engine, "bias", &bias).unwrap();
@@ -144,13 +180,74 @@ fn four_bit_matvec_and_tiled_matmul_equal_the_dequantized_product() {
                 let want: Vec<f32> = (0..rows * n)
                     .map(|i| start[i] + (0.5 * product[i] + bias[i % n]))
                     .collect();
+                assert!(
+                    want.iter().any(|&v| v != 0.0),
+                    "a product that is not all zeros"
+                );
                 assert_close(
                     &got,
                     &want,
                     1e-5,
-                    &format!("{qt} dq={dq} rows={rows} k={k}"),
+                    &format!(
+                        "{qt} dq={dq} rows={rows} n={n} k={k} blocksize={} from {} scale {}",
+                        c.blocksize, c.dtype, c.scale
+                    ),
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn dense_matvec_of_f32_f16_and_bf16_equals_the_widened_product() {
+    let Some((engine, _one_at_a_time)) = engine() else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(7);
+    // Rows of whole 16-byte loads (two in flight, then a last one) and rows that are not.
+    for (n, k) in [(19, 528), (9, 33), (5, 8)] {
+        let w = random(&mut rng, n * k, 1.0);
+        let x = random(&mut rng, k, 1.0);
+        let start = random(&mut rng, 3 + n, 1.0);
+        for (dtype, dense) in [
+            (DType::F32, Dense::F32),
+            (DType::F16, Dense::F16),
+            (DType::BF16, Dense::Bf16),
+        ] {
+            let (bytes, widened): (Vec<u8>, Vec<f32>) = match cast_f32(&w, dtype).unwrap() {
+                FloatData::F32(v) => (bytemuck::cast_slice(&v).to_vec(), v.to_vec()),
+                FloatData::F16(v) => (
+                    bytemuck::cast_slice(&v).to_vec(),
+                    v.iter().map(|h| h.to_f32()).collect(),
+                ),
+                FloatData::BF16(v) => (
+                    bytemuck::cast_slice(&v).to_vec(),
+                    v.iter().map(|h| h.to_f32()).collect(),
+                ),
+            };
+            let wb = upload(&engine, "w", &bytes).unwrap();
+            let xb = upload_f32(&engine, "x", &x).unwrap();
+            let yb = upload_f32(&engine, "y", &start).unwrap();
+            let mut rec = Recorder::new(&engine);
+            // Accumulated into columns 3 .. 3 + n of y.
+            let p = LinearParams {
+                rows: 1,
+                n: n as u32,
+                k: k as u32,
+                x_stride: k as u32,
+                y_stride: (3 + n) as u32,
+                y_offset: 3,
+                flags: ACCUMULATE,
+                scale: 2.0,
+                ..Default::default()
+            };
+            rec.linear(&p, &xb, &yb, None, WeightBinding::Dense(&wb, dense));
+            let got = read(rec, &yb, 3 + n);
+            let product = reference_linear(&x, &widened, 1, n, k);
+            let want: Vec<f32> = (0..3 + n)
+                .map(|i| start[i] + if i < 3 { 0.0 } else { 2.0 * product[i - 3] })
+                .collect();
+            assert_close(&got, &want, 1e-5, &format!("{dtype} n={n} k={k}"));
         }
     }
 }
@@ -389,7 +486,6 @@ fn rope_cache_and_attention_match_the_reference() {
                 kv_heads: kv_heads as u32,
                 head_dim: d as u32,
                 t: t as u32,
-                past: past as u32,
                 max_seq: max_seq as u32,
                 row_stride: (heads * d) as u32,
                 head_stride: d as u32,
@@ -403,19 +499,23 @@ fn rope_cache_and_attention_match_the_reference() {
                 row_stride: (kv_heads * d) as u32,
                 ..attn
             };
+            let step = StepBuffer::new(&engine, t).unwrap();
+            step.write(&engine, past, &[]);
             let mut rec = Recorder::new(&engine);
             let (q, k) = if alibi {
                 (q, k)
             } else {
-                rec.rope(&attn, &qb, &cosb, &sinb);
-                rec.rope(&kv, &kb, &cosb, &sinb);
+                rec.rope(&attn, &step, &qb, &cosb, &sinb);
+                rec.rope(&kv, &step, &kb, &cosb, &sinb);
                 (
                     reference_rope(&q, heads, d, past, &cos, &sin, adjacent),
                     reference_rope(&k, kv_heads, d, past, &cos, &sin, adjacent),
                 )
             };
-            rec.kv_append(&kv, &kb, &vb, &k_cache, &v_cache);
-            rec.attention(&attn, &qb, &k_cache, &v_cache, &slopeb, &scores, &context);
+            rec.kv_append(&kv, &step, &kb, &vb, &k_cache, &v_cache);
+            rec.attention(
+                &attn, &step, &qb, &k_cache, &v_cache, &slopeb, &scores, &context,
+            );
             all_k.extend(k);
             all_v.extend(v);
             let got = read(rec, &context, t * heads * d);
@@ -465,7 +565,7 @@ fn argmax_sampling_and_penalty_choose_as_the_cpu_would() {
             rec.repetition_penalty(&p, &lb, &ids);
         }
         rec.choose(&p, greedy, &lb, &token);
-        let bytes = block_on(submit_and_read(&engine, rec.encoder, &token, 4)).unwrap();
+        let bytes = block_on(submit_and_read(&engine, rec.into_encoder(), &token, 4)).unwrap();
         u32::from_le_bytes(bytes[..4].try_into().unwrap())
     };
     let mut logits = random(&mut rng, n, 3.0);
@@ -531,7 +631,7 @@ fn rejected_work_is_an_error_not_zeros() {
     let mut rec = Recorder::new(&engine);
     // Reads past the end of `small`: the device rejects the whole submission.
     rec.copy(&small, 0, &large, 0, 64);
-    let err = block_on(submit_and_read(&engine, rec.encoder, &large, 64))
+    let err = block_on(submit_and_read(&engine, rec.into_encoder(), &large, 64))
         .expect_err("an invalid copy must fail the read")
         .to_string();
     assert!(err.contains("WebGPU rejected the work"), "{err}");
@@ -539,9 +639,9 @@ fn rejected_work_is_an_error_not_zeros() {
     // once.
     let mut rec = Recorder::new(&engine);
     rec.copy(&small, 0, &large, 0, 64);
-    engine.queue.submit([rec.encoder.finish()]);
+    engine.queue.submit([rec.into_encoder().finish()]);
     let rec = Recorder::new(&engine);
-    let err = block_on(submit_and_read(&engine, rec.encoder, &large, 64))
+    let err = block_on(submit_and_read(&engine, rec.into_encoder(), &large, 64))
         .expect_err("the earlier rejected work must fail the next read")
         .to_string();
     assert!(err.contains("the WebGPU device reported"), "{err}");

@@ -454,6 +454,10 @@ impl Norm {
         })
     }
 
+    pub(crate) fn bytes(&self) -> u64 {
+        self.weight.size() + self.bias.as_ref().map_or(0, |b| b.size())
+    }
+
     pub(crate) fn record(
         &self,
         rec: &mut Recorder,
@@ -480,7 +484,7 @@ impl Engine {
         };
         rec.unpack(&shape, &out, WeightBinding::Q4(&buffer, &params));
         let bytes =
-            crate::buffers::submit_and_read(self, rec.encoder, &out, (q.numel() * 4) as u64)
+            crate::buffers::submit_and_read(self, rec.into_encoder(), &out, (q.numel() * 4) as u64)
                 .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }

@@ -3,7 +3,7 @@
 // Layouts: the cache holds [max_seq, kv_heads, head_dim] keys and values; a projection output
 // `src` row r, head h, channel c is at r * row_stride + h * head_stride + offset + c (BLOOM's
 // fused [t, heads, 3, head_dim] q/k/v and LLaMA's separate q, k, v are both such views). New
-// token i sits at position past + i.
+// token i sits at position past + i, `past` being the step buffer's (step.wgsl).
 //   rope:      rotates channel pairs of `src` in place (cos/sin tables [max_seq, head_dim / 2]).
 //   kv_append: copies the new keys and values into the cache.
 //   attention: softmax(q·kᵀ · scale + alibi_slope[h] · key_position) · v per (token, head),
@@ -14,7 +14,6 @@ struct AttnParams {
     kv_heads: u32,
     head_dim: u32,
     t: u32,
-    past: u32,
     max_seq: u32,
     row_stride: u32,
     head_stride: u32,
@@ -30,6 +29,7 @@ struct AttnParams {
 }
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
+@group(0) @binding(14) var<storage, read> step: array<u32>;
 
 const THREADS: u32 = 64u;
 // -f32::MAX, exactly (a decimal literal past it is a compile error in Chromium's Tint).
@@ -59,7 +59,7 @@ fn rope(@builtin(global_invocation_id) id: vec3<u32>) {
         a = base + 2u * j;
         b = a + 1u;
     }
-    let at = (p.past + row) * half_d + j;
+    let at = (step[STEP_PAST] + row) * half_d + j;
     let c = cos_table[at];
     let s = sin_table[at];
     let x1 = rope_x[a];
@@ -87,7 +87,7 @@ fn kv_append(@builtin(global_invocation_id) id: vec3<u32>) {
     let h = (i / p.head_dim) % p.kv_heads;
     let row = i / width;
     let src = row * p.row_stride + h * p.head_stride + c;
-    let dst = (p.past + row) * width + h * p.head_dim + c;
+    let dst = (step[STEP_PAST] + row) * width + h * p.head_dim + c;
     k_cache[dst] = k_src[src + p.offset];
     v_cache[dst] = v_src[src + p.v_offset];
 }
@@ -141,7 +141,7 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let d = p.head_dim;
     let kv = h / (p.heads / p.kv_heads);
     let q_base = row * p.row_stride + h * p.head_stride + p.offset;
-    let keys_seen = p.past + row + 1u;
+    let keys_seen = step[STEP_PAST] + row + 1u;
     let s_base = (row * p.heads + h) * p.max_seq;
     let kv_width = p.kv_heads * d;
     var slope = 0.0;

@@ -13,7 +13,7 @@ struct NormParams {
 @group(0) @binding(3) var<storage, read> weight: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
-const THREADS: u32 = 64u;
+const THREADS: u32 = 256u;
 var<workgroup> partial: array<f32, THREADS>;
 
 // The sum of every thread's `v`, seen by all threads.
@@ -31,7 +31,7 @@ fn workgroup_sum(lid: u32, v: f32) -> f32 {
     return total;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn layer_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let base = wg.x * p.dim;
     var s = 0.0;
@@ -51,7 +51,7 @@ fn layer_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn rms_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let base = wg.x * p.dim;
     var s2 = 0.0;

@@ -1,9 +1,9 @@
-// A 4-bit weight [n, k] in bitsandbytes' layout, dequantized where it is read. Compiled before
-// linear.wgsl.
+// A 4-bit weight [n, k] in bitsandbytes' layout, dequantized where it is read. Compiled after
+// linear_params.wgsl, before linear.wgsl or matvec_q4.wgsl.
 //
-// `q4` holds, as u32 words: the packed codes (the row-major tensor cut into blocks of
-// `blocksize`, two codes per byte, the even element in the high nibble, little-endian bytes),
-// then the absmax of each block (f32 bits, or with double quantization one u8 code per block,
+// `q4` holds, as u32 words read four at a time (the buffer is padded to 16 bytes): the packed
+// codes (the row-major tensor cut into blocks of `blocksize`, two codes per byte, the even
+// element in the high nibble, little-endian bytes), then the absmax of each block (f32 bits, or with double quantization one u8 code per block,
 // four to a word, and from `nested_start` one f32 per `nested_blocksize` blocks).
 // `tables` holds the 16-value code book of the quant type at `code_table`, and from 32 the
 // 256-value signed dynamic map of the nested codes.
@@ -23,7 +23,7 @@ struct Q4Params {
 }
 
 @group(0) @binding(4) var<uniform> q: Q4Params;
-@group(0) @binding(5) var<storage, read> q4: array<u32>;
+@group(0) @binding(5) var<storage, read> q4: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> tables: array<f32>;
 
 const DYNAMIC_MAP: u32 = 32u;
@@ -53,16 +53,28 @@ fn round_mantissa(v: f32, mantissa: i32, min_exp: i32) -> f32 {
     return select(r, -r, v < 0.0);
 }
 
+// bf16 keeps f32's exponent range, so rounding is on the bits alone: add half a bf16 ulp (less
+// one, plus the kept lowest bit: ties to even) and cut the low half. Values here are finite.
+fn round_to_bf16(v: f32) -> f32 {
+    let bits = bitcast<u32>(v);
+    return bitcast<f32>((bits + 0x7fffu + ((bits >> 16u) & 1u)) & 0xffff0000u);
+}
+
 fn round_to_dtype(v: f32) -> f32 {
     switch q.round_to {
-        case 1u: { return round_mantissa(v, 7, -126); }
+        case 1u: { return round_to_bf16(v); }
         case 2u: { return round_mantissa(v, 10, -14); }
         default: { return v; }
     }
 }
 
+// Word w of the buffer.
+fn q4_word(w: u32) -> u32 {
+    return q4[w / 4u][w % 4u];
+}
+
 fn code(i: u32) -> u32 {
-    let byte = (q4[i / 8u] >> (8u * ((i / 2u) % 4u))) & 0xffu;
+    let byte = (q4_word(i / 8u) >> (8u * ((i / 2u) % 4u))) & 0xffu;
     return select(byte & 0xfu, byte >> 4u, i % 2u == 0u);
 }
 
@@ -70,29 +82,14 @@ fn code(i: u32) -> u32 {
 // nested absmax (flushed product), then + offset.
 fn block_absmax(b: u32) -> f32 {
     if q.double_quant == 0u {
-        return bitcast<f32>(q4[q.absmax_start + b]);
+        return bitcast<f32>(q4_word(q.absmax_start + b));
     }
-    let c = (q4[q.absmax_start + b / 4u] >> (8u * (b % 4u))) & 0xffu;
-    let nested = bitcast<f32>(q4[q.nested_start + b / q.nested_blocksize]);
+    let c = (q4_word(q.absmax_start + b / 4u) >> (8u * (b % 4u))) & 0xffu;
+    let nested = bitcast<f32>(q4_word(q.nested_start + b / q.nested_blocksize));
     return mul_ftz(tables[DYNAMIC_MAP + c], nested) + q.offset;
 }
 
 fn weight(n: u32, k: u32) -> f32 {
     let i = n * p.k + k;
     return round_to_dtype(mul_ftz(tables[q.code_table + code(i)], block_absmax(i / q.blocksize)));
-}
-
-// Eight codes of one word share one block (blocks are multiples of 32 elements): the absmax
-// is expanded once.
-fn weight8(n: u32, k: u32) -> array<f32, 8> {
-    let i = n * p.k + k;
-    let absmax = block_absmax(i / q.blocksize);
-    let word = q4[i / 8u];
-    var w: array<f32, 8>;
-    for (var j = 0u; j < 4u; j = j + 1u) {
-        let byte = (word >> (8u * j)) & 0xffu;
-        w[2u * j] = round_to_dtype(mul_ftz(tables[q.code_table + (byte >> 4u)], absmax));
-        w[2u * j + 1u] = round_to_dtype(mul_ftz(tables[q.code_table + (byte & 0xfu)], absmax));
-    }
-    return w;
 }

@@ -5,7 +5,9 @@
 //!   checkpoints and with PEFT adapters applied unmerged;
 //! - greedy generation of 32 tokens equal to the CPU path's;
 //! - tensors split across buffers under a small binding limit give the same logits, and a
-//!   limit too small for a weight is a clear error.
+//!   limit too small for a weight is a clear error;
+//! - a bf16 LM head (an option, off by default) takes fewer bytes and moves the logits by no
+//!   more than bf16's precision.
 //!
 //! Skips, with the reason printed, only where no adapter exists. Run with `--nocapture` for the
 //! figures.
@@ -278,6 +280,7 @@ fn split_tensors_give_the_same_logits() {
         quantize: None,
         max_seq_len: 64,
         chunk: 4,
+        ..LoadOptions::default()
     };
     for dir in ["tiny-bloom", "llama/tiny-qwen2-nf4"] {
         let case = Case {
@@ -507,6 +510,45 @@ fn cast_checkpoint(dir: &str, dtype: qlora_core::DType) -> tempfile::TempDir {
 
 /// Half-precision checkpoints stay half precision on the device (widened exactly in the
 /// kernels), or are quantized from their own dtype as `QuantizeOnRead` does.
+/// A bf16 LM head (`LoadOptions::bf16_lm_head`) moves each logit by about bf16's precision.
+const BF16_HEAD_TOLERANCE: f32 = 1e-2;
+
+#[test]
+fn a_bf16_lm_head_takes_fewer_bytes_and_keeps_the_logits_within_bf16_precision() {
+    let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {
+        return;
+    };
+    let bf16_head = LoadOptions {
+        bf16_lm_head: true,
+        ..LoadOptions::default()
+    };
+    // BLOOM's head is tied to the embedding; tiny-llama's is its own tensor.
+    for dir in ["tiny-bloom", "llama/tiny-llama"] {
+        let case = Case {
+            dir,
+            quantize: None,
+            adapter: None,
+        };
+        let config = case.config();
+        let source = open_checkpoint(&golden(dir)).unwrap();
+        let plan = engine.plan(&config, &source, &bf16_head).unwrap();
+        let f32_plan = engine
+            .plan(&config, &source, &LoadOptions::default())
+            .unwrap();
+        let vocab_by_hidden = (config.vocab_size() * config.hidden_size()) as u64;
+        assert!(f32_plan.weight_bytes - plan.weight_bytes >= 2 * vocab_by_hidden - 16);
+        let mut gpu = case.gpu(&engine, &bf16_head).unwrap();
+        assert_eq!(plan.weight_bytes, gpu.footprint().weight_bytes);
+        let cpu = case.cpu();
+        for prompt in prompts(dir) {
+            let got = block_on(gpu.prefill(&prompt)).unwrap();
+            let rel = relative_error(&got, &cpu_logits(&cpu, &prompt));
+            println!("{dir} with a bf16 LM head: relative logits error {rel:.2e}");
+            assert!(rel <= BF16_HEAD_TOLERANCE, "{dir}: {rel:e}");
+        }
+    }
+}
+
 #[test]
 fn half_precision_checkpoints_match_the_cpu_path() {
     let Some((engine, _one_at_a_time)) = engine(EngineOptions::default()) else {

@@ -82,7 +82,6 @@ impl Bloom {
             kv_heads: step.dims.heads as u32,
             head_dim: hd,
             t: t as u32,
-            past: step.past as u32,
             max_seq: step.dims.max_seq as u32,
             // The fused projection viewed as [t, heads, 3, head_dim].
             row_stride: 3 * h as u32,
@@ -104,9 +103,17 @@ impl Bloom {
                 v_offset: 2 * hd,
                 ..attn
             };
-            rec.kv_append(&kv, &self.qkv, &self.qkv, k_cache, v_cache);
+            rec.kv_append(
+                &kv,
+                step.step_buffer,
+                &self.qkv,
+                &self.qkv,
+                k_cache,
+                v_cache,
+            );
             rec.attention(
                 &attn,
+                step.step_buffer,
                 &self.qkv,
                 k_cache,
                 v_cache,

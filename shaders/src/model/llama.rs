@@ -116,7 +116,6 @@ impl Llama {
             kv_heads: dims.kv_heads as u32,
             head_dim: d,
             t: t as u32,
-            past: step.past as u32,
             max_seq: dims.max_seq as u32,
             row_stride: dims.heads as u32 * d,
             head_stride: d,
@@ -140,12 +139,19 @@ impl Llama {
             block
                 .v_proj
                 .record(rec, t, &s.normed, &self.v, false, s.lora_scratch());
-            rec.rope(&attn, &self.q, &self.cos, &self.sin);
-            rec.rope(&kv, &self.k, &self.cos, &self.sin);
-            rec.kv_append(&kv, &self.k, &self.v, k_cache, v_cache);
+            rec.rope(&attn, step.step_buffer, &self.q, &self.cos, &self.sin);
+            rec.rope(&kv, step.step_buffer, &self.k, &self.cos, &self.sin);
+            rec.kv_append(&kv, step.step_buffer, &self.k, &self.v, k_cache, v_cache);
             // No ALiBi: the slopes binding is unused.
             rec.attention(
-                &attn, &self.q, k_cache, v_cache, &self.cos, &s.scores, &s.context,
+                &attn,
+                step.step_buffer,
+                &self.q,
+                k_cache,
+                v_cache,
+                &self.cos,
+                &s.scores,
+                &s.context,
             );
             block
                 .o_proj

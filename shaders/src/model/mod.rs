@@ -15,9 +15,9 @@ use qlora_core::peft::LoraAdapter;
 use qlora_core::quant::QuantType;
 use qlora_core::{Error, Result};
 
-use crate::buffers::{scratch, submit_and_read, upload_f32, RowSplit};
+use crate::buffers::{scratch, submit_and_read, upload_f32, Dense, RowSplit};
 use crate::device::Engine;
-use crate::kernels::{LinearParams, Recorder, WeightBinding};
+use crate::kernels::{BindingCache, LinearParams, Recorder, StepBuffer, WeightBinding};
 use crate::weights::{Checkpoint, Linear, Norm};
 
 /// Quantize a full-precision checkpoint's linear weights on load, as `qlora quantize` would.
@@ -45,6 +45,12 @@ pub struct LoadOptions {
     pub max_seq_len: usize,
     /// Tokens fed per forward pass (a longer prompt goes in several).
     pub chunk: usize,
+    /// Store an f32 LM head as bf16 (rounded to nearest even; the embedding too where the head
+    /// is tied to it), as the CUDA path keeps it: half the bytes a decoding step reads (the
+    /// head is most of them for large vocabularies), and logits within bf16's precision of the
+    /// f32 ones (products still accumulate in f32). Off by default: the logits then equal the
+    /// CPU path's to f32 rounding.
+    pub bf16_lm_head: bool,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +59,7 @@ impl Default for LoadOptions {
             quantize: None,
             max_seq_len: 2048,
             chunk: 32,
+            bf16_lm_head: false,
         }
     }
 }
@@ -121,9 +128,9 @@ impl Shared {
 pub(crate) struct Step<'a> {
     pub dims: Dims,
     pub shared: &'a Shared,
-    /// New tokens and tokens already cached.
+    /// New tokens (the tokens already cached are in the step buffer).
     pub t: usize,
-    pub past: usize,
+    pub step_buffer: &'a StepBuffer,
 }
 
 enum Layers {
@@ -150,6 +157,10 @@ pub struct LoadedModel {
     context_ids: wgpu::Buffer,
     /// `[1]` u32: the chosen token.
     token: wgpu::Buffer,
+    /// The tokens already cached and the new ids, written before each forward pass.
+    step_buffer: StepBuffer,
+    /// The bind groups of the forward passes, built once.
+    bindings: BindingCache,
     past: usize,
     footprint: Footprint,
 }
@@ -214,11 +225,13 @@ impl Engine {
             footprint: Footprint::default(),
         };
         let embedding_spec = description.token_embedding().clone();
+        let tied = lm_head_of(&description) == &LmHead::TiedToEmbedding;
         let embedding = loader
             .rows(
                 &embedding_spec.name,
                 embedding_spec.vocab_size,
                 embedding_spec.hidden_size,
+                options.bf16_lm_head && tied,
             )
             .await?;
         let (layers, final_norm, lm_head_spec, dims) = match &description {
@@ -265,7 +278,12 @@ impl Engine {
             LmHead::TiedToEmbedding => Linear::from_rows(embedding.clone(), dims.vocab),
             LmHead::Separate(spec) => Linear::from_rows(
                 loader
-                    .rows(&spec.name, spec.vocab_size, spec.hidden_size)
+                    .rows(
+                        &spec.name,
+                        spec.vocab_size,
+                        spec.hidden_size,
+                        options.bf16_lm_head,
+                    )
                     .await?,
                 dims.vocab,
             ),
@@ -296,6 +314,7 @@ impl Engine {
         let last_row = scratch(self, "last hidden row", dims.hidden)?;
         let context_ids = scratch(self, "context ids", dims.max_seq)?;
         let token = scratch(self, "token", 1)?;
+        let step_buffer = StepBuffer::new(self, c)?;
         footprint.cache_bytes = cache.iter().map(|(k, v)| k.size() + v.size()).sum();
         footprint.activation_bytes = [
             &shared.hidden,
@@ -307,6 +326,7 @@ impl Engine {
             &last_row,
             &context_ids,
             &token,
+            &step_buffer.buffer,
         ]
         .iter()
         .map(|b| b.size())
@@ -328,9 +348,19 @@ impl Engine {
             logits,
             context_ids,
             token,
+            step_buffer,
+            bindings: BindingCache::default(),
             past: 0,
             footprint,
         })
+    }
+}
+
+/// Where the model's logits come from.
+pub(crate) fn lm_head_of(description: &ArchDescription) -> &LmHead {
+    match description {
+        ArchDescription::Bloom(d) => &d.lm_head,
+        ArchDescription::Llama(d) => &d.lm_head,
     }
 }
 
@@ -398,18 +428,18 @@ impl Loader<'_, '_> {
     pub(crate) async fn norm(&mut self, spec: &qlora_core::arch::NormSpec) -> Result<Norm> {
         let norm = Norm::load(self.engine, self.checkpoint, spec)?;
         let tensors = 1 + usize::from(spec.bias_name().is_some());
-        self.loaded(
-            &spec.weight_name(),
-            tensors,
-            (spec.dim * 4 * tensors) as u64,
-        )
-        .await;
+        self.loaded(&spec.weight_name(), tensors, norm.bytes())
+            .await;
         Ok(norm)
     }
 
-    /// A `[rows, cols]` matrix, split by rows where it exceeds the binding limit.
-    async fn rows(&mut self, name: &str, rows: usize, cols: usize) -> Result<RowSplit> {
-        let matrix = self.checkpoint.matrix(name, &[rows, cols])?;
+    /// A `[rows, cols]` matrix, split by rows where it exceeds the binding limit; an f32 one
+    /// stored as bf16 when `bf16` says so.
+    async fn rows(&mut self, name: &str, rows: usize, cols: usize, bf16: bool) -> Result<RowSplit> {
+        let mut matrix = self.checkpoint.matrix(name, &[rows, cols])?;
+        if bf16 && matrix.dtype == Dense::F32 {
+            matrix = matrix.to_bf16();
+        }
         let split = RowSplit::upload(self.engine, name, &matrix, cols)?;
         if split.parts.len() > 1 {
             self.footprint
@@ -495,8 +525,13 @@ impl LoadedModel {
     }
 
     async fn read_f32(&self, rec: Recorder, count: usize) -> Result<Vec<f32>> {
-        let bytes =
-            submit_and_read(&self.engine, rec.encoder, &self.logits, (count * 4) as u64).await?;
+        let bytes = submit_and_read(
+            &self.engine,
+            rec.into_encoder(),
+            &self.logits,
+            (count * 4) as u64,
+        )
+        .await?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -513,29 +548,34 @@ impl LoadedModel {
                 d.max_seq
             )));
         }
-        let mut rec = Recorder::new(&self.engine);
-        let row_bytes = (d.hidden * 4) as u64;
-        for (i, &token) in tokens.iter().enumerate() {
-            let (part, row) = self.embedding.locate(token as usize).ok_or_else(|| {
-                Error::Invalid(format!(
+        for &token in tokens {
+            if token as usize >= d.vocab {
+                return Err(Error::Invalid(format!(
                     "token id {token} is outside the vocabulary of {}",
                     d.vocab
-                ))
-            })?;
+                )));
+            }
+        }
+        // Takes effect at the start of the next submission, which runs this pass: callers
+        // submit each pass before recording the next.
+        self.step_buffer.write(&self.engine, self.past, tokens);
+        let mut rec = Recorder::cached(&self.engine, &self.bindings);
+        let row_bytes = (d.hidden * 4) as u64;
+        for part in &self.embedding.parts {
             let lookup = LinearParams {
+                n: part.rows as u32,
                 k: d.hidden as u32,
-                y_offset: (i * d.hidden) as u32,
-                row: row as u32,
+                row: part.first_row as u32,
                 ..Default::default()
             };
             let weight = WeightBinding::Dense(&part.buffer, self.embedding.dtype);
-            rec.gather_row(&lookup, &self.shared.hidden, weight);
+            rec.gather_rows(&lookup, t, &self.step_buffer, &self.shared.hidden, weight);
         }
         let step = Step {
             dims: d,
             shared: &self.shared,
             t,
-            past: self.past,
+            step_buffer: &self.step_buffer,
         };
         match &self.layers {
             Layers::Bloom(m) => m.record(&mut rec, &step, &self.cache),

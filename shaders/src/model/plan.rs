@@ -4,16 +4,17 @@
 
 use std::collections::BTreeMap;
 
-use qlora_core::arch::{ModelConfig, TensorRole};
+use qlora_core::arch::{LmHead, ModelConfig, TensorRole};
 use qlora_core::checkpoint::TensorSource;
 use qlora_core::{DType, Result};
 
-use super::{Footprint, LoadOptions};
-use crate::buffers::{check_fits, rows_per_buffer, Dense};
+use super::{lm_head_of, Footprint, LoadOptions};
+use crate::buffers::{check_fits, padded, rows_per_buffer, Dense};
 use crate::device::Engine;
 
 /// bitsandbytes' bytes for `numel` 4-bit values in blocks of `blocksize`: packed codes, then an
-/// f32 absmax per block, or a u8 code per block and an f32 per 256 blocks.
+/// f32 absmax per block, or a u8 code per block and an f32 per 256 blocks; padded as every
+/// buffer is.
 fn four_bit_bytes(numel: usize, blocksize: usize, double_quant: bool) -> usize {
     let blocks = numel.div_ceil(blocksize);
     let absmax = if double_quant {
@@ -21,7 +22,7 @@ fn four_bit_bytes(numel: usize, blocksize: usize, double_quant: bool) -> usize {
     } else {
         blocks * 4
     };
-    numel.div_ceil(8) * 4 + absmax
+    padded(numel.div_ceil(8) * 4 + absmax)
 }
 
 impl Engine {
@@ -54,8 +55,10 @@ impl Engine {
             (None, Some(q)) => Some((q.blocksize, q.double_quant)),
             (None, None) => None,
         };
+        let description = config.describe();
+        let tied = lm_head_of(&description) == &LmHead::TiedToEmbedding;
         let mut footprint = Footprint::default();
-        for tensor in config.describe().tensors() {
+        for tensor in description.tensors() {
             let numel: usize = tensor.shape.iter().product();
             let bytes = match (tensor.role, four_bit) {
                 (TensorRole::LinearWeight, Some((blocksize, dq))) => {
@@ -64,8 +67,14 @@ impl Engine {
                     bytes
                 }
                 (TensorRole::Embedding | TensorRole::LmHead | TensorRole::LinearWeight, _) => {
-                    // Kept in the checkpoint's dtype, split by rows where needed.
-                    let size = Dense::of(dtype_of(&tensor.name)).size();
+                    // Kept in the checkpoint's dtype (an f32 LM head as bf16 on request), split
+                    // by rows where needed.
+                    let is_head = tensor.role == TensorRole::LmHead
+                        || (tensor.role == TensorRole::Embedding && tied);
+                    let size = match Dense::of(dtype_of(&tensor.name)) {
+                        Dense::F32 if is_head && options.bf16_lm_head => Dense::Bf16.size(),
+                        dtype => dtype.size(),
+                    };
                     let rows = tensor.shape[0];
                     // At most `rows`: the products below stay within wasm32's usize.
                     let per_part =
@@ -74,12 +83,11 @@ impl Engine {
                     if parts > 1 {
                         footprint.split_tensors.push((tensor.name.clone(), parts));
                     }
-                    // Each part padded to whole words.
-                    let part_bytes = |n: usize| (n * (numel / rows) * size).div_ceil(4) * 4;
+                    let part_bytes = |n: usize| padded(n * (numel / rows) * size);
                     (parts - 1) * part_bytes(per_part) + part_bytes(rows - (parts - 1) * per_part)
                 }
                 // Norms and biases: f32.
-                _ => numel * 4,
+                _ => padded(numel * 4),
             };
             footprint.weight_bytes += bytes as u64;
         }
