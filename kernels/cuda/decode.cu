@@ -4,12 +4,69 @@
 
 // y[r, o] = act(sum_i x[r, i] * W[o, i] (+ bias[o])) (+ residual[r, o]) for r < rows <= R, W
 // bitsandbytes 4-bit [out, in], act BLOOM's GELU when `gelu` (else none): a decoding step's
-// residual additions and activation ride on the product instead of taking launches of their own. Each lane reads its rows' x from L1 once per chunk, so the cost grows with the rows:
-// beyond four, dequantization and a tensor-core GEMM are faster. One warp per output feature (grid-stride); each lane reads 16 bytes (32 codes) at
-// a time, the next 16 already in flight. The caller guarantees in % 32 == 0 and blocksize % 32
-// == 0, so those 32 codes share one absmax and a weight row starts 16-byte aligned. The codes of
-// a chunk are summed against x first and scaled by the block's absmax once (the dequantized
-// weight is never formed). R is a compile-time bound so that the accumulators stay in registers.
+// residual additions and activation ride on the product instead of taking launches of their own.
+// One warp per output feature (grid-stride); each lane reads 16 bytes (32 codes) at a time. The
+// caller guarantees in % 32 == 0 and blocksize % 32 == 0, so those 32 codes share one absmax and
+// a weight row starts 16-byte aligned. The codes of a chunk are summed against x first and scaled
+// by the block's absmax once (the dequantized weight is never formed). Each lane reads its rows'
+// x from L1 once per chunk, so the cost grows with the rows: beyond four, dequantization and a
+// tensor-core GEMM are faster. R is a compile-time bound so that the accumulators stay in
+// registers. Two kernels compute the same sums in the same order (so the same bits):
+// gemv_4bit_R keeps one chunk in flight per lane and finds each chunk's absmax with 64-bit
+// divisions; gemv_4bit_wide_R (power-of-two block sizes, fewer than 2^31 weights) issues the
+// loads of four chunks per lane, codes and absmax, before using any, and finds the absmax with
+// shifts. `qlora bench generate` measures one against the other.
+
+// acc[r] += scale * sum_k W[chunk c][k] * x[r, 32 c + k] for the 32 codes of `word`.
+template <int R>
+__device__ __forceinline__ void gemv_chunk(uint4 word, float scale, const float* code, const T* __restrict__ x,
+                                           int rows, int in_features, int c, float* acc) {
+    float w[32];
+    unsigned int parts[4] = {word.x, word.y, word.z, word.w};
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            unsigned int b = (parts[p] >> (8 * j)) & 0xffu;
+            w[8 * p + 2 * j] = code[b >> 4];
+            w[8 * p + 2 * j + 1] = code[b & 15u];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (r < rows) {
+            const T* xr = x + (long long)r * in_features + 32LL * c;
+            float dot = 0.0f;
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                float v[PACK];
+                load_pack(xr, 8 * p, 32, v);
+#pragma unroll
+                for (int k = 0; k < PACK; k++) dot = fmaf(w[8 * p + k], v[k], dot);
+            }
+            acc[r] = fmaf(dot, scale, acc[r]);
+        }
+    }
+}
+
+// The warp's sums into y[:, o] with the bias and the epilogue.
+template <int R>
+__device__ __forceinline__ void gemv_store(float* acc, int lane, const T* __restrict__ bias,
+                                           const T* __restrict__ residual, int gelu, T* __restrict__ y,
+                                           int rows, int out_features, int o) {
+    float b = bias != nullptr ? ld(bias[o]) : 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = warp_sum(acc[r]) + b;
+        if (lane == 0 && r < rows) {
+            long long at = (long long)r * out_features + o;
+            if (gelu) v = gelu_tanh(v);
+            if (residual != nullptr) v += ld(residual[at]);
+            st(&y[at], v);
+        }
+    }
+}
+
 template <int R>
 __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restrict__ absmax,
                           const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
@@ -35,44 +92,67 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
             long long first = (long long)o * in_features + 32LL * c;
             float scale = block_absmax(first / blocksize, absmax, absmax_q8, code_nested, absmax2, offset,
                                        nested_blocksize);
-            float w[32];
-            unsigned int parts[4] = {word.x, word.y, word.z, word.w};
+            gemv_chunk<R>(word, scale, code, x, rows, in_features, c, acc);
+        }
+        gemv_store<R>(acc, lane, bias, residual, gelu, y, rows, out_features, o);
+    }
+}
+
+// Chunks per lane whose loads gemv_4bit_wide issues together.
+#define GEMV_WIDE_CHUNKS 4
+
+template <int R>
+__device__ void gemv_4bit_wide(const uint4* __restrict__ packed, const float* __restrict__ absmax,
+                               const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
+                               const float* __restrict__ absmax2, float offset, int nested_shift,
+                               const float* __restrict__ code16, int block_shift, const T* __restrict__ x,
+                               const T* __restrict__ bias, const T* __restrict__ residual, int gelu,
+                               T* __restrict__ y, int rows, int in_features, int out_features) {
+    __shared__ float code[16];
+    __shared__ float code_nested[256];
+    load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
+    int lane = threadIdx.x & 31;
+    int warps = blockDim.x / 32;
+    int chunks = in_features / 32;
+    for (int o = blockIdx.x * warps + threadIdx.x / 32; o < out_features; o += gridDim.x * warps) {
+        const uint4* w_row = packed + (long long)o * chunks;
+        unsigned int row_first = (unsigned int)o * (unsigned int)in_features;
+        float acc[R];
 #pragma unroll
-            for (int p = 0; p < 4; p++) {
+        for (int r = 0; r < R; r++) acc[r] = 0.0f;
+        for (int base = lane; base < chunks; base += 32 * GEMV_WIDE_CHUNKS) {
+            uint4 word[GEMV_WIDE_CHUNKS];
+            unsigned char q[GEMV_WIDE_CHUNKS];
+            float a[GEMV_WIDE_CHUNKS];
+            // Every load of the group first: codes, then each chunk's absmax (or its 8-bit code
+            // and the nested absmax, which do not depend on each other).
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    unsigned int b = (parts[p] >> (8 * j)) & 0xffu;
-                    w[8 * p + 2 * j] = code[b >> 4];
-                    w[8 * p + 2 * j + 1] = code[b & 15u];
+            for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
+                int c = base + 32 * u;
+                word[u] = c < chunks ? __ldg(w_row + c) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
+                int c = base + 32 * u;
+                unsigned int block = c < chunks ? (row_first + 32u * (unsigned int)c) >> block_shift : 0u;
+                if (absmax_q8 != nullptr) {
+                    q[u] = c < chunks ? __ldg(absmax_q8 + block) : 0;
+                    a[u] = c < chunks ? __ldg(absmax2 + (block >> nested_shift)) : 0.0f;
+                } else {
+                    q[u] = 0;
+                    a[u] = c < chunks ? __ldg(absmax + block) : 0.0f;
                 }
             }
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                if (r < rows) {
-                    const T* xr = x + (long long)r * in_features + 32LL * c;
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int p = 0; p < 4; p++) {
-                        float v[PACK];
-                        load_pack(xr, 8 * p, 32, v);
-#pragma unroll
-                        for (int k = 0; k < PACK; k++) dot = fmaf(w[8 * p + k], v[k], dot);
-                    }
-                    acc[r] = fmaf(dot, scale, acc[r]);
+            for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
+                int c = base + 32 * u;
+                if (c < chunks) {
+                    float scale = absmax_q8 != nullptr ? expand_absmax(code_nested[q[u]], a[u], offset) : a[u];
+                    gemv_chunk<R>(word[u], scale, code, x, rows, in_features, c, acc);
                 }
             }
         }
-        float b = bias != nullptr ? ld(bias[o]) : 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float v = warp_sum(acc[r]) + b;
-            if (lane == 0 && r < rows) {
-                long long at = (long long)r * out_features + o;
-                if (gelu) v = gelu_tanh(v);
-                if (residual != nullptr) v += ld(residual[at]);
-                st(&y[at], v);
-            }
-        }
+        gemv_store<R>(acc, lane, bias, residual, gelu, y, rows, out_features, o);
     }
 }
 
@@ -84,6 +164,14 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
         int out_features) {                                                                               \
         gemv_4bit<R>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_blocksize, code16, blocksize, \
                      x, bias, residual, gelu, y, rows, in_features, out_features);                        \
+    }                                                                                                     \
+    extern "C" __global__ void gemv_4bit_wide_##R(                                                        \
+        const uint4* packed, const float* absmax, const unsigned char* absmax_q8, const float* code2,      \
+        const float* absmax2, float offset, int nested_shift, const float* code16, int block_shift,        \
+        const T* x, const T* bias, const T* residual, int gelu, T* y, int rows, int in_features,           \
+        int out_features) {                                                                               \
+        gemv_4bit_wide<R>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_shift, code16,          \
+                          block_shift, x, bias, residual, gelu, y, rows, in_features, out_features);      \
     }
 GEMV_4BIT(1)
 GEMV_4BIT(2)

@@ -15,13 +15,17 @@ __device__ __forceinline__ void load_code_tables(const float* code16, const floa
     __syncthreads();
 }
 
+// A double-quantized absmax from its 8-bit code's table entry and its nested absmax.
+__device__ __forceinline__ float expand_absmax(float code_entry, float nested, float offset) {
+    return __fadd_rn(ftz(__fmul_rn(ftz(code_entry), ftz(nested))), offset);
+}
+
 // Block `block`'s absmax: stored, or expanded from its 8-bit code as bitsandbytes does.
 __device__ __forceinline__ float block_absmax(long long block, const float* absmax, const unsigned char* absmax_q8,
                                               const float* code_nested, const float* absmax2, float offset,
                                               int nested_blocksize) {
     if (absmax_q8 == nullptr) return absmax[block];
-    return __fadd_rn(ftz(__fmul_rn(ftz(code_nested[absmax_q8[block]]), ftz(absmax2[block / nested_blocksize]))),
-                     offset);
+    return expand_absmax(code_nested[absmax_q8[block]], absmax2[block / nested_blocksize], offset);
 }
 
 extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ packed,

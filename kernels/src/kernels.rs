@@ -2,6 +2,7 @@
 //! device addresses and explicit sizes. Tensors of the activation type `T` are f32 or bf16 as
 //! the [`Precision`] these kernels were compiled for.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -29,7 +30,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-const NAMES: [&str; 35] = [
+const NAMES: [&str; 38] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -60,6 +61,9 @@ const NAMES: [&str; 35] = [
     "gemv_4bit_1",
     "gemv_4bit_2",
     "gemv_4bit_4",
+    "gemv_4bit_wide_1",
+    "gemv_4bit_wide_2",
+    "gemv_4bit_wide_4",
     "kv_append",
     "attention_cached",
     "repetition_penalty",
@@ -75,6 +79,20 @@ pub struct Kernels {
     pub precision: Precision,
     stream: Arc<CudaStream>,
     functions: Vec<CudaFunction>,
+    /// [`GemvKernel::Wide`] chosen (see [`Kernels::set_gemv`]).
+    wide_gemv: AtomicBool,
+}
+
+/// The two fused 4-bit GEMVs of decoding, which compute the same sums in the same order (the
+/// same bits): `OneChunk` keeps one 16-byte chunk of codes in flight per lane; `Wide` issues the
+/// loads of four chunks and their absmax before using any (weights with power-of-two block sizes
+/// and fewer than 2^31 elements; others take `OneChunk`). `OneChunk` is the default until `Wide`
+/// has been measured against it (`qlora bench generate` times both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemvKernel {
+    #[default]
+    OneChunk,
+    Wide,
 }
 
 fn grid(n: usize, block: usize) -> LaunchConfig {
@@ -177,7 +195,14 @@ impl Kernels {
             precision,
             stream: gpu.inner.stream.clone(),
             functions,
+            wide_gemv: AtomicBool::new(false),
         })
+    }
+
+    /// Which GEMV [`Kernels::gemv_4bit`] launches from now on.
+    pub fn set_gemv(&self, kernel: GemvKernel) {
+        self.wide_gemv
+            .store(kernel == GemvKernel::Wide, Ordering::Relaxed);
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
@@ -678,10 +703,24 @@ impl Kernels {
                 w.blocksize
             )));
         }
-        let name = match rows_ {
-            1 => "gemv_4bit_1",
-            2 => "gemv_4bit_2",
-            _ => "gemv_4bit_4",
+        let a = w.absmax_args();
+        let wide = self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready();
+        let name = match (wide, rows_) {
+            (false, 1) => "gemv_4bit_1",
+            (false, 2) => "gemv_4bit_2",
+            (false, _) => "gemv_4bit_4",
+            (true, 1) => "gemv_4bit_wide_1",
+            (true, 2) => "gemv_4bit_wide_2",
+            (true, _) => "gemv_4bit_wide_4",
+        };
+        // The wide kernel takes block sizes as shifts.
+        let (nested_blocksize, blocksize) = if wide {
+            (
+                a.nested_blocksize.trailing_zeros() as i32,
+                w.blocksize.trailing_zeros() as i32,
+            )
+        } else {
+            (a.nested_blocksize, w.blocksize as i32)
         };
         // Eight warps per block, one output feature per warp at a time.
         let cfg = LaunchConfig {
@@ -689,7 +728,6 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let a = w.absmax_args();
         launch!(
             self,
             name,
@@ -700,9 +738,9 @@ impl Kernels {
             a.code,
             a.nested_absmax,
             a.offset,
-            a.nested_blocksize,
+            nested_blocksize,
             w.code.ptr(),
-            w.blocksize as i32,
+            blocksize,
             x,
             bias,
             residual,
@@ -979,6 +1017,16 @@ impl DeviceQuantized {
         self.shape.len() == 2
             && self.shape[1].is_multiple_of(32)
             && self.blocksize.is_multiple_of(32)
+    }
+
+    /// Whether [`GemvKernel::Wide`] serves this weight: block sizes powers of two, element
+    /// indices within 31 bits.
+    fn wide_gemv_ready(&self) -> bool {
+        let nested_ok = match self.absmax_args().nested_blocksize {
+            n if n > 0 => (n as u32).is_power_of_two(),
+            _ => false,
+        };
+        self.gemv_ready() && self.blocksize.is_power_of_two() && nested_ok && self.numel < 1 << 31
     }
 
     fn absmax_args(&self) -> AbsmaxArgs {

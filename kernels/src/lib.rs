@@ -23,8 +23,8 @@ pub use device::{Gpu, MemoryStats};
 pub use gemm::Gemm;
 pub use graph::Recorded;
 pub use kernels::{
-    AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, Kernels, SoftmaxArgs,
-    GEMV_MAX_ROWS,
+    AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, GemvKernel, Kernels,
+    SoftmaxArgs, GEMV_MAX_ROWS,
 };
 pub use nccl::{check_library as check_nccl, Communicator, NcclId, NCCL_ID_BYTES};
 

@@ -5,7 +5,8 @@
 use half::bf16;
 use qlora_core::quant::{dequantize_4bit, quantize_4bit, FloatSlice, QuantType};
 use qlora_kernels::{
-    CachedAttention, DeviceBuffer, DeviceQuantized, Gemm, Gpu, Kernels, Precision, SoftmaxArgs,
+    CachedAttention, DeviceBuffer, DeviceQuantized, Gemm, GemvKernel, Gpu, Kernels, Precision,
+    SoftmaxArgs,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -657,8 +658,9 @@ fn embedding_dropout_and_head_layout_kernels() {
 fn fused_4bit_gemv_matches_the_dequantized_product() {
     each_precision(|gpu, k, p| {
         // 96 outputs x 320 inputs: ten 32-code chunks per row (more chunks than a warp has
-        // lanes would need 1024+ inputs; 1056 covers a lane with two chunks).
-        for (out_features, in_features) in [(96, 320), (40, 1056)] {
+        // lanes would need 1024+ inputs; 1056 covers a lane with two chunks; 8224 the wide
+        // kernel's second group of four chunks per lane, and a partial one).
+        for (out_features, in_features) in [(96, 320), (40, 1056), (24, 8224)] {
             let w = random(out_features * in_features, 21);
             let bias = rounded(p, &random(out_features, 22));
             for qt in [QuantType::Nf4, QuantType::Fp4] {
@@ -683,9 +685,18 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
                         }
                         let (gx, gb) = (up(gpu, p, &x), up(gpu, p, &bias));
                         let y = gpu.alloc(k.bytes(rows * out_features), "test").unwrap();
+                        // Both GEMVs: the same bits.
+                        k.set_gemv(GemvKernel::Wide);
                         k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), 0, false, y.ptr(), rows)
                             .unwrap();
-                        let r = rel(&down(gpu, p, &y, rows * out_features), &expected);
+                        let wide = down(gpu, p, &y, rows * out_features);
+                        k.set_gemv(GemvKernel::OneChunk);
+                        k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), 0, false, y.ptr(), rows)
+                            .unwrap();
+                        let one_chunk = down(gpu, p, &y, rows * out_features);
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&wide), bits(&one_chunk), "wide vs one-chunk GEMV");
+                        let r = rel(&one_chunk, &expected);
                         println!(
                             "gemv_4bit {qt} dq={dq} bs={bs} {out_features}x{in_features} rows={rows} {p:?}: rel {r:.2e}"
                         );
@@ -912,7 +923,7 @@ fn top_k_candidates_keep_every_score_not_below_the_kth_largest() {
             sorted.sort_unstable_by(|a, b| b.total_cmp(a));
             let kth = sorted[top_k - 1];
             let expected: Vec<(u32, u32)> = (0..vocab)
-                .filter(|&j| !(scores[j] < kth))
+                .filter(|&j| scores[j].partial_cmp(&kth) != Some(std::cmp::Ordering::Less))
                 .map(|j| (j as u32, scores[j].to_bits()))
                 .collect();
             let count = words[2 * batch * room + row] as usize;
