@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use qlora_trainer::cuda::bench::{self, BenchConfig};
 use qlora_trainer::cuda::decode_bench::{self, GenerateBenchOptions};
 use qlora_trainer::cuda::Gpu;
-use qlora_trainer::distributed::launcher::{args_without, launch_this_program};
+use qlora_trainer::distributed::launcher::{launch_this_program, rank_arguments};
 use qlora_trainer::distributed::{NcclGroup, RankEnv};
 use qlora_trainer::train::{Collective, SingleProcess};
 
@@ -182,11 +182,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let nccl;
     let ranks: &dyn Collective = match &rank_env {
         Some(env) => {
-            let identity = args_without(std::env::args_os().skip(1), "--nproc_per_node")
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(" ");
+            let identity = rank_arguments("--nproc_per_node");
             nccl = NcclGroup::join(&gpu, env, &identity, Duration::from_secs(args.dist_timeout))?;
             &nccl
         }

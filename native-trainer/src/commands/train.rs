@@ -21,7 +21,7 @@ use qlora_core::quant::QuantType;
 use qlora_core::tokenizer::Tokenizer;
 use qlora_trainer::cpu::{LoraInit, LoraSetup, Model};
 use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
-use qlora_trainer::distributed::launcher::{args_without, launch_this_program};
+use qlora_trainer::distributed::launcher::{launch_this_program, rank_arguments};
 use qlora_trainer::distributed::{NcclGroup, RankEnv};
 use qlora_trainer::generate::model::{load_for_generation, GenerationDevice};
 use qlora_trainer::generate::{evaluate, EvalOptions, Example};
@@ -601,11 +601,7 @@ pub fn run(args: Args) -> Result<()> {
             match rank_env.as_ref().filter(|_| world_size > 1) {
                 // Joined once the model is loaded: the slow, failure-prone part is behind.
                 Some(env) => {
-                    let identity = args_without(std::env::args_os().skip(1), "--nproc_per_node")
-                        .iter()
-                        .map(|a| a.to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                        .join(" ");
+                    let identity = rank_arguments("--nproc_per_node");
                     let timeout = Duration::from_secs(args.dist_timeout);
                     let ranks = NcclGroup::join(gpu, env, &identity, timeout)?;
                     tracing::info!("rank {rank}: joined the {world_size} ranks");

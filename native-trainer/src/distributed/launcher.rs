@@ -65,6 +65,16 @@ pub fn args_without(args: impl IntoIterator<Item = OsString>, flag: &str) -> Vec
     kept
 }
 
+/// This process's arguments less the launcher's `flag`, as one string: what every rank of a run
+/// must share (the rendezvous refuses a rank started with other arguments).
+pub fn rank_arguments(flag: &str) -> String {
+    args_without(std::env::args_os().skip(1), flag)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `--nproc_per_node N` (named `flag`) of this very program: runs it `nproc` times with the
 /// same arguments less `flag`, as the ranks of one data-parallel run on this host. Refused
 /// inside a rank (RANK already set: torchrun or a launcher started this process).
