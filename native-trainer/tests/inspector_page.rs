@@ -146,6 +146,18 @@ fn inspector_page_shows_the_cli_numbers() {
     let wait = |script: &str, want: Value| {
         browser.wait_for(script, &want, Duration::from_secs(120), ERROR_JS)
     };
+    // Opens the inspector on the model at `url`, inspects the whole model, returns its rows.
+    let inspect_whole_model = |url: String| {
+        browser.goto(&url);
+        wait(STATE_JS, json!("ready"));
+        browser.eval("document.getElementById('run').click()");
+        wait(
+            "return document.querySelector('main.inspector').dataset.state == 'done' \
+             && document.querySelectorAll('tr.numbers').length > 0",
+            json!(true),
+        );
+        browser.eval(ROWS_JS)
+    };
 
     // A URL with no model: a clear message, and the page stays usable.
     browser.goto(&server.url("/?model=/golden/no-such-model/#inspector"));
@@ -161,15 +173,8 @@ fn inspector_page_shows_the_cli_numbers() {
 
     // The whole model.
     let cli_model = cli_stats(&[]);
-    browser.goto(&server.url("/?model=/golden/tiny-bloom/#inspector"));
-    wait(STATE_JS, json!("ready"));
-    browser.eval("document.getElementById('run').click()");
-    wait(
-        "return document.querySelector('main.inspector').dataset.state == 'done' \
-         && document.querySelectorAll('tr.numbers').length > 0",
-        json!(true),
-    );
-    let (n, worst) = compare(&browser.eval(ROWS_JS), &cli_rows(&cli_model));
+    let rows = inspect_whole_model(server.url("/?model=/golden/tiny-bloom/#inspector"));
+    let (n, worst) = compare(&rows, &cli_rows(&cli_model));
     eprintln!(
         "whole model: {n} values equal to stats.json's ({} rows), SQNR within {worst:.1e} relative",
         n / 8
@@ -274,29 +279,16 @@ fn inspector_page_shows_the_cli_numbers() {
     let sharded = tmp.path().join("sharded");
     write_sharded(&model, &sharded);
     let server = StaticServer::start(vec![("/".into(), dist), ("/sharded/".into(), sharded)]);
-    browser.goto(&server.url("/?model=sharded/#inspector"));
-    wait(STATE_JS, json!("ready"));
-    browser.eval("document.getElementById('run').click()");
-    wait(
-        "return document.querySelector('main.inspector').dataset.state == 'done' \
-         && document.querySelectorAll('tr.numbers').length > 0",
-        json!(true),
-    );
-    let (n, _) = compare(&browser.eval(ROWS_JS), &cli_rows(&cli_model));
+    let rows = inspect_whole_model(server.url("/?model=sharded/#inspector"));
+    let (n, _) = compare(&rows, &cli_rows(&cli_model));
     eprintln!("sharded checkpoint from a URL: {n} values equal to stats.json's");
 
     // The other golden architectures, whole model.
     for model in ["llama/tiny-llama", "llama/tiny-qwen2"] {
         let cli = cli_stats_of(model, &[]);
-        browser.goto(&golden_server.url(&format!("/?model=/golden/{model}/#inspector")));
-        wait(STATE_JS, json!("ready"));
-        browser.eval("document.getElementById('run').click()");
-        wait(
-            "return document.querySelector('main.inspector').dataset.state == 'done' \
-             && document.querySelectorAll('tr.numbers').length > 0",
-            json!(true),
-        );
-        let (n, worst) = compare(&browser.eval(ROWS_JS), &cli_rows(&cli));
+        let rows =
+            inspect_whole_model(golden_server.url(&format!("/?model=/golden/{model}/#inspector")));
+        let (n, worst) = compare(&rows, &cli_rows(&cli));
         eprintln!("{model}: {n} values equal to stats.json's, SQNR within {worst:.1e} relative");
     }
 }
