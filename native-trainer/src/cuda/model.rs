@@ -332,7 +332,15 @@ impl CudaModel {
 
     /// The RoPE tables of [`CudaModel::rope_tables`] on the device (one buffer: cos, then sin).
     fn rope(&self, positions: &[f32]) -> Result<Option<(DeviceBuffer, Rope)>> {
-        let Some((mut cos, sin, half_split)) = self.rope_tables(positions) else {
+        self.upload_rope(self.rope_tables(positions))
+    }
+
+    /// `tables` from [`CudaModel::rope_tables`] on the device.
+    fn upload_rope(
+        &self,
+        tables: Option<(Vec<f32>, Vec<f32>, bool)>,
+    ) -> Result<Option<(DeviceBuffer, Rope)>> {
+        let Some((mut cos, sin, half_split)) = tables else {
             return Ok(None);
         };
         let len = cos.len();
@@ -605,7 +613,7 @@ impl CudaModel {
             .map(|p| self.gpu.upload(&p, "ALiBi positions"))
             .transpose()?;
         let ids_on_device = self.gpu.upload(ids, "token ids")?;
-        let rope = self.rope(&query_positions)?;
+        let rope = self.upload_rope(rope)?;
         let run = StepRun {
             ids: ids_on_device.ptr(),
             keys: KeyMask {
