@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use qlora_kernels::GemvKernel;
 use qlora_trainer::cuda::bench::{self, BenchConfig};
 use qlora_trainer::cuda::decode_bench::{self, GenerateBenchOptions};
 use qlora_trainer::cuda::Gpu;
@@ -51,9 +52,20 @@ pub struct GenerateArgs {
     /// Also measure with a LoRA adapter (r=16 on query_key_value) applied unmerged.
     #[arg(long)]
     pub lora: bool,
+    /// The decoding GEMV measured throughout (the other one's step is timed beside it).
+    #[arg(long, value_enum, default_value_t = Gemv::OneChunk)]
+    pub gemv: Gemv,
     /// Also write the JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// The fused 4-bit GEMVs of decoding (see `qlora_kernels::GemvKernel`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Gemv {
+    OneChunk,
+    Wide,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +144,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
             eval_batch: args.eval_batch,
             eval_new_tokens: args.eval_new_tokens,
             lora,
+            gemv: match args.gemv {
+                Gemv::OneChunk => GemvKernel::OneChunk,
+                Gemv::Wide => GemvKernel::Wide,
+            },
         };
         let r = decode_bench::run(&gpu, &options, &mut |m| eprintln!("lora={lora}: {m}"))?;
         eprintln!(

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use qlora_core::arch::{LoraConfig, TargetModules};
 use qlora_core::Result;
-use qlora_kernels::{Gpu, Precision};
+use qlora_kernels::{GemvKernel, Gpu, Precision};
 
 use super::bench::{bloom_7b1, Filler, RandomBase};
 use super::model::{CudaModel, CudaOptions};
@@ -30,6 +30,8 @@ pub struct GenerateBenchOptions {
     pub eval_new_tokens: usize,
     /// Measure with a LoRA adapter (r=16 on query_key_value) applied unmerged.
     pub lora: bool,
+    /// The decoding GEMV of every measurement but `decode_step_other_gemv_ms`.
+    pub gemv: GemvKernel,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -41,6 +43,10 @@ pub struct GenerateBenchResult {
     pub decode_step_ms: f64,
     /// The same with every kernel launched from the host (the step not recorded as a graph).
     pub decode_step_unrecorded_ms: f64,
+    pub gemv: String,
+    /// The step with the other decoding GEMV, and whether its 64 greedy tokens are the same.
+    pub decode_step_other_gemv_ms: f64,
+    pub other_gemv_same_tokens: bool,
     pub decode_bytes_per_token: usize,
     /// Device-to-device copy bandwidth measured in this run (bytes read + written per second).
     pub copy_bandwidth_gb_s: f64,
@@ -128,6 +134,7 @@ pub fn run(
             gradient_checkpointing: false,
         },
     )?;
+    model.kernels().set_gemv(options.gemv);
     progress("model loaded; measuring the copy bandwidth");
     let bandwidth = copy_bandwidth(gpu)?;
     gpu.reset_peak();
@@ -151,6 +158,21 @@ pub fn run(
     progress(&format!("batch-1 decoding: {decode_tok_s_bs1:.0} tok/s"));
 
     let step_s = decode_step_s(generator, &prompt)?;
+    let other = match options.gemv {
+        GemvKernel::OneChunk => GemvKernel::Wide,
+        GemvKernel::Wide => GemvKernel::OneChunk,
+    };
+    model.kernels().set_gemv(other);
+    let other_step_s = decode_step_s(generator, &prompt)?;
+    let other_out = generate(generator, &prompt, &new_tokens(64), &mut greedy(), |_| {
+        false
+    })?;
+    model.kernels().set_gemv(options.gemv);
+    progress(&format!(
+        "{other:?} GEMV: step {:.3} ms, the same tokens: {}",
+        1e3 * other_step_s,
+        other_out == out
+    ));
     let bytes = model.decode_bytes_per_token();
     let floor_tok_s = bandwidth / bytes as f64;
     progress(&format!(
@@ -211,6 +233,9 @@ pub fn run(
         decode_tok_s_bs1,
         decode_step_ms: 1e3 * step_s,
         decode_step_unrecorded_ms: 1e3 * unrecorded_step_s,
+        gemv: format!("{:?}", options.gemv),
+        decode_step_other_gemv_ms: 1e3 * other_step_s,
+        other_gemv_same_tokens: other_out == out,
         decode_bytes_per_token: bytes,
         copy_bandwidth_gb_s: bandwidth / 1e9,
         floor_tok_s,
