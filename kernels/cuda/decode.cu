@@ -202,21 +202,27 @@ extern "C" __global__ void kv_append(const T* __restrict__ k_src, const T* __res
 }
 
 // Attention of new queries q (element (bh, t, d) at q[bh * q_head_stride + t * hd + d], as in
-// kv_append) over the cached keys and values
-// [B, kv_heads, capacity, hd] (the first keys = *past_len + T columns filled, the last T of them
-// this step's): context [B, heads, T, hd]. Query t sees keys j <= keys - T + t that are real
-// (key_mask [B, mask_stride], the first `keys` of each row); ALiBi adds slope[h] *
-// positions[b, j] (same layout) when slopes != null. A row that sees no key gets uniform weights,
-// as the training softmax (and transformers' eager attention) gives it. One block per query; its
-// scores live in dynamic shared memory (hd + capacity floats). The number of keys is read on the
-// device, so a recorded decoding step (a CUDA graph) serves every position.
+// kv_append) over the cached keys and values [B, kv_heads, capacity, hd] (the first keys =
+// *past_len + T columns filled, the last T of them this step's): context [B, heads, T, hd].
+// Query t sees keys j <= keys - T + t that are real (key_mask [B, mask_stride], the first `keys`
+// of each row); ALiBi adds slope[h] * positions[b, j] (same layout) when slopes != null. A row
+// that sees no key gets uniform weights, as the training softmax (and transformers' eager
+// attention) gives it. The number of keys is read on the device, so a recorded decoding step (a
+// CUDA graph) serves every position.
+//
+// Block (query row, split) takes the columns [split * keys_per_split, + keys_per_split): at one
+// query per row (decoding) a few dozen rows would leave most SMs idle, so the keys are split
+// across blocks and each block writes its partial softmax (max, sum of exponentials, their sum
+// of values: partial [rows, splits, hd + 2]) for attention_combine; with one split the block
+// writes the context itself. Scores live in dynamic shared memory (hd + keys_per_split floats).
+// Splits that start past the filled columns do nothing.
 extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q_head_stride,
                                             const T* __restrict__ k_cache,
                                             const T* __restrict__ v_cache, T* __restrict__ context,
                                             const float* __restrict__ key_mask, const float* __restrict__ slopes,
                                             const float* __restrict__ positions, int mask_stride, int heads,
                                             int kv_heads, int seq, const int* __restrict__ past_len, int capacity,
-                                            int hd, float scale) {
+                                            int hd, float scale, int keys_per_split, float* __restrict__ partial) {
     extern __shared__ float shared[];
     float* q_row = shared;
     float* p = shared + hd;
@@ -229,45 +235,105 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
     const T* k_base = k_cache + (b * kv_heads + kv) * capacity * hd;
     const T* v_base = v_cache + (b * kv_heads + kv) * capacity * hd;
     int keys = min(*past_len + seq, capacity);
+    int first = blockIdx.y * keys_per_split;
+    if (first >= keys) return;
+    int end = min(first + keys_per_split, keys);
+    // Keys after `last` are hidden from this query: neither scored nor summed.
+    int last = keys - seq + t;
+    int seen = min(end, last + 1);
     const float* mask = key_mask + b * mask_stride;
     const T* q_in = q + bh * q_head_stride + (long long)t * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) q_row[d] = ld(q_in[d]);
     __syncthreads();
-    int last = keys - seq + t;
     float slope = slopes != nullptr ? slopes[h] : 0.0f;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int j = warp; j < keys; j += warps) {
-        float dot = 0.0f;
-        for (int d = lane; d < hd; d += 32) dot += q_row[d] * ld(k_base[(long long)j * hd + d]);
-        dot = warp_sum(dot);
-        if (lane == 0) {
-            bool visible = j <= last && mask[j] != 0.0f;
+    // One key per thread: its row read in 16-byte packs.
+    for (int j = first + threadIdx.x; j < end; j += blockDim.x) {
+        float score = -QLORA_INFINITY;
+        if (j < seen && mask[j] != 0.0f) {
+            const T* key = k_base + (long long)j * hd;
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d += PACK) {
+                float v[PACK];
+                load_pack(key, d, hd, v);
+#pragma unroll
+                for (int u = 0; u < PACK; u++) dot = fmaf(d + u < hd ? q_row[d + u] : 0.0f, v[u], dot);
+            }
             float bias = slopes != nullptr ? slope * positions[b * mask_stride + j] : 0.0f;
-            p[j] = visible ? dot * scale + bias : -QLORA_INFINITY;
+            score = dot * scale + bias;
         }
+        p[j - first] = score;
     }
     __syncthreads();
     float mx = -QLORA_INFINITY;
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) mx = fmaxf(mx, p[j]);
+    for (int j = threadIdx.x; j < end - first; j += blockDim.x) mx = fmaxf(mx, p[j]);
     mx = block_max(mx);
-    if (mx == -QLORA_INFINITY) {
-        for (int j = threadIdx.x; j < keys; j += blockDim.x) p[j] = 1.0f / keys;
-    } else {
-        float sum = 0.0f;
-        for (int j = threadIdx.x; j < keys; j += blockDim.x) {
-            float e = p[j] == -QLORA_INFINITY ? 0.0f : expf(p[j] - mx);
-            p[j] = e;
-            sum += e;
+    bool whole = gridDim.y == 1;
+    if (whole && mx == -QLORA_INFINITY) {
+        // No key visible: uniform weights over every filled column.
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float acc = 0.0f;
+            for (int j = 0; j < keys; j++) acc += ld(v_base[(long long)j * hd + d]);
+            st(&context[row * hd + d], acc / keys);
         }
-        sum = block_sum(sum);
-        float inv = 1.0f / sum;
-        for (int j = threadIdx.x; j < keys; j += blockDim.x) p[j] *= inv;
+        return;
     }
-    __syncthreads();
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < end - first; j += blockDim.x) {
+        float e = p[j] == -QLORA_INFINITY ? 0.0f : expf(p[j] - mx);
+        p[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum);
+    float* out = partial + (row * gridDim.y + blockIdx.y) * (hd + 2);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j < keys; j++) acc = fmaf(p[j], ld(v_base[(long long)j * hd + d]), acc);
-        st(&context[row * hd + d], acc);
+        for (int j = first; j < seen; j++) acc = fmaf(p[j - first], ld(v_base[(long long)j * hd + d]), acc);
+        if (whole) st(&context[row * hd + d], acc / sum);
+        else out[2 + d] = acc;
+    }
+    if (!whole && threadIdx.x == 0) {
+        out[0] = mx;
+        out[1] = sum;
+    }
+}
+
+// The context of each query row from attention_cached's partial softmaxes over `splits` splits
+// of keys_per_split columns (those that start below the filled columns): each split's sums
+// rescaled to the largest maximum. A row that saw no key gets the mean of the filled values.
+// One block per query row.
+extern "C" __global__ void attention_combine(const float* __restrict__ partial, const T* __restrict__ v_cache,
+                                             T* __restrict__ context, int heads, int kv_heads, int seq,
+                                             const int* __restrict__ past_len, int capacity, int hd,
+                                             int keys_per_split, int splits) {
+    long long row = blockIdx.x;
+    int keys = min(*past_len + seq, capacity);
+    int used = min(splits, (keys + keys_per_split - 1) / keys_per_split);
+    const float* in = partial + row * splits * (hd + 2);
+    float mx = -QLORA_INFINITY;
+    for (int s = 0; s < used; s++) mx = fmaxf(mx, in[s * (hd + 2)]);
+    if (mx == -QLORA_INFINITY) {
+        long long bh = row / seq;
+        int kv = (bh % heads) / (heads / kv_heads);
+        const T* v_base = v_cache + ((bh / heads) * kv_heads + kv) * capacity * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float acc = 0.0f;
+            for (int j = 0; j < keys; j++) acc += ld(v_base[(long long)j * hd + d]);
+            st(&context[row * hd + d], acc / keys);
+        }
+        return;
+    }
+    float total = 0.0f;
+    for (int s = 0; s < used; s++) {
+        float m = in[s * (hd + 2)];
+        if (m != -QLORA_INFINITY) total += expf(m - mx) * in[s * (hd + 2) + 1];
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < used; s++) {
+            float m = in[s * (hd + 2)];
+            if (m != -QLORA_INFINITY) acc = fmaf(expf(m - mx), in[s * (hd + 2) + 2 + d], acc);
+        }
+        st(&context[row * hd + d], acc / total);
     }
 }
 
@@ -285,39 +351,57 @@ extern "C" __global__ void repetition_penalty(float* logits, const unsigned int*
     *l = *l < 0.0f ? *l * penalty : *l / penalty;
 }
 
-// ids[b] = argmax of logits row b (f32 [B, vocab]), the first index on ties (NaN never wins).
-// One block per row.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, unsigned int* __restrict__ ids, int vocab) {
+// The greedy choice in two passes, so that a 250k-entry row is read by many blocks: argmax_slices
+// reduces slice k of row b to its best (value, index) at [b * gridDim.x + k], argmax_pairs
+// reduces a row's pairs to ids[b]. The larger value wins, then the smaller index (the first
+// maximum); NaN never wins; a row of only NaN gives token 0, as a host argmax over it does.
+#define ARGMAX_NONE 0xffffffffu
+
+__device__ __forceinline__ void keep_better(float& value, unsigned int& index, float v, unsigned int i) {
+    if (v > value || (v == value && i < index)) { value = v; index = i; }
+}
+
+// The block's best pair, in thread 0.
+__device__ void block_argmax(float& value, unsigned int& index) {
     __shared__ float best_value[32];
-    __shared__ int best_index[32];
-    const float* row = logits + (long long)blockIdx.x * vocab;
-    float value = -QLORA_INFINITY;
-    int index = vocab;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float v = row[j];
-        if (v > value || (index == vocab && v == value)) { value = v; index = j; }
-    }
-    // Reduce (value, index): larger value wins, then the smaller index.
-    for (int o = 16; o > 0; o >>= 1) {
-        float v = __shfl_xor_sync(0xffffffffu, value, o);
-        int i = __shfl_xor_sync(0xffffffffu, index, o);
-        if (v > value || (v == value && i < index)) { value = v; index = i; }
-    }
+    __shared__ unsigned int best_index[32];
+    for (int o = 16; o > 0; o >>= 1)
+        keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o), __shfl_xor_sync(0xffffffffu, index, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) { best_value[warp] = value; best_index[warp] = index; }
     __syncthreads();
     if (warp == 0) {
-        int warps = blockDim.x >> 5;
-        value = lane < warps ? best_value[lane] : -QLORA_INFINITY;
-        index = lane < warps ? best_index[lane] : vocab;
-        for (int o = 16; o > 0; o >>= 1) {
-            float v = __shfl_xor_sync(0xffffffffu, value, o);
-            int i = __shfl_xor_sync(0xffffffffu, index, o);
-            if (v > value || (v == value && i < index)) { value = v; index = i; }
-        }
-        // Every logit -inf or NaN: token 0, as a host argmax over such a row gives.
-        if (lane == 0) ids[blockIdx.x] = index == vocab ? 0u : (unsigned int)index;
+        bool real = lane < (blockDim.x >> 5);
+        value = real ? best_value[lane] : -QLORA_INFINITY;
+        index = real ? best_index[lane] : ARGMAX_NONE;
+        for (int o = 16; o > 0; o >>= 1)
+            keep_better(value, index, __shfl_xor_sync(0xffffffffu, value, o), __shfl_xor_sync(0xffffffffu, index, o));
     }
+}
+
+extern "C" __global__ void argmax_slices(const float* __restrict__ logits, int vocab, int slice,
+                                         float* __restrict__ values, unsigned int* __restrict__ indices) {
+    const float* row = logits + (long long)blockIdx.y * vocab;
+    int end = min(vocab, (blockIdx.x + 1) * slice);
+    float value = -QLORA_INFINITY;
+    unsigned int index = ARGMAX_NONE;
+    for (int j = blockIdx.x * slice + threadIdx.x; j < end; j += blockDim.x) keep_better(value, index, row[j], j);
+    block_argmax(value, index);
+    if (threadIdx.x == 0) {
+        long long at = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+        values[at] = value;
+        indices[at] = index;
+    }
+}
+
+extern "C" __global__ void argmax_pairs(const float* __restrict__ values, const unsigned int* __restrict__ indices,
+                                        int n, unsigned int* __restrict__ ids) {
+    long long base = (long long)blockIdx.x * n;
+    float value = -QLORA_INFINITY;
+    unsigned int index = ARGMAX_NONE;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) keep_better(value, index, values[base + k], indices[base + k]);
+    block_argmax(value, index);
+    if (threadIdx.x == 0) ids[blockIdx.x] = index == ARGMAX_NONE ? 0u : index;
 }
 
 // A float's place in f32::total_cmp's order, as an unsigned key (larger key, larger float).

@@ -1,22 +1,52 @@
 // LayerNorm and RMSNorm over the last dimension, one block per row, statistics in f32.
 
+// The forward kernels read a row once: each thread keeps up to NORM_PACKS packs of it in
+// registers (pack p of thread i holds elements (p * blockDim.x + i) * PACK ..), so a row of
+// up to 1024 * PACK * NORM_PACKS values is one load, the statistics from registers, one store.
+// In a decoding step the row is a single 4096-value vector and the kernels' cost is latency.
+#define NORM_PACKS 4
+
+__device__ __forceinline__ int norm_pack_start(int p) { return (p * blockDim.x + threadIdx.x) * PACK; }
+
+__device__ __forceinline__ void load_norm_row(const T* __restrict__ xr, int dim, float (&v)[NORM_PACKS][PACK]) {
+#pragma unroll
+    for (int p = 0; p < NORM_PACKS; p++) load_pack(xr, norm_pack_start(p), dim, v[p]);
+}
+
 // LayerNorm: (x - mean) / sqrt(var + eps) * w + b, biased variance; saves mean and rstd.
 extern "C" __global__ void layernorm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                          T* __restrict__ out, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                          int dim, float eps) {
     long long row = blockIdx.x;
-    const T* xr = x + row * dim;
+    float v[NORM_PACKS][PACK];
+    load_norm_row(x + row * dim, dim, v);
     float s = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) s += ld(xr[c]);
+#pragma unroll
+    for (int p = 0; p < NORM_PACKS; p++)
+#pragma unroll
+        for (int k = 0; k < PACK; k++) s += v[p][k];  // zero beyond the row
     float mean = block_sum(s) / dim;
-    float v = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) { float d = ld(xr[c]) - mean; v += d * d; }
-    float var = block_sum(v) / dim;
+    float sq = 0.0f;
+#pragma unroll
+    for (int p = 0; p < NORM_PACKS; p++)
+#pragma unroll
+        for (int k = 0; k < PACK; k++) {
+            float d = norm_pack_start(p) + k < dim ? v[p][k] - mean : 0.0f;
+            sq += d * d;
+        }
+    float var = block_sum(sq) / dim;
     float rstd = 1.0f / sqrtf(var + eps);
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        float y = (ld(xr[c]) - mean) * rstd * ld(w[c]);
-        if (b != nullptr) y += ld(b[c]);
-        st(&out[row * dim + c], y);
+#pragma unroll
+    for (int p = 0; p < NORM_PACKS; p++) {
+        int i = norm_pack_start(p);
+        if (i >= dim) break;
+        float wp[PACK], bp[PACK] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        load_pack(w, i, dim, wp);
+        if (b != nullptr) load_pack(b, i, dim, bp);
+        float y[PACK];
+#pragma unroll
+        for (int k = 0; k < PACK; k++) y[k] = (v[p][k] - mean) * rstd * wp[k] + bp[k];
+        store_pack(out + row * dim, i, dim, y);
     }
     if (threadIdx.x == 0) { mean_out[row] = mean; rstd_out[row] = rstd; }
 }
@@ -49,11 +79,24 @@ extern "C" __global__ void layernorm_bwd(const T* __restrict__ dy, const T* __re
 extern "C" __global__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                                        float* __restrict__ rstd_out, int dim, float eps) {
     long long row = blockIdx.x;
-    const T* xr = x + row * dim;
+    float v[NORM_PACKS][PACK];
+    load_norm_row(x + row * dim, dim, v);
     float s = 0.0f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) { float v = ld(xr[c]); s += v * v; }
+#pragma unroll
+    for (int p = 0; p < NORM_PACKS; p++)
+#pragma unroll
+        for (int k = 0; k < PACK; k++) s += v[p][k] * v[p][k];
     float rstd = 1.0f / sqrtf(block_sum(s) / dim + eps);
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) st(&out[row * dim + c], ld(xr[c]) * rstd * ld(w[c]));
+#pragma unroll
+    for (int p = 0; p < NORM_PACKS; p++) {
+        int i = norm_pack_start(p);
+        if (i >= dim) break;
+        float wp[PACK], y[PACK];
+        load_pack(w, i, dim, wp);
+#pragma unroll
+        for (int k = 0; k < PACK; k++) y[k] = v[p][k] * rstd * wp[k];
+        store_pack(out + row * dim, i, dim, y);
+    }
     if (threadIdx.x == 0) rstd_out[row] = rstd;
 }
 

@@ -125,7 +125,12 @@ mod tests {
         let source = crate::kernels::source();
         for t in ["float", "__nv_bfloat16"] {
             match nvrtc(&source, 90, options(&[format!("QLORA_T={t}")])) {
-                Ok(ptx) => assert!(ptx.to_src().contains(".entry argmax_rows")),
+                Ok(ptx) => {
+                    let ptx = ptx.to_src();
+                    for name in crate::kernels::NAMES {
+                        assert!(ptx.contains(&format!(".entry {name}(")), "{name} ({t})");
+                    }
+                }
                 Err(e) if e.to_string().contains("could not be loaded") => {
                     eprintln!("skipped: {e}");
                     return;

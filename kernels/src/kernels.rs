@@ -30,7 +30,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-const NAMES: [&str; 38] = [
+pub(crate) const NAMES: [&str; 40] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -66,8 +66,10 @@ const NAMES: [&str; 38] = [
     "gemv_4bit_wide_4",
     "kv_append",
     "attention_cached",
+    "attention_combine",
     "repetition_penalty",
-    "argmax_rows",
+    "argmax_slices",
+    "argmax_pairs",
     "top_k_candidates",
 ];
 
@@ -114,6 +116,39 @@ fn bounded_grid(n: usize, block: usize) -> LaunchConfig {
         ..grid(n, block)
     }
 }
+
+/// Packs of [`PACK`] values each thread of a norm's forward kernel keeps (`NORM_PACKS` in
+/// norm.cu).
+const NORM_PACKS: usize = 4;
+
+/// Threads per block of the norms' forward kernels: one pack of the row each, at most 1024
+/// (then up to [`NORM_PACKS`] each).
+fn norm_block(dim: usize) -> Result<usize> {
+    let threads = row_block(dim.div_ceil(PACK)).min(1024);
+    if dim > threads * PACK * NORM_PACKS {
+        return Err(error(format!(
+            "normalizing rows of {dim} values: at most {} are supported",
+            1024 * PACK * NORM_PACKS
+        )));
+    }
+    Ok(threads)
+}
+
+/// Slices of a row [`Kernels::argmax_rows`] reduces in parallel: one per 2,048 logits, at most
+/// 256 (a 250k vocabulary in 123 blocks).
+fn argmax_slices(vocab: usize) -> usize {
+    vocab.div_ceil(2048).clamp(1, 256)
+}
+
+/// Shared memory a block of [`Kernels::attention_cached`] may use (the default without opting in).
+const ATTENTION_SHARED_BYTES: usize = 48 * 1024;
+
+/// Blocks [`Kernels::attention_cached`] aims for (about two per SM of an H100): a decoding step's
+/// few query rows split their keys until there are this many.
+const ATTENTION_BLOCKS: usize = 256;
+
+/// Keys a split of [`Kernels::attention_cached`] takes at least.
+const MIN_KEYS_PER_SPLIT: usize = 32;
 
 /// Values per thread of the packed element-wise kernels (`PACK` in common.cuh).
 const PACK: usize = 8;
@@ -352,7 +387,7 @@ impl Kernels {
         launch!(
             self,
             "layernorm_fwd",
-            rows(n, row_block(dim).min(1024)),
+            rows(n, norm_block(dim)?),
             x,
             w,
             bias,
@@ -407,7 +442,7 @@ impl Kernels {
         launch!(
             self,
             "rmsnorm_fwd",
-            rows(n, row_block(dim).min(1024)),
+            rows(n, norm_block(dim)?),
             x,
             w,
             out,
@@ -786,21 +821,26 @@ impl Kernels {
         )
     }
 
-    /// Attention of the new queries over the KV cache (see [`CachedAttention`]).
-    pub fn attention_cached(&self, a: &CachedAttention) -> Result<()> {
-        // Scores for every column the cache can hold: the launch does not depend on how many
+    /// Attention of the new queries over the KV cache (see [`CachedAttention`]); `partial` is
+    /// scratch of [`CachedAttention::partial_bytes`] (0 when that is 0).
+    pub fn attention_cached(&self, a: &CachedAttention, partial: u64) -> Result<()> {
+        // Every column the cache can hold is covered: the launch does not depend on how many
         // are filled (read on the device), so a recorded step serves every position.
-        let shared = 4 * (a.hd + a.capacity);
-        if shared > 48 * 1024 {
+        let splits = a.splits();
+        let keys_per_split = a.capacity.div_ceil(splits);
+        let shared = 4 * (a.hd + keys_per_split);
+        if shared > ATTENTION_SHARED_BYTES {
             return Err(error(format!(
-                "attention over a KV cache of {} tokens exceeds the 48 KiB of shared memory a \
-                 block gets (at most {} tokens): ask for fewer new tokens or a shorter prompt",
-                a.capacity,
-                48 * 1024 / 4 - a.hd
+                "attention with heads of {} needs {shared} bytes of shared memory per block, \
+                 more than the {ATTENTION_SHARED_BYTES} a block gets",
+                a.hd
             )));
         }
+        if splits > 1 && partial == 0 {
+            return Err(error("attention_cached: split attention needs its scratch"));
+        }
         let cfg = LaunchConfig {
-            grid_dim: ((a.batch * a.heads * a.seq) as u32, 1, 1),
+            grid_dim: (a.rows() as u32, splits as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: shared as u32,
         };
@@ -823,7 +863,28 @@ impl Kernels {
             a.past_len,
             a.capacity as i32,
             a.hd as i32,
-            a.scale
+            a.scale,
+            keys_per_split as i32,
+            partial
+        )?;
+        if splits == 1 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "attention_combine",
+            rows(a.rows(), row_block(a.hd).min(128)),
+            partial,
+            a.v_cache,
+            a.context,
+            a.heads as i32,
+            a.kv_heads as i32,
+            a.seq as i32,
+            a.past_len,
+            a.capacity as i32,
+            a.hd as i32,
+            keys_per_split as i32,
+            splits as i32
         )
     }
 
@@ -859,16 +920,46 @@ impl Kernels {
     }
 
     /// `ids [batch]` (u32) = the index of each row's largest logit (`logits [batch, vocab]` f32),
-    /// the first on ties.
-    pub fn argmax_rows(&self, logits: u64, ids: u64, batch: usize, vocab: usize) -> Result<()> {
+    /// the first on ties; `partial` is scratch of [`Kernels::argmax_partial_bytes`].
+    pub fn argmax_rows(
+        &self,
+        logits: u64,
+        ids: u64,
+        batch: usize,
+        vocab: usize,
+        partial: u64,
+    ) -> Result<()> {
+        let slices = argmax_slices(vocab);
+        let cfg = LaunchConfig {
+            grid_dim: (slices as u32, batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let indices = partial + 4 * (batch * slices) as u64;
         launch!(
             self,
-            "argmax_rows",
-            rows(batch, 1024),
+            "argmax_slices",
+            cfg,
             logits,
-            ids,
-            vocab as i32
+            vocab as i32,
+            vocab.div_ceil(slices) as i32,
+            partial,
+            indices
+        )?;
+        launch!(
+            self,
+            "argmax_pairs",
+            rows(batch, row_block(slices).min(256)),
+            partial,
+            indices,
+            slices as i32,
+            ids
         )
+    }
+
+    /// Bytes of the scratch [`Kernels::argmax_rows`] needs.
+    pub fn argmax_partial_bytes(batch: usize, vocab: usize) -> usize {
+        8 * batch * argmax_slices(vocab)
     }
 
     /// Sampling's top-k of each row of `logits [batch, vocab]` (f32) scaled by
@@ -963,6 +1054,33 @@ pub struct CachedAttention {
     pub capacity: usize,
     pub hd: usize,
     pub scale: f32,
+}
+
+impl CachedAttention {
+    /// Query rows, one block each per split.
+    fn rows(&self) -> usize {
+        self.batch * self.heads * self.seq
+    }
+
+    /// Splits of the cache's columns: enough blocks to keep the SMs busy (at least
+    /// [`MIN_KEYS_PER_SPLIT`] keys each) and each split's scores within shared memory.
+    pub fn splits(&self) -> usize {
+        let room = (ATTENTION_SHARED_BYTES / 4).saturating_sub(self.hd).max(1);
+        let fit = self.capacity.div_ceil(room);
+        let busy = ATTENTION_BLOCKS
+            .div_ceil(self.rows().max(1))
+            .min(self.capacity.div_ceil(MIN_KEYS_PER_SPLIT));
+        busy.max(fit).max(1)
+    }
+
+    /// Bytes of the scratch [`Kernels::attention_cached`] needs: each split's partial softmax
+    /// (f32 max, sum and `hd` weighted values per query row), none with one split.
+    pub fn partial_bytes(&self) -> usize {
+        match self.splits() {
+            1 => 0,
+            splits => 4 * self.rows() * splits * (self.hd + 2),
+        }
+    }
 }
 
 /// The absmax of a 4-bit weight on the device.

@@ -190,117 +190,122 @@ fn gemm_matches_a_cpu_product_for_every_transpose_and_batching() {
 
 #[test]
 fn norms_forward_and_backward_match_the_cpu() {
+    // 300: rows not 16-byte aligned (element by element); 4096: BLOOM-7b1's rows, one pack per
+    // thread; 20000: three packs per thread of 1024 with a ragged end.
     each_precision(|gpu, k, p| {
-        let (n, d) = (7, 300);
-        let x = rounded(
-            p,
-            &random(n * d, 5)
-                .iter()
-                .map(|v| v * 3.0 + 0.5)
-                .collect::<Vec<_>>(),
-        );
-        let w = rounded(p, &random(d, 6));
-        let bias = rounded(p, &random(d, 7));
-        let dy = rounded(p, &random(n * d, 8));
-        let dx0 = rounded(p, &random(n * d, 9));
-        let (gx, gw, gb, gdy) = (
-            up(gpu, p, &x),
-            up(gpu, p, &w),
-            up(gpu, p, &bias),
-            up(gpu, p, &dy),
-        );
-        let out = gpu.alloc(k.bytes(n * d), "t").unwrap();
-        let (mean, rstd) = (
-            gpu.alloc(4 * n, "t").unwrap(),
-            gpu.alloc(4 * n, "t").unwrap(),
-        );
-        for layer in [true, false] {
-            let eps = 1e-5;
-            if layer {
-                k.layernorm_fwd(
-                    gx.ptr(),
-                    gw.ptr(),
-                    gb.ptr(),
-                    out.ptr(),
-                    mean.ptr(),
-                    rstd.ptr(),
-                    n,
-                    d,
-                    eps,
-                )
-                .unwrap();
-            } else {
-                k.rmsnorm_fwd(gx.ptr(), gw.ptr(), out.ptr(), rstd.ptr(), n, d, eps)
-                    .unwrap();
-            }
-            let gdx = up(gpu, p, &dx0);
-            if layer {
-                k.layernorm_bwd(
-                    gdy.ptr(),
-                    gx.ptr(),
-                    gw.ptr(),
-                    mean.ptr(),
-                    rstd.ptr(),
-                    gdx.ptr(),
-                    n,
-                    d,
-                    true,
-                )
-                .unwrap();
-            } else {
-                k.rmsnorm_bwd(
-                    gdy.ptr(),
-                    gx.ptr(),
-                    gw.ptr(),
-                    rstd.ptr(),
-                    gdx.ptr(),
-                    n,
-                    d,
-                    true,
-                )
-                .unwrap();
-            }
-            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-            for r in 0..n {
-                let row: Vec<f64> = x[r * d..(r + 1) * d]
-                    .iter()
-                    .map(|&v| f64::from(v))
-                    .collect();
-                let mu = if layer {
-                    row.iter().sum::<f64>() / d as f64
-                } else {
-                    0.0
-                };
-                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / d as f64;
-                let rs = 1.0 / (var + f64::from(eps)).sqrt();
-                let xhat: Vec<f64> = row.iter().map(|v| (v - mu) * rs).collect();
-                let g: Vec<f64> = (0..d)
-                    .map(|c| f64::from(dy[r * d + c]) * f64::from(w[c]))
-                    .collect();
-                let mg = if layer {
-                    g.iter().sum::<f64>() / d as f64
-                } else {
-                    0.0
-                };
-                let mgx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / d as f64;
-                for c in 0..d {
-                    fwd.push(
-                        xhat[c] * f64::from(w[c]) + if layer { f64::from(bias[c]) } else { 0.0 },
-                    );
-                    bwd.push(rs * (g[c] - mg - xhat[c] * mgx) + f64::from(dx0[r * d + c]));
-                }
-            }
-            let (rf, rb) = (
-                rel(&down(gpu, p, &out, n * d), &fwd),
-                rel(&down(gpu, p, &gdx, n * d), &bwd),
-            );
-            println!(
-                "{} {p:?}: forward rel {rf:.2e}, backward rel {rb:.2e}",
-                if layer { "layernorm" } else { "rmsnorm" }
-            );
-            assert!(rf <= tolerance(p) && rb <= tolerance(p), "{rf} {rb}");
+        for (n, d) in [(7, 300), (3, 4096), (2, 20_000)] {
+            check_norms(gpu, k, p, n, d);
         }
     });
+}
+
+fn check_norms(gpu: &Gpu, k: &Kernels, p: Precision, n: usize, d: usize) {
+    let x = rounded(
+        p,
+        &random(n * d, 5)
+            .iter()
+            .map(|v| v * 3.0 + 0.5)
+            .collect::<Vec<_>>(),
+    );
+    let w = rounded(p, &random(d, 6));
+    let bias = rounded(p, &random(d, 7));
+    let dy = rounded(p, &random(n * d, 8));
+    let dx0 = rounded(p, &random(n * d, 9));
+    let (gx, gw, gb, gdy) = (
+        up(gpu, p, &x),
+        up(gpu, p, &w),
+        up(gpu, p, &bias),
+        up(gpu, p, &dy),
+    );
+    let out = gpu.alloc(k.bytes(n * d), "t").unwrap();
+    let (mean, rstd) = (
+        gpu.alloc(4 * n, "t").unwrap(),
+        gpu.alloc(4 * n, "t").unwrap(),
+    );
+    for layer in [true, false] {
+        let eps = 1e-5;
+        if layer {
+            k.layernorm_fwd(
+                gx.ptr(),
+                gw.ptr(),
+                gb.ptr(),
+                out.ptr(),
+                mean.ptr(),
+                rstd.ptr(),
+                n,
+                d,
+                eps,
+            )
+            .unwrap();
+        } else {
+            k.rmsnorm_fwd(gx.ptr(), gw.ptr(), out.ptr(), rstd.ptr(), n, d, eps)
+                .unwrap();
+        }
+        let gdx = up(gpu, p, &dx0);
+        if layer {
+            k.layernorm_bwd(
+                gdy.ptr(),
+                gx.ptr(),
+                gw.ptr(),
+                mean.ptr(),
+                rstd.ptr(),
+                gdx.ptr(),
+                n,
+                d,
+                true,
+            )
+            .unwrap();
+        } else {
+            k.rmsnorm_bwd(
+                gdy.ptr(),
+                gx.ptr(),
+                gw.ptr(),
+                rstd.ptr(),
+                gdx.ptr(),
+                n,
+                d,
+                true,
+            )
+            .unwrap();
+        }
+        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+        for r in 0..n {
+            let row: Vec<f64> = x[r * d..(r + 1) * d]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let mu = if layer {
+                row.iter().sum::<f64>() / d as f64
+            } else {
+                0.0
+            };
+            let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / d as f64;
+            let rs = 1.0 / (var + f64::from(eps)).sqrt();
+            let xhat: Vec<f64> = row.iter().map(|v| (v - mu) * rs).collect();
+            let g: Vec<f64> = (0..d)
+                .map(|c| f64::from(dy[r * d + c]) * f64::from(w[c]))
+                .collect();
+            let mg = if layer {
+                g.iter().sum::<f64>() / d as f64
+            } else {
+                0.0
+            };
+            let mgx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+            for c in 0..d {
+                fwd.push(xhat[c] * f64::from(w[c]) + if layer { f64::from(bias[c]) } else { 0.0 });
+                bwd.push(rs * (g[c] - mg - xhat[c] * mgx) + f64::from(dx0[r * d + c]));
+            }
+        }
+        let (rf, rb) = (
+            rel(&down(gpu, p, &out, n * d), &fwd),
+            rel(&down(gpu, p, &gdx, n * d), &bwd),
+        );
+        println!(
+            "{} {p:?} d={d}: forward rel {rf:.2e}, backward rel {rb:.2e}",
+            if layer { "layernorm" } else { "rmsnorm" }
+        );
+        assert!(rf <= tolerance(p) && rb <= tolerance(p), "d {d}: {rf} {rb}");
+    }
 }
 
 #[test]
@@ -723,100 +728,188 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
     });
 }
 
+/// One attention_cached case: `keys` filled columns of `capacity`, the last `seq` of them new;
+/// row 0's first two keys are padding, and row 1 sees no key at all when `blind_row`.
+struct AttentionCase {
+    keys: usize,
+    seq: usize,
+    capacity: usize,
+    blind_row: bool,
+}
+
 #[test]
 fn cached_attention_matches_a_cpu_softmax_over_the_visible_keys() {
+    // 2 rows, 4 query heads over 2 kv heads, hd 16 (hd 20: packs of 8 with a ragged end). Two
+    // new queries over 7 keys in room for 12 (one split); one query over 150 keys in room for
+    // 200 (the keys split across blocks and combined), with a row that sees no key (uniform
+    // weights).
+    let cases = [
+        (
+            16,
+            AttentionCase {
+                keys: 7,
+                seq: 2,
+                capacity: 12,
+                blind_row: false,
+            },
+        ),
+        (
+            16,
+            AttentionCase {
+                keys: 7,
+                seq: 2,
+                capacity: 12,
+                blind_row: true,
+            },
+        ),
+        (
+            16,
+            AttentionCase {
+                keys: 150,
+                seq: 1,
+                capacity: 200,
+                blind_row: true,
+            },
+        ),
+        (
+            20,
+            AttentionCase {
+                keys: 150,
+                seq: 1,
+                capacity: 200,
+                blind_row: false,
+            },
+        ),
+    ];
     each_precision(|gpu, k, p| {
-        // 2 rows, 4 query heads over 2 kv heads, hd 16; 7 tokens cached, 2 new queries, room
-        // for 12. Row 0 has two padding keys at the front; ALiBi on and off.
-        let (batch, heads, kv_heads, hd, keys, seq, capacity) = (2, 4, 2, 16, 7, 2, 12);
-        let q = rounded(p, &random(batch * heads * seq * hd, 31));
-        let kc = rounded(p, &random(batch * kv_heads * capacity * hd, 32));
-        let vc = rounded(p, &random(batch * kv_heads * capacity * hd, 33));
-        let mut mask = vec![1f32; batch * keys];
-        mask[0] = 0.0;
-        mask[1] = 0.0;
-        let mut positions = Vec::new();
-        for row in mask.chunks(keys) {
-            let mut real = 0f32;
-            for &m in row {
-                real += m;
-                positions.push((real - 1.0) * m);
-            }
+        for (hd, case) in &cases {
+            check_cached_attention(gpu, k, p, *hd, case);
         }
-        let slopes = [0.5f32, 0.25, 0.125, 0.0625];
-        let scale = 1.0 / (hd as f32).sqrt();
-        for alibi in [false, true] {
-            let mut expected = Vec::new();
-            for b in 0..batch {
-                for h in 0..heads {
-                    let kv = h / (heads / kv_heads);
-                    for t in 0..seq {
-                        let query = &q[((b * heads + h) * seq + t) * hd..][..hd];
-                        let last = keys - seq + t;
-                        let scores: Vec<Option<f64>> = (0..keys)
-                            .map(|j| {
-                                if j > last || mask[b * keys + j] == 0.0 {
-                                    return None;
-                                }
-                                let key = &kc[((b * kv_heads + kv) * capacity + j) * hd..][..hd];
-                                let dot: f64 = query
-                                    .iter()
-                                    .zip(key)
-                                    .map(|(&a, &c)| f64::from(a) * f64::from(c))
-                                    .sum();
-                                let bias = if alibi {
-                                    f64::from(slopes[h]) * f64::from(positions[b * keys + j])
-                                } else {
-                                    0.0
-                                };
-                                Some(dot * f64::from(scale) + bias)
-                            })
-                            .collect();
-                        let max = scores.iter().flatten().fold(f64::MIN, |a, &s| a.max(s));
-                        let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
-                        for d in 0..hd {
-                            let mut acc = 0.0;
-                            for (j, s) in scores.iter().enumerate() {
-                                if let Some(s) = s {
-                                    let v = vc[((b * kv_heads + kv) * capacity + j) * hd + d];
-                                    acc += (s - max).exp() / total * f64::from(v);
-                                }
+    });
+}
+
+fn check_cached_attention(gpu: &Gpu, k: &Kernels, p: Precision, hd: usize, case: &AttentionCase) {
+    let AttentionCase {
+        keys,
+        seq,
+        capacity,
+        blind_row,
+    } = *case;
+    let (batch, heads, kv_heads) = (2, 4, 2);
+    let q = rounded(p, &random(batch * heads * seq * hd, 31));
+    let kc = rounded(p, &random(batch * kv_heads * capacity * hd, 32));
+    let vc = rounded(p, &random(batch * kv_heads * capacity * hd, 33));
+    let mut mask = vec![1f32; batch * keys];
+    mask[0] = 0.0;
+    mask[1] = 0.0;
+    if blind_row {
+        mask[keys..].fill(0.0);
+    }
+    let mut positions = Vec::new();
+    for row in mask.chunks(keys) {
+        let mut real = 0f32;
+        for &m in row {
+            real += m;
+            positions.push((real - 1.0) * m);
+        }
+    }
+    let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+    let scale = 1.0 / (hd as f32).sqrt();
+    for alibi in [false, true] {
+        let mut expected = Vec::new();
+        for b in 0..batch {
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let value = |j: usize, d: usize| {
+                    f64::from(vc[((b * kv_heads + kv) * capacity + j) * hd + d])
+                };
+                for t in 0..seq {
+                    let query = &q[((b * heads + h) * seq + t) * hd..][..hd];
+                    let last = keys - seq + t;
+                    let scores: Vec<Option<f64>> = (0..keys)
+                        .map(|j| {
+                            if j > last || mask[b * keys + j] == 0.0 {
+                                return None;
                             }
-                            expected.push(acc);
+                            let key = &kc[((b * kv_heads + kv) * capacity + j) * hd..][..hd];
+                            let dot: f64 = query
+                                .iter()
+                                .zip(key)
+                                .map(|(&a, &c)| f64::from(a) * f64::from(c))
+                                .sum();
+                            let bias = if alibi {
+                                f64::from(slopes[h]) * f64::from(positions[b * keys + j])
+                            } else {
+                                0.0
+                            };
+                            Some(dot * f64::from(scale) + bias)
+                        })
+                        .collect();
+                    let max = scores.iter().flatten().fold(f64::MIN, |a, &s| a.max(s));
+                    let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+                    for d in 0..hd {
+                        if total == 0.0 {
+                            // No key visible: uniform weights over every filled column.
+                            expected
+                                .push((0..keys).map(|j| value(j, d)).sum::<f64>() / keys as f64);
+                            continue;
                         }
+                        let acc: f64 = scores
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(j, s)| s.map(|s| (s - max).exp() / total * value(j, d)))
+                            .sum();
+                        expected.push(acc);
                     }
                 }
             }
-            let (gq, gk, gv) = (up(gpu, p, &q), up(gpu, p, &kc), up(gpu, p, &vc));
-            let gm = gpu.upload(&mask, "t").unwrap();
-            let gpos = gpu.upload(&positions, "t").unwrap();
-            let gs = gpu.upload(&slopes, "t").unwrap();
-            let past_len = gpu.upload(&[(keys - seq) as i32], "t").unwrap();
-            let context = gpu.alloc(k.bytes(expected.len()), "t").unwrap();
-            k.attention_cached(&CachedAttention {
-                q: gq.ptr(),
-                q_head_stride: seq * hd,
-                k_cache: gk.ptr(),
-                v_cache: gv.ptr(),
-                context: context.ptr(),
-                key_mask: gm.ptr(),
-                slopes: if alibi { gs.ptr() } else { 0 },
-                positions: gpos.ptr(),
-                mask_stride: keys,
-                batch,
-                heads,
-                kv_heads,
-                seq,
-                past_len: past_len.ptr(),
-                capacity,
-                hd,
-                scale,
-            })
-            .unwrap();
-            let r = rel(&down(gpu, p, &context, expected.len()), &expected);
-            println!("attention_cached alibi={alibi} {p:?}: rel {r:.2e}");
-            assert!(r <= tolerance(p), "rel {r}");
         }
+        let (gq, gk, gv) = (up(gpu, p, &q), up(gpu, p, &kc), up(gpu, p, &vc));
+        let gm = gpu.upload(&mask, "t").unwrap();
+        let gpos = gpu.upload(&positions, "t").unwrap();
+        let gs = gpu.upload(&slopes, "t").unwrap();
+        let past_len = gpu.upload(&[(keys - seq) as i32], "t").unwrap();
+        let context = gpu.alloc(k.bytes(expected.len()), "t").unwrap();
+        let attention = CachedAttention {
+            q: gq.ptr(),
+            q_head_stride: seq * hd,
+            k_cache: gk.ptr(),
+            v_cache: gv.ptr(),
+            context: context.ptr(),
+            key_mask: gm.ptr(),
+            slopes: if alibi { gs.ptr() } else { 0 },
+            positions: gpos.ptr(),
+            mask_stride: keys,
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            past_len: past_len.ptr(),
+            capacity,
+            hd,
+            scale,
+        };
+        let partial = gpu.alloc(attention.partial_bytes().max(4), "t").unwrap();
+        k.attention_cached(&attention, partial.ptr()).unwrap();
+        let r = rel(&down(gpu, p, &context, expected.len()), &expected);
+        let splits = attention.splits();
+        println!(
+            "attention_cached keys={keys} splits={splits} hd={hd} alibi={alibi} {p:?}: rel {r:.2e}"
+        );
+        assert!(
+            r <= tolerance(p),
+            "keys {keys} splits {splits} hd {hd} alibi {alibi}: rel {r}"
+        );
+        assert_eq!(splits > 1, keys > 100, "the case meant to split does");
+    }
+}
+
+#[test]
+fn kv_append_writes_the_new_columns_only() {
+    each_precision(|gpu, k, p| {
+        let (batch, kv_heads, hd, seq, capacity) = (2, 2, 16, 2, 12);
+        let kc = rounded(p, &random(batch * kv_heads * capacity * hd, 32));
+        let vc = rounded(p, &random(batch * kv_heads * capacity * hd, 33));
         // kv_append writes this step's keys and values at columns 5.. of the caches, read
         // from one source that interleaves them per head (head stride 2 * seq * hd, values
         // seq * hd after the keys).
@@ -854,6 +947,32 @@ fn cached_attention_matches_a_cpu_softmax_over_the_visible_keys() {
 }
 
 #[test]
+fn greedy_choice_over_a_large_vocabulary_is_the_first_maximum() {
+    let Some(gpu) = gpu() else { return };
+    let k = gpu.kernels(Precision::F32).unwrap();
+    // BLOOM's vocabulary (123 slices): row 0 random with its maximum repeated in a later slice,
+    // row 1 only NaN (token 0), row 2 NaN up to 1000 and -inf after (the first -inf).
+    let vocab = 250_684;
+    let mut logits = random(3 * vocab, 61);
+    logits[70_000] = 2.0;
+    logits[200_001] = 2.0;
+    logits[vocab..2 * vocab].fill(f32::NAN);
+    logits[2 * vocab..2 * vocab + 1000].fill(f32::NAN);
+    logits[2 * vocab + 1000..].fill(f32::NEG_INFINITY);
+    let g = gpu.upload(&logits, "t").unwrap();
+    let ids = gpu.alloc(12, "t").unwrap();
+    let partial = gpu
+        .alloc(Kernels::argmax_partial_bytes(3, vocab), "t")
+        .unwrap();
+    k.argmax_rows(g.ptr(), ids.ptr(), 3, vocab, partial.ptr())
+        .unwrap();
+    assert_eq!(
+        gpu.read::<u32>(ids.ptr(), 3).unwrap(),
+        vec![70_000, 0, 1000]
+    );
+}
+
+#[test]
 fn greedy_choice_applies_the_penalty_and_takes_the_first_maximum() {
     let Some(gpu) = gpu() else { return };
     let k = gpu.kernels(Precision::F32).unwrap();
@@ -871,8 +990,13 @@ fn greedy_choice_applies_the_penalty_and_takes_the_first_maximum() {
     let counts = gpu.upload(&[0i32, 2], "t").unwrap();
     k.repetition_penalty(g.ptr(), tokens.ptr(), counts.ptr(), 2, 2, vocab, 2.0)
         .unwrap();
+    // Row 0's tie lies across two of the slices the first pass reduces.
     let ids = gpu.alloc(8, "t").unwrap();
-    k.argmax_rows(g.ptr(), ids.ptr(), 2, vocab).unwrap();
+    let partial = gpu
+        .alloc(Kernels::argmax_partial_bytes(2, vocab), "t")
+        .unwrap();
+    k.argmax_rows(g.ptr(), ids.ptr(), 2, vocab, partial.ptr())
+        .unwrap();
     assert_eq!(gpu.read::<u32>(ids.ptr(), 2).unwrap(), vec![17, 1200]);
     let after = gpu.read::<f32>(g.ptr(), 2 * vocab).unwrap();
     assert_eq!((after[vocab + 5], after[vocab + 7]), (2.0, -4.0));

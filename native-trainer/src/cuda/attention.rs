@@ -197,7 +197,7 @@ pub(crate) fn forward_cached(
     at: CachePosition,
     context: u64,
 ) -> Result<()> {
-    ctx.k.attention_cached(&CachedAttention {
+    let attention = CachedAttention {
         q: heads.q,
         q_head_stride: heads.head_stride,
         k_cache: cache.k.ptr(),
@@ -215,7 +215,13 @@ pub(crate) fn forward_cached(
         capacity: at.capacity,
         hd: s.hd,
         scale: 1.0 / (s.hd as f32).sqrt(),
-    })
+    };
+    let partial = match attention.partial_bytes() {
+        0 => None,
+        bytes => Some(ctx.gpu.alloc(bytes, "split attention")?),
+    };
+    ctx.k
+        .attention_cached(&attention, partial.as_ref().map_or(0, |p| p.ptr()))
 }
 
 /// Gradients of q, k, v (heads layout) from that of the context.

@@ -6,7 +6,7 @@
 //! thing on both.
 
 use qlora_core::Result;
-use qlora_kernels::{DeviceBuffer, Gpu, Recorded};
+use qlora_kernels::{DeviceBuffer, Gpu, Kernels, Recorded};
 
 use super::attention::{KeyMask, LayerCache, Rope};
 use super::model::CudaModel;
@@ -224,7 +224,8 @@ impl Session for CudaSession<'_> {
             return sample_top_k(self.model, logits, sampler, running);
         }
         let chosen = gpu.alloc(4 * b, "next tokens")?;
-        kernels.argmax_rows(logits.ptr(), chosen.ptr(), b, vocab)?;
+        let partial = gpu.alloc(Kernels::argmax_partial_bytes(b, vocab), "greedy choice")?;
+        kernels.argmax_rows(logits.ptr(), chosen.ptr(), b, vocab, partial.ptr())?;
         gpu.read::<u32>(chosen.ptr(), b)
     }
 }
