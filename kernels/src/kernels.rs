@@ -739,7 +739,8 @@ impl Kernels {
             )));
         }
         let a = w.absmax_args();
-        let wide = self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready();
+        // The wide kernel reads x in 16-byte loads without testing each.
+        let wide = self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready() && x % 16 == 0;
         let name = match (wide, rows_) {
             (false, 1) => "gemv_4bit_1",
             (false, 2) => "gemv_4bit_2",
@@ -1140,9 +1141,11 @@ impl DeviceQuantized {
     /// Whether [`GemvKernel::Wide`] serves this weight: block sizes powers of two, element
     /// indices within 31 bits.
     fn wide_gemv_ready(&self) -> bool {
-        let nested_ok = match self.absmax_args().nested_blocksize {
-            n if n > 0 => (n as u32).is_power_of_two(),
-            _ => false,
+        let nested_ok = match &self.absmax {
+            DeviceAbsmax::Plain(_) => true,
+            DeviceAbsmax::Double {
+                nested_blocksize, ..
+            } => nested_blocksize.is_power_of_two(),
         };
         self.gemv_ready() && self.blocksize.is_power_of_two() && nested_ok && self.numel < 1 << 31
     }
