@@ -70,18 +70,21 @@ extern "C" __global__ void dequant_4bit_x8(const unsigned int* __restrict__ pack
                                            const unsigned char* __restrict__ absmax_q8,
                                            const float* __restrict__ code2,
                                            const float* __restrict__ absmax2,
-                                           float offset, int nested_blocksize,
+                                           float offset, int nested_shift,
                                            const float* __restrict__ code16,
-                                           T* __restrict__ out, long long groups, int blocksize) {
+                                           T* __restrict__ out, long long groups, int block_shift) {
     __shared__ float code[16];
     __shared__ float code_nested[256];
     load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
     // Grid-stride: a bounded grid loads the code tables once per block, not once per 256 groups.
+    // Block sizes are powers of two here (shifts, not the 64-bit divisions of dequant_4bit).
     for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
          g += (long long)gridDim.x * blockDim.x) {
         long long first = g * 8;
-        long long block = first / blocksize;
-        float scale = block_absmax(block, absmax, absmax_q8, code_nested, absmax2, offset, nested_blocksize);
+        long long block = first >> block_shift;
+        float scale = absmax_q8 == nullptr
+                          ? absmax[block]
+                          : expand_absmax(code_nested[absmax_q8[block]], absmax2[block >> nested_shift], offset);
         unsigned int word = packed[g];
         float v[8];
         for (int j = 0; j < 4; j++) {

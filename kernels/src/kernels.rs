@@ -676,8 +676,9 @@ impl Kernels {
     /// Dequantizes `w` into `out` (T, `w.numel` values).
     pub fn dequantize(&self, w: &DeviceQuantized, out: u64) -> Result<()> {
         let a = w.absmax_args();
-        if w.numel.is_multiple_of(8) {
+        if w.numel.is_multiple_of(8) && w.block_sizes_are_powers_of_two() {
             let groups = w.numel / 8;
+            let (nested_shift, block_shift) = w.block_shifts();
             return launch!(
                 self,
                 "dequant_4bit_x8",
@@ -688,11 +689,11 @@ impl Kernels {
                 a.code,
                 a.nested_absmax,
                 a.offset,
-                a.nested_blocksize,
+                nested_shift,
                 w.code.ptr(),
                 out,
                 groups as i64,
-                w.blocksize as i32
+                block_shift
             );
         }
         let bytes = w.numel.div_ceil(2);
@@ -751,10 +752,7 @@ impl Kernels {
         };
         // The wide kernel takes block sizes as shifts.
         let (nested_blocksize, blocksize) = if wide {
-            (
-                a.nested_blocksize.trailing_zeros() as i32,
-                w.blocksize.trailing_zeros() as i32,
-            )
+            w.block_shifts()
         } else {
             (a.nested_blocksize, w.blocksize as i32)
         };
@@ -1141,13 +1139,31 @@ impl DeviceQuantized {
     /// Whether [`GemvKernel::Wide`] serves this weight: block sizes powers of two, element
     /// indices within 31 bits.
     fn wide_gemv_ready(&self) -> bool {
-        let nested_ok = match &self.absmax {
+        self.gemv_ready() && self.block_sizes_are_powers_of_two() && self.numel < 1 << 31
+    }
+
+    /// The block size and the nested one (if any) are powers of two (bitsandbytes only makes
+    /// such), so kernels find a value's block with shifts.
+    fn block_sizes_are_powers_of_two(&self) -> bool {
+        let nested = match &self.absmax {
             DeviceAbsmax::Plain(_) => true,
             DeviceAbsmax::Double {
                 nested_blocksize, ..
             } => nested_blocksize.is_power_of_two(),
         };
-        self.gemv_ready() && self.blocksize.is_power_of_two() && nested_ok && self.numel < 1 << 31
+        self.blocksize.is_power_of_two() && nested
+    }
+
+    /// `(nested, block)` shifts for [`DeviceQuantized::block_sizes_are_powers_of_two`] weights
+    /// (nested 0 without double quantization).
+    fn block_shifts(&self) -> (i32, i32) {
+        let nested = match &self.absmax {
+            DeviceAbsmax::Plain(_) => 0,
+            DeviceAbsmax::Double {
+                nested_blocksize, ..
+            } => nested_blocksize.trailing_zeros() as i32,
+        };
+        (nested, self.blocksize.trailing_zeros() as i32)
     }
 
     fn absmax_args(&self) -> AbsmaxArgs {
