@@ -741,7 +741,8 @@ impl Kernels {
         }
         let a = w.absmax_args();
         // The wide kernel reads x in 16-byte loads without testing each.
-        let wide = self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready() && x % 16 == 0;
+        let wide =
+            self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready() && x.is_multiple_of(16);
         let name = match (wide, rows_) {
             (false, 1) => "gemv_4bit_1",
             (false, 2) => "gemv_4bit_2",
