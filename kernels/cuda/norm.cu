@@ -4,7 +4,8 @@
 // registers (pack p of thread i holds elements (p * blockDim.x + i) * PACK ..), so a row of
 // up to 1024 * PACK * NORM_PACKS values is one load, the statistics from registers, one store.
 // In a decoding step the row is a single 4096-value vector and the kernels' cost is latency.
-#define NORM_PACKS 4
+// __launch_bounds__(1024): the register budget of a full block (16 values held per thread).
+#define NORM_PACKS 2
 
 __device__ __forceinline__ int norm_pack_start(int p) { return (p * blockDim.x + threadIdx.x) * PACK; }
 
@@ -14,7 +15,7 @@ __device__ __forceinline__ void load_norm_row(const T* __restrict__ xr, int dim,
 }
 
 // LayerNorm: (x - mean) / sqrt(var + eps) * w + b, biased variance; saves mean and rstd.
-extern "C" __global__ void layernorm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+extern "C" __global__ void __launch_bounds__(1024) layernorm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                          T* __restrict__ out, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                          int dim, float eps) {
     long long row = blockIdx.x;
@@ -76,7 +77,7 @@ extern "C" __global__ void layernorm_bwd(const T* __restrict__ dy, const T* __re
 }
 
 // RMSNorm: x * rsqrt(mean(x^2) + eps) * w; saves rstd.
-extern "C" __global__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                                        float* __restrict__ rstd_out, int dim, float eps) {
     long long row = blockIdx.x;
     float v[NORM_PACKS][PACK];

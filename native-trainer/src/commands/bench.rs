@@ -53,7 +53,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub lora: bool,
     /// The decoding GEMV measured throughout (the other one's step is timed beside it).
-    #[arg(long, value_enum, default_value_t = Gemv::OneChunk)]
+    #[arg(long, value_enum, default_value_t = Gemv::Wide)]
     pub gemv: Gemv,
     /// Also write the JSON here.
     #[arg(long)]
