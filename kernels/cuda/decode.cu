@@ -158,6 +158,45 @@ __device__ void gemv_4bit(const uint4* __restrict__ packed, const float* __restr
 // Chunks per lane whose loads gemv_4bit_wide issues together.
 #define GEMV_WIDE_CHUNKS 4
 
+// One lane's share of a group: the codes of GEMV_WIDE_CHUNKS chunks (32 apart) of a row and their
+// absmax (or 8-bit absmax code and nested absmax), loaded before any is used.
+struct GemvGroup {
+    uint4 word[GEMV_WIDE_CHUNKS];
+    unsigned char q[GEMV_WIDE_CHUNKS];
+    float a[GEMV_WIDE_CHUNKS];
+};
+
+__device__ __forceinline__ void gemv_load_group(GemvGroup& g, const uint4* __restrict__ packed,
+                                                const float* __restrict__ absmax,
+                                                const unsigned char* __restrict__ absmax_q8,
+                                                const float* __restrict__ absmax2, int nested_shift,
+                                                int block_shift, int in_features, int o, int base) {
+    int chunks = in_features / 32;
+    const uint4* w_row = packed + (long long)o * chunks;
+    unsigned int row_first = (unsigned int)o * (unsigned int)in_features;
+#pragma unroll
+    for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
+        int c = base + 32 * u;
+        g.word[u] = c < chunks ? __ldg(w_row + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
+        int c = base + 32 * u;
+        unsigned int block = c < chunks ? (row_first + 32u * (unsigned int)c) >> block_shift : 0u;
+        if (absmax_q8 != nullptr) {
+            g.q[u] = c < chunks ? __ldg(absmax_q8 + block) : 0;
+            g.a[u] = c < chunks ? __ldg(absmax2 + (block >> nested_shift)) : 0.0f;
+        } else {
+            g.q[u] = 0;
+            g.a[u] = c < chunks ? __ldg(absmax + block) : 0.0f;
+        }
+    }
+}
+
+// Each warp walks its output rows (grid-stride over a grid of a few blocks per SM) one group at
+// a time and loads the next group, of this row or the next, before computing the current one, so
+// its loads are always in flight; the first group is requested before the block loads its code
+// tables and waits at the barrier.
 template <int R>
 __device__ void gemv_4bit_wide(const uint4* __restrict__ packed, const float* __restrict__ absmax,
                                const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
@@ -167,45 +206,36 @@ __device__ void gemv_4bit_wide(const uint4* __restrict__ packed, const float* __
                                T* __restrict__ y, int rows, int in_features, int out_features) {
     __shared__ float code[16];
     __shared__ float code_nested[256];
-    load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
     int lane = threadIdx.x & 31;
     int warps = blockDim.x / 32;
+    int stride = gridDim.x * warps;
     int chunks = in_features / 32;
-    for (int o = blockIdx.x * warps + threadIdx.x / 32; o < out_features; o += gridDim.x * warps) {
-        const uint4* w_row = packed + (long long)o * chunks;
-        unsigned int row_first = (unsigned int)o * (unsigned int)in_features;
+    int o = blockIdx.x * warps + threadIdx.x / 32;
+    GemvGroup next;
+    if (o < out_features)
+        gemv_load_group(next, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, in_features, o, lane);
+    load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
+    for (; o < out_features; o += stride) {
         float acc[R];
 #pragma unroll
         for (int r = 0; r < R; r++) acc[r] = 0.0f;
         for (int base = lane; base < chunks; base += 32 * GEMV_WIDE_CHUNKS) {
-            uint4 word[GEMV_WIDE_CHUNKS];
-            unsigned char q[GEMV_WIDE_CHUNKS];
-            float a[GEMV_WIDE_CHUNKS];
-            // Every load of the group first: codes, then each chunk's absmax (or its 8-bit code
-            // and the nested absmax, which do not depend on each other).
-#pragma unroll
-            for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
-                int c = base + 32 * u;
-                word[u] = c < chunks ? __ldg(w_row + c) : make_uint4(0, 0, 0, 0);
+            GemvGroup cur = next;
+            int next_base = base + 32 * GEMV_WIDE_CHUNKS, next_o = o;
+            if (next_base >= chunks) {
+                next_base = lane;
+                next_o = o + stride;
             }
-#pragma unroll
-            for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
-                int c = base + 32 * u;
-                unsigned int block = c < chunks ? (row_first + 32u * (unsigned int)c) >> block_shift : 0u;
-                if (absmax_q8 != nullptr) {
-                    q[u] = c < chunks ? __ldg(absmax_q8 + block) : 0;
-                    a[u] = c < chunks ? __ldg(absmax2 + (block >> nested_shift)) : 0.0f;
-                } else {
-                    q[u] = 0;
-                    a[u] = c < chunks ? __ldg(absmax + block) : 0.0f;
-                }
-            }
+            if (next_o < out_features)
+                gemv_load_group(next, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, in_features,
+                                next_o, next_base);
 #pragma unroll
             for (int u = 0; u < GEMV_WIDE_CHUNKS; u++) {
                 int c = base + 32 * u;
                 if (c < chunks) {
-                    float scale = absmax_q8 != nullptr ? expand_absmax(code_nested[q[u]], a[u], offset) : a[u];
-                    gemv_chunk_lean<R>(word[u], scale, code, x, rows, in_features, c, acc);
+                    float scale = absmax_q8 != nullptr ? expand_absmax(code_nested[cur.q[u]], cur.a[u], offset)
+                                                       : cur.a[u];
+                    gemv_chunk_lean<R>(cur.word[u], scale, code, x, rows, in_features, c, acc);
                 }
             }
         }

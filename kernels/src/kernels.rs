@@ -110,6 +110,10 @@ fn grid(n: usize, block: usize) -> LaunchConfig {
 /// resident 256-thread blocks) twice over.
 const MAX_STRIDE_BLOCKS: usize = 2048;
 
+/// Blocks of the wide GEMV at most: two per SM of an H100 (132 SMs; at ~88 registers a thread,
+/// two blocks of 256 threads are what an SM holds), one wave.
+const GEMV_WIDE_BLOCKS: usize = 2 * 132;
+
 /// One thread per item of `n`, capped at [`MAX_STRIDE_BLOCKS`] (the kernel strides over the rest).
 fn bounded_grid(n: usize, block: usize) -> LaunchConfig {
     LaunchConfig {
@@ -758,9 +762,15 @@ impl Kernels {
         } else {
             (a.nested_blocksize, w.blocksize as i32)
         };
-        // Eight warps per block, one output feature per warp at a time.
+        // Eight warps per block, one output feature per warp at a time; the wide kernel's warps
+        // walk several rows each (its loads stay in flight across rows).
+        let blocks = if wide {
+            GEMV_WIDE_BLOCKS
+        } else {
+            MAX_STRIDE_BLOCKS
+        };
         let cfg = LaunchConfig {
-            grid_dim: (out_features.div_ceil(8).min(MAX_STRIDE_BLOCKS) as u32, 1, 1),
+            grid_dim: (out_features.div_ceil(8).min(blocks) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
