@@ -288,6 +288,25 @@ extern "C" __global__ void kv_append(const T* __restrict__ k_src, const T* __res
     v_cache[to] = v_src[from];
 }
 
+// Where query row `row` ([B, heads, T] flattened) finds its kv head in the caches
+// [B, kv_heads, capacity, hd]: the element offset of that head's first column.
+__device__ __forceinline__ long long cache_head_offset(long long row, int seq, int heads, int kv_heads,
+                                                       int capacity, int hd) {
+    long long bh = row / seq;
+    int kv = (int)(bh % heads) / (heads / kv_heads);
+    return ((bh / heads) * kv_heads + kv) * capacity * hd;
+}
+
+// context[row] = the mean of the first `keys` cached values: the uniform weights a query that
+// sees no key gets.
+__device__ void mean_of_values(const T* __restrict__ v_base, int keys, int hd, T* __restrict__ out) {
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < keys; j++) acc += ld(v_base[(long long)j * hd + d]);
+        st(&out[d], acc / keys);
+    }
+}
+
 // Attention of new queries q (element (bh, t, d) at q[bh * q_head_stride + t * hd + d], as in
 // kv_append) over the cached keys and values [B, kv_heads, capacity, hd] (the first keys =
 // *past_len + T columns filled, the last T of them this step's): context [B, heads, T, hd].
@@ -318,9 +337,9 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
     long long bh = row / seq;
     int h = bh % heads;
     long long b = bh / heads;
-    int kv = h / (heads / kv_heads);
-    const T* k_base = k_cache + (b * kv_heads + kv) * capacity * hd;
-    const T* v_base = v_cache + (b * kv_heads + kv) * capacity * hd;
+    long long head_at = cache_head_offset(row, seq, heads, kv_heads, capacity, hd);
+    const T* k_base = k_cache + head_at;
+    const T* v_base = v_cache + head_at;
     int keys = min(*past_len + seq, capacity);
     int first = blockIdx.y * keys_per_split;
     if (first >= keys) return;
@@ -357,11 +376,7 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
     bool whole = gridDim.y == 1;
     if (whole && mx == -QLORA_INFINITY) {
         // No key visible: uniform weights over every filled column.
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-            float acc = 0.0f;
-            for (int j = 0; j < keys; j++) acc += ld(v_base[(long long)j * hd + d]);
-            st(&context[row * hd + d], acc / keys);
-        }
+        mean_of_values(v_base, keys, hd, context + row * hd);
         return;
     }
     float sum = 0.0f;
@@ -399,14 +414,8 @@ extern "C" __global__ void attention_combine(const float* __restrict__ partial, 
     float mx = -QLORA_INFINITY;
     for (int s = 0; s < used; s++) mx = fmaxf(mx, in[s * (hd + 2)]);
     if (mx == -QLORA_INFINITY) {
-        long long bh = row / seq;
-        int kv = (bh % heads) / (heads / kv_heads);
-        const T* v_base = v_cache + ((bh / heads) * kv_heads + kv) * capacity * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-            float acc = 0.0f;
-            for (int j = 0; j < keys; j++) acc += ld(v_base[(long long)j * hd + d]);
-            st(&context[row * hd + d], acc / keys);
-        }
+        mean_of_values(v_cache + cache_head_offset(row, seq, heads, kv_heads, capacity, hd), keys, hd,
+                       context + row * hd);
         return;
     }
     float total = 0.0f;

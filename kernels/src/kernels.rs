@@ -235,7 +235,7 @@ impl Kernels {
             precision,
             stream: gpu.inner.stream.clone(),
             functions,
-            wide_gemv: AtomicBool::new(true),
+            wide_gemv: AtomicBool::new(GemvKernel::default() == GemvKernel::Wide),
         })
     }
 
