@@ -320,7 +320,8 @@ __device__ void mean_of_values(const T* __restrict__ v_base, int keys, int hd, T
 // query per row (decoding) a few dozen rows would leave most SMs idle, so the keys are split
 // across blocks and each block writes its partial softmax (max, sum of exponentials, their sum
 // of values: partial [rows, splits, hd + 2]) for attention_combine; with one split the block
-// writes the context itself. Scores live in dynamic shared memory (hd + keys_per_split floats).
+// writes the context itself. Dynamic shared memory: the query (hd floats), the split's scores
+// (keys_per_split) and the key groups' weighted sums (value_groups(hd, blockDim.x) * hd).
 // Splits that start past the filled columns do nothing.
 extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q_head_stride,
                                             const T* __restrict__ k_cache,
@@ -386,10 +387,34 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
         sum += e;
     }
     sum = block_sum(sum);
+    // The weighted values: thread (group g, pack k) sums columns [k * PACK, + PACK) over keys
+    // first + g, first + g + groups, ..., so a thread's loads do not wait on each other's sums
+    // (one chain of `seen - first` dependent loads per column was most of this kernel's time);
+    // the groups' sums meet in shared memory (`sums`, groups * hd floats after the scores).
     float* out = partial + (row * gridDim.y + blockIdx.y) * (hd + 2);
+    int packs = (hd + PACK - 1) / PACK;
+    int groups = max(1, (int)blockDim.x / packs);
+    float* sums = p + keys_per_split;
+    for (int task = threadIdx.x; task < groups * packs; task += blockDim.x) {
+        int g = task / packs, d = (task % packs) * PACK;
+        float acc[PACK];
+#pragma unroll
+        for (int u = 0; u < PACK; u++) acc[u] = 0.0f;
+        for (int j = first + g; j < seen; j += groups) {
+            float v[PACK];
+            load_pack(v_base + (long long)j * hd, d, hd, v);
+            float w = p[j - first];
+#pragma unroll
+            for (int u = 0; u < PACK; u++) acc[u] = fmaf(w, v[u], acc[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < PACK; u++)
+            if (d + u < hd) sums[g * hd + d + u] = acc[u];
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.0f;
-        for (int j = first; j < seen; j++) acc = fmaf(p[j - first], ld(v_base[(long long)j * hd + d]), acc);
+        for (int g = 0; g < groups; g++) acc += sums[g * hd + d];
         if (whole) st(&context[row * hd + d], acc / sum);
         else out[2 + d] = acc;
     }

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use qlora_core::quant::{decode_table, dynamic_map_signed, Absmax, Quantized4};
 use qlora_core::Result;
@@ -83,6 +84,9 @@ pub struct Kernels {
     functions: Vec<CudaFunction>,
     /// [`GemvKernel::Wide`] chosen (see [`Kernels::set_gemv`]).
     wide_gemv: AtomicBool,
+    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4): the SMs times the
+    /// blocks of [`GEMV_THREADS`] an SM holds at that kernel's register count.
+    wide_gemv_wave: [u32; 3],
 }
 
 /// The two fused 4-bit GEMVs of decoding, which compute the same sums in the same order (the
@@ -110,9 +114,11 @@ fn grid(n: usize, block: usize) -> LaunchConfig {
 /// resident 256-thread blocks) twice over.
 const MAX_STRIDE_BLOCKS: usize = 2048;
 
-/// Blocks of the wide GEMV at most: two per SM of an H100 (132 SMs; at ~88 registers a thread,
-/// two blocks of 256 threads are what an SM holds), one wave.
-const GEMV_WIDE_BLOCKS: usize = 2 * 132;
+/// Threads of a GEMV block: eight warps, one output feature per warp at a time.
+const GEMV_THREADS: u32 = 256;
+
+/// The wide GEMVs, by rows served (1, 2, 4).
+const GEMV_WIDE_NAMES: [&str; 3] = ["gemv_4bit_wide_1", "gemv_4bit_wide_2", "gemv_4bit_wide_4"];
 
 /// One thread per item of `n`, capped at [`MAX_STRIDE_BLOCKS`] (the kernel strides over the rest).
 fn bounded_grid(n: usize, block: usize) -> LaunchConfig {
@@ -154,6 +160,17 @@ const ATTENTION_BLOCKS: usize = 256;
 
 /// Keys a split of [`Kernels::attention_cached`] takes at least.
 const MIN_KEYS_PER_SPLIT: usize = 32;
+
+/// Threads of a block of [`Kernels::attention_cached`].
+const ATTENTION_THREADS: usize = 128;
+
+/// Floats of shared memory a block of [`Kernels::attention_cached`] needs besides its split's
+/// scores: the query and each key group's weighted values (a group is a pack of columns per
+/// thread across the head, `groups` in decode.cu).
+fn attention_fixed_floats(hd: usize) -> usize {
+    let groups = (ATTENTION_THREADS / hd.div_ceil(PACK)).max(1);
+    hd + groups * hd
+}
 
 /// Values per thread of the packed element-wise kernels (`PACK` in common.cuh).
 const PACK: usize = 8;
@@ -230,12 +247,29 @@ impl Kernels {
                     .load_function(n)
                     .map_err(|e| error(format!("CUDA: kernel {n} not found in the module: {e:?}")))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<CudaFunction>>>()?;
+        let sms = gpu
+            .inner
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| error(format!("CUDA: reading the SM count failed: {e:?}")))?;
+        let mut wide_gemv_wave = [0u32; 3];
+        for (wave, name) in wide_gemv_wave.iter_mut().zip(GEMV_WIDE_NAMES) {
+            let i = NAMES
+                .iter()
+                .position(|n| *n == name)
+                .expect("a wide GEMV name");
+            let per_sm = functions[i]
+                .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, 0, None)
+                .map_err(|e| error(format!("CUDA: occupancy of {name} failed: {e:?}")))?;
+            *wave = (sms.max(1) as u32) * per_sm.max(1);
+        }
         Ok(Kernels {
             precision,
             stream: gpu.inner.stream.clone(),
             functions,
             wide_gemv: AtomicBool::new(GemvKernel::default() == GemvKernel::Wide),
+            wide_gemv_wave,
         })
     }
 
@@ -748,13 +782,15 @@ impl Kernels {
         // The wide kernel reads x in 16-byte loads without testing each.
         let wide =
             self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready() && x.is_multiple_of(16);
-        let name = match (wide, rows_) {
-            (false, 1) => "gemv_4bit_1",
-            (false, 2) => "gemv_4bit_2",
-            (false, _) => "gemv_4bit_4",
-            (true, 1) => "gemv_4bit_wide_1",
-            (true, 2) => "gemv_4bit_wide_2",
-            (true, _) => "gemv_4bit_wide_4",
+        let r = match rows_ {
+            1 => 0,
+            2 => 1,
+            _ => 2,
+        };
+        let name = if wide {
+            GEMV_WIDE_NAMES[r]
+        } else {
+            ["gemv_4bit_1", "gemv_4bit_2", "gemv_4bit_4"][r]
         };
         // The wide kernel takes block sizes as shifts.
         let (nested_blocksize, blocksize) = if wide {
@@ -762,16 +798,17 @@ impl Kernels {
         } else {
             (a.nested_blocksize, w.blocksize as i32)
         };
-        // Eight warps per block, one output feature per warp at a time; the wide kernel's warps
-        // walk several rows each (its loads stay in flight across rows).
+        // One output feature per warp at a time; the wide kernel's warps walk several rows each
+        // (its loads stay in flight across rows) in one wave.
         let blocks = if wide {
-            GEMV_WIDE_BLOCKS
+            self.wide_gemv_wave[r] as usize
         } else {
             MAX_STRIDE_BLOCKS
         };
+        let warps = GEMV_THREADS as usize / 32;
         let cfg = LaunchConfig {
-            grid_dim: (out_features.div_ceil(8).min(blocks) as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (out_features.div_ceil(warps).min(blocks) as u32, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(
@@ -839,7 +876,7 @@ impl Kernels {
         // are filled (read on the device), so a recorded step serves every position.
         let splits = a.splits();
         let keys_per_split = a.capacity.div_ceil(splits);
-        let shared = 4 * (a.hd + keys_per_split);
+        let shared = 4 * (attention_fixed_floats(a.hd) + keys_per_split);
         if shared > ATTENTION_SHARED_BYTES {
             return Err(error(format!(
                 "attention with heads of {} needs {shared} bytes of shared memory per block, \
@@ -852,7 +889,7 @@ impl Kernels {
         }
         let cfg = LaunchConfig {
             grid_dim: (a.rows() as u32, splits as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (ATTENTION_THREADS as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         };
         launch!(
@@ -1076,7 +1113,9 @@ impl CachedAttention {
     /// Splits of the cache's columns: enough blocks to keep the SMs busy (at least
     /// [`MIN_KEYS_PER_SPLIT`] keys each) and each split's scores within shared memory.
     pub fn splits(&self) -> usize {
-        let room = (ATTENTION_SHARED_BYTES / 4).saturating_sub(self.hd).max(1);
+        let room = (ATTENTION_SHARED_BYTES / 4)
+            .saturating_sub(attention_fixed_floats(self.hd))
+            .max(1);
         let fit = self.capacity.div_ceil(room);
         let busy = ATTENTION_BLOCKS
             .div_ceil(self.rows().max(1))
