@@ -264,6 +264,196 @@ GEMV_4BIT(1)
 GEMV_4BIT(2)
 GEMV_4BIT(4)
 
+// The 4-bit GEMV of bf16 decoding on tensor cores: y[r, o] for r < rows <= 8 as gemv_4bit, through
+// mma.m16n8k16 (bf16 operands, f32 sums). A block takes 16 output features (the mma's M) for up to
+// 8 token rows (its N); its eight warps take interleaved 128-wide steps of the input and meet in
+// shared memory. Each weight is dequantized as bitsandbytes' own batch-1 kernel
+// (kgemm_4bit_inference_naive) does in bf16: bf16(code) * bf16(absmax), rounded to bf16; the
+// products and their sums are then exact in f32 (bitsandbytes rounds each product to bf16 too).
+// The CUDA-core GEMVs spend ~5 instructions and a shared-memory read per code; this one ~2.5 and
+// half a read, so it can keep up with an H200's bandwidth.
+//
+// Lane (g, c) = (lane / 4, lane % 4) of a warp step at k0 loads the 32 codes [k0 + 32c, + 32) of
+// features g and g + 8 (16 bytes each, one absmax each: block sizes are powers of two, at least
+// 32) and x[g][k0 + 32c, + 32) when g < rows. A dot product does not care in which order its terms
+// meet, so mma i of the step gives the k slots {2c, 2c+1, 2c+8, 2c+9} the inputs k0 + 32c + 4i +
+// {0, 1, 2, 3}: then byte 2i of a lane's codes is its A register for slots 2c, 2c+1 (the high
+// nibble is the first element), byte 2i + 1 the one for slots 2c+8, 2c+9, and the B registers are
+// words 2i and 2i + 1 of x as loaded. A byte becomes its two bf16 codes through a 256-entry pair
+// table in shared memory stored once per lane (entry b of lane l at pairs[b * 32 + l]), so that a
+// warp's look-ups never share a bank; the blocks are persistent (one wave, grid-stride over the
+// tiles of 16 features) so each fills its table once.
+#define GEMV_TC_WARPS 8
+
+// One lane's loads of a warp step: the codes of its two features, their absmax (plain, or the
+// 8-bit code and the nested absmax) and its token row's 32 inputs as bf16 pairs.
+struct GemvTcStep {
+    uint4 w[2];
+    float a[2];
+    unsigned int q[2];
+    uint4 x[4];
+};
+
+__device__ __forceinline__ void load_x_bf16(const __nv_bfloat16* p, uint4* x) {
+#pragma unroll
+    for (int u = 0; u < 4; u++) x[u] = __ldg(reinterpret_cast<const uint4*>(p) + u);
+}
+__device__ __forceinline__ void load_x_bf16(const float* p, uint4* x) {
+    unsigned int w[16];
+#pragma unroll
+    for (int u = 0; u < 16; u++) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(p[2 * u], p[2 * u + 1]);
+        w[u] = *reinterpret_cast<unsigned int*>(&h);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
+}
+
+__device__ __forceinline__ void gemv_tc_load(GemvTcStep& st, const uint4* __restrict__ packed,
+                                             const float* __restrict__ absmax,
+                                             const unsigned char* __restrict__ absmax_q8,
+                                             const float* __restrict__ absmax2, int nested_shift, int block_shift,
+                                             const T* __restrict__ x, int rows, int in_features, int out_features,
+                                             int o0, int g, int c, int k0) {
+    int chunks = in_features / 32;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int f = o0 + g + 8 * h;
+        bool real = f < out_features;
+        st.w[h] = real ? __ldg(packed + (long long)f * chunks + k0 / 32 + c) : make_uint4(0, 0, 0, 0);
+        unsigned int block = real ? ((unsigned int)f * (unsigned int)in_features + (unsigned int)(k0 + 32 * c)) >> block_shift : 0u;
+        if (absmax_q8 != nullptr) {
+            st.q[h] = real ? __ldg(absmax_q8 + block) : 0u;
+            st.a[h] = real ? __ldg(absmax2 + (block >> nested_shift)) : 0.0f;
+        } else {
+            st.q[h] = 0u;
+            st.a[h] = real ? __ldg(absmax + block) : 0.0f;
+        }
+    }
+    if (g < rows) {
+        load_x_bf16(x + (long long)g * in_features + k0 + 32 * c, st.x);
+    } else {
+#pragma unroll
+        for (int u = 0; u < 4; u++) st.x[u] = make_uint4(0, 0, 0, 0);
+    }
+}
+
+// d += A B for one m16n8k16 tile (A row-major 16 x 16, B column-major 16 x 8, bf16; d f32).
+__device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsigned int a1, unsigned int a2,
+                                               unsigned int a3, unsigned int b0, unsigned int b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host launches this kernel on sm_80 and newer only
+#endif
+}
+
+// The pair of bf16 codes of byte b (its copy for this lane: lane_offset = 4 * lane), scaled.
+__device__ __forceinline__ unsigned int gemv_tc_pair(const char* table, unsigned int b, unsigned int lane_offset,
+                                                     __nv_bfloat162 scale) {
+    unsigned int u = *reinterpret_cast<const unsigned int*>(table + ((b << 7) | lane_offset));
+    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&u), scale);
+    return *reinterpret_cast<unsigned int*>(&v);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS)
+gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
+             const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
+             const float* __restrict__ absmax2, float offset, int nested_shift, const float* __restrict__ code16,
+             int block_shift, const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ residual,
+             int gelu, T* __restrict__ y, int rows, int in_features, int out_features) {
+    __shared__ uint4 pairs[256 * 32 / 4];
+    __shared__ unsigned int pair_once[256];
+    __shared__ float code_nested[256];
+    __shared__ float sums[GEMV_TC_WARPS][16 * 8];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int g = lane >> 2, c = lane & 3;
+    int steps = in_features / 128;
+    int tiles = (out_features + 15) / 16;
+    // The first step's loads go out before the tables are filled.
+    GemvTcStep cur;
+    if (blockIdx.x < tiles && warp < steps)
+        gemv_tc_load(cur, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, x, rows, in_features,
+                     out_features, blockIdx.x * 16, g, c, 128 * warp);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(code16[i >> 4], code16[i & 15]);
+        pair_once[i] = *reinterpret_cast<unsigned int*>(&v);
+        if (absmax_q8 != nullptr) code_nested[i] = code2[i];
+    }
+    __syncthreads();
+    // Consecutive threads store consecutive 16 bytes (four lanes' copies of one entry).
+    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+        unsigned int v = pair_once[i >> 3];
+        pairs[i] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+    const char* table = reinterpret_cast<const char*>(pairs);
+    unsigned int lane_offset = 4u * lane;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int o0 = tile * 16;
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        for (int s = warp; s < steps; s += GEMV_TC_WARPS) {
+            // The next step's loads (of this tile or the next) before this step's arithmetic.
+            GemvTcStep next;
+            int next_s = s + GEMV_TC_WARPS, next_tile = tile;
+            if (next_s >= steps) {
+                next_s = warp;
+                next_tile = tile + gridDim.x;
+            }
+            if (next_tile < tiles)
+                gemv_tc_load(next, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, x, rows,
+                             in_features, out_features, next_tile * 16, g, c, 128 * next_s);
+            __nv_bfloat162 scale[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float a = absmax_q8 != nullptr ? expand_absmax(code_nested[cur.q[h]], cur.a[h], offset) : cur.a[h];
+                scale[h] = __float2bfloat162_rn(a);
+            }
+            unsigned int w0[4] = {cur.w[0].x, cur.w[0].y, cur.w[0].z, cur.w[0].w};
+            unsigned int w1[4] = {cur.w[1].x, cur.w[1].y, cur.w[1].z, cur.w[1].w};
+            unsigned int xw[16] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y,
+                                   cur.x[1].z, cur.x[1].w, cur.x[2].x, cur.x[2].y, cur.x[2].z, cur.x[2].w,
+                                   cur.x[3].x, cur.x[3].y, cur.x[3].z, cur.x[3].w};
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                // Bytes 2i and 2i + 1 of each feature's 16 code bytes.
+                unsigned int b0 = w0[i >> 1] >> (16 * (i & 1)), b1 = w1[i >> 1] >> (16 * (i & 1));
+                unsigned int a0 = gemv_tc_pair(table, b0 & 0xffu, lane_offset, scale[0]);
+                unsigned int a1 = gemv_tc_pair(table, b1 & 0xffu, lane_offset, scale[1]);
+                unsigned int a2 = gemv_tc_pair(table, (b0 >> 8) & 0xffu, lane_offset, scale[0]);
+                unsigned int a3 = gemv_tc_pair(table, (b1 >> 8) & 0xffu, lane_offset, scale[1]);
+                mma_bf16_16816(acc[i & 1], a0, a1, a2, a3, xw[2 * i], xw[2 * i + 1]);
+            }
+            cur = next;
+        }
+        // Lane (g, c) holds features g, g + 8 for token rows 2c, 2c + 1.
+        float* mine = sums[warp];
+        mine[g * 8 + 2 * c] = acc[0][0] + acc[1][0];
+        mine[g * 8 + 2 * c + 1] = acc[0][1] + acc[1][1];
+        mine[(g + 8) * 8 + 2 * c] = acc[0][2] + acc[1][2];
+        mine[(g + 8) * 8 + 2 * c + 1] = acc[0][3] + acc[1][3];
+        __syncthreads();
+        if (threadIdx.x < 128) {
+            int f = threadIdx.x >> 3, r = threadIdx.x & 7, o = o0 + f;
+            if (r < rows && o < out_features) {
+                float v = 0.0f;
+#pragma unroll
+                for (int w = 0; w < GEMV_TC_WARPS; w++) v += sums[w][f * 8 + r];
+                if (bias != nullptr) v += ld(bias[o]);
+                long long at = (long long)r * out_features + o;
+                if (gelu) v = gelu_tanh(v);
+                if (residual != nullptr) v += ld(residual[at]);
+                st(&y[at], v);
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // This step's keys and values, element (bh, t, d) of each at src[bh * head_stride + t * hd + d]
 // (a packed [B * heads, T, hd] has head_stride T * hd; one token per row can be read straight
 // from a projection's output, e.g. BLOOM's fused [B, heads, 3, hd] with head_stride 3 * hd) ->

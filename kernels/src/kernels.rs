@@ -2,7 +2,7 @@
 //! device addresses and explicit sizes. Tensors of the activation type `T` are f32 or bf16 as
 //! the [`Precision`] these kernels were compiled for.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -31,7 +31,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-pub(crate) const NAMES: [&str; 40] = [
+pub(crate) const NAMES: [&str; 41] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -65,6 +65,7 @@ pub(crate) const NAMES: [&str; 40] = [
     "gemv_4bit_wide_1",
     "gemv_4bit_wide_2",
     "gemv_4bit_wide_4",
+    "gemv_4bit_tc",
     "kv_append",
     "attention_cached",
     "attention_combine",
@@ -82,24 +83,34 @@ pub struct Kernels {
     pub precision: Precision,
     stream: Arc<CudaStream>,
     functions: Vec<CudaFunction>,
-    /// [`GemvKernel::Wide`] chosen (see [`Kernels::set_gemv`]).
-    wide_gemv: AtomicBool,
-    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4): the SMs times the
-    /// blocks of [`GEMV_THREADS`] an SM holds at that kernel's register count.
-    wide_gemv_wave: [u32; 3],
+    /// The [`GemvKernel`] chosen (see [`Kernels::set_gemv`]), as its index.
+    gemv: AtomicU8,
+    /// Whether the device has bf16 tensor cores (sm_80 and newer) for [`GemvKernel::Tensor`].
+    tensor_cores: bool,
+    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4) and of `gemv_4bit_tc`:
+    /// the SMs times the blocks of [`GEMV_THREADS`] an SM holds at that kernel's registers.
+    gemv_wave: [u32; 4],
 }
 
-/// The two fused 4-bit GEMVs of decoding, which compute the same sums in the same order (the
-/// same bits): `OneChunk` keeps one 16-byte chunk of codes in flight per lane; `Wide` issues the
-/// loads of four chunks and their absmax before using any, with fewer instructions per code
-/// (weights with power-of-two block sizes and fewer than 2^31 elements, x 16-byte aligned; others
-/// take `OneChunk`). `Wide` is the default: on an H100 it made the BLOOM-7b1 decoding step 4.76
-/// instead of 5.48 ms with the same tokens (`qlora bench generate` times both).
+/// The fused 4-bit GEMVs of decoding. `OneChunk` and `Wide` compute the same sums in the same
+/// order (the same bits), in f32 from exact f32 weights: `OneChunk` keeps one 16-byte chunk of
+/// codes in flight per lane; `Wide` walks several rows per warp with the next group of codes and
+/// absmax in flight, with fewer instructions per code (weights with power-of-two block sizes and
+/// fewer than 2^31 elements, x 16-byte aligned; others take `OneChunk`). `Tensor` is for bf16
+/// activations on sm_80 and newer: weights dequantized to bf16 as bitsandbytes' batch-1 kernel
+/// does, products summed in f32 on tensor cores, up to 8 token rows per pass (input widths that
+/// are multiples of 128, `Wide`'s other conditions; others take `Wide`). `qlora bench generate`
+/// times the chosen one against another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemvKernel {
     OneChunk,
-    #[default]
     Wide,
+    #[default]
+    Tensor,
+}
+
+impl GemvKernel {
+    const ALL: [GemvKernel; 3] = [GemvKernel::OneChunk, GemvKernel::Wide, GemvKernel::Tensor];
 }
 
 fn grid(n: usize, block: usize) -> LaunchConfig {
@@ -117,8 +128,14 @@ const MAX_STRIDE_BLOCKS: usize = 2048;
 /// Threads of a GEMV block: eight warps, one output feature per warp at a time.
 const GEMV_THREADS: u32 = 256;
 
-/// The wide GEMVs, by rows served (1, 2, 4).
-const GEMV_WIDE_NAMES: [&str; 3] = ["gemv_4bit_wide_1", "gemv_4bit_wide_2", "gemv_4bit_wide_4"];
+/// The persistent GEMVs whose grid is one wave: the wide ones by rows served (1, 2, 4), then the
+/// tensor-core one.
+const GEMV_WAVE_NAMES: [&str; 4] = [
+    "gemv_4bit_wide_1",
+    "gemv_4bit_wide_2",
+    "gemv_4bit_wide_4",
+    "gemv_4bit_tc",
+];
 
 /// One thread per item of `n`, capped at [`MAX_STRIDE_BLOCKS`] (the kernel strides over the rest).
 fn bounded_grid(n: usize, block: usize) -> LaunchConfig {
@@ -253,8 +270,8 @@ impl Kernels {
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| error(format!("CUDA: reading the SM count failed: {e:?}")))?;
-        let mut wide_gemv_wave = [0u32; 3];
-        for (wave, name) in wide_gemv_wave.iter_mut().zip(GEMV_WIDE_NAMES) {
+        let mut gemv_wave = [0u32; 4];
+        for (wave, name) in gemv_wave.iter_mut().zip(GEMV_WAVE_NAMES) {
             let i = NAMES
                 .iter()
                 .position(|n| *n == name)
@@ -268,15 +285,32 @@ impl Kernels {
             precision,
             stream: gpu.inner.stream.clone(),
             functions,
-            wide_gemv: AtomicBool::new(GemvKernel::default() == GemvKernel::Wide),
-            wide_gemv_wave,
+            gemv: AtomicU8::new(GemvKernel::default() as u8),
+            tensor_cores: gpu.inner.arch >= 80,
+            gemv_wave,
         })
     }
 
     /// Which GEMV [`Kernels::gemv_4bit`] launches from now on.
     pub fn set_gemv(&self, kernel: GemvKernel) {
-        self.wide_gemv
-            .store(kernel == GemvKernel::Wide, Ordering::Relaxed);
+        self.gemv.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    /// The GEMV that serves `w` against x at device address `x`: the chosen one, or the next
+    /// one that can (`Tensor` -> `Wide` -> `OneChunk`).
+    fn gemv_for(&self, w: &DeviceQuantized, x: u64) -> GemvKernel {
+        let chosen = GemvKernel::ALL[self.gemv.load(Ordering::Relaxed) as usize];
+        // Both read x in 16-byte loads without testing each.
+        let wide = w.wide_gemv_ready() && x.is_multiple_of(16);
+        let tensor = wide
+            && self.tensor_cores
+            && self.precision == Precision::Bf16
+            && w.shape[1].is_multiple_of(128);
+        match chosen {
+            GemvKernel::Tensor if tensor => GemvKernel::Tensor,
+            GemvKernel::Tensor | GemvKernel::Wide if wide => GemvKernel::Wide,
+            _ => GemvKernel::OneChunk,
+        }
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
@@ -779,35 +813,31 @@ impl Kernels {
             )));
         }
         let a = w.absmax_args();
-        // The wide kernel reads x in 16-byte loads without testing each.
-        let wide =
-            self.wide_gemv.load(Ordering::Relaxed) && w.wide_gemv_ready() && x.is_multiple_of(16);
+        let kernel = self.gemv_for(w, x);
         let r = match rows_ {
             1 => 0,
             2 => 1,
             _ => 2,
         };
-        let name = if wide {
-            GEMV_WIDE_NAMES[r]
-        } else {
-            ["gemv_4bit_1", "gemv_4bit_2", "gemv_4bit_4"][r]
+        let (name, wave) = match kernel {
+            GemvKernel::OneChunk => (["gemv_4bit_1", "gemv_4bit_2", "gemv_4bit_4"][r], None),
+            GemvKernel::Wide => (GEMV_WAVE_NAMES[r], Some(self.gemv_wave[r])),
+            GemvKernel::Tensor => (GEMV_WAVE_NAMES[3], Some(self.gemv_wave[3])),
         };
-        // The wide kernel takes block sizes as shifts.
-        let (nested_blocksize, blocksize) = if wide {
-            w.block_shifts()
-        } else {
-            (a.nested_blocksize, w.blocksize as i32)
+        // The wide and tensor-core kernels take block sizes as shifts.
+        let (nested_blocksize, blocksize) = match kernel {
+            GemvKernel::OneChunk => (a.nested_blocksize, w.blocksize as i32),
+            _ => w.block_shifts(),
         };
-        // One output feature per warp at a time; the wide kernel's warps walk several rows each
-        // (its loads stay in flight across rows) in one wave.
-        let blocks = if wide {
-            self.wide_gemv_wave[r] as usize
-        } else {
-            MAX_STRIDE_BLOCKS
+        // One output feature per warp at a time (the wide kernel's warps walk several rows each,
+        // in one wave), or a tile of 16 features per block for the tensor-core kernel.
+        let items = match kernel {
+            GemvKernel::Tensor => out_features.div_ceil(16),
+            _ => out_features.div_ceil(GEMV_THREADS as usize / 32),
         };
-        let warps = GEMV_THREADS as usize / 32;
+        let blocks = wave.map_or(MAX_STRIDE_BLOCKS, |w| w as usize);
         let cfg = LaunchConfig {
-            grid_dim: (out_features.div_ceil(warps).min(blocks) as u32, 1, 1),
+            grid_dim: (items.min(blocks) as u32, 1, 1),
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

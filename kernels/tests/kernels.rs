@@ -3,7 +3,9 @@
 //! CUDA device opens; `--nocapture` prints each kernel's max relative error.
 
 use half::bf16;
-use qlora_core::quant::{dequantize_4bit, quantize_4bit, FloatSlice, QuantType};
+use qlora_core::quant::{
+    decode_table, dequantize_4bit, quantize_4bit, FloatSlice, QuantType, Quantized4,
+};
 use qlora_kernels::{
     CachedAttention, DeviceBuffer, DeviceQuantized, Gemm, GemvKernel, Gpu, Kernels, Precision,
     SoftmaxArgs,
@@ -726,6 +728,87 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
             }
         }
     });
+}
+
+/// The weights `gemv_4bit_tc` multiplies by: each dequantized in bf16 as bitsandbytes' batch-1
+/// kernel does it, bf16(code) * bf16(absmax) rounded to bf16.
+fn bf16_dequantized(q: &Quantized4) -> Vec<f32> {
+    let code = decode_table(q.quant_type);
+    let absmax = q.absmax.to_f32().unwrap();
+    let b = |v: f32| bf16::from_f32(v).to_f32();
+    (0..q.numel())
+        .map(|i| {
+            let byte = q.packed[i / 2];
+            let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+            b(b(code[nibble as usize]) * b(absmax[i / q.blocksize]))
+        })
+        .collect()
+}
+
+#[test]
+fn tensor_core_gemv_matches_bf16_dequantized_weights() {
+    let Some(gpu) = gpu() else { return };
+    let p = Precision::Bf16;
+    let k = gpu.kernels(p).unwrap();
+    k.set_gemv(GemvKernel::Tensor);
+    // 128-wide input steps: 3 (fewer than the block's eight warps), 8 and 34 (a warp with five
+    // steps, another with four); 40 and 24 outputs leave a partial tile of 16; 272 outputs give
+    // the persistent blocks more than one tile each on a small grid.
+    for (out_features, in_features) in [(40, 384), (24, 1024), (272, 4352)] {
+        let w = random(out_features * in_features, 31);
+        let bias = rounded(p, &random(out_features, 32));
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            for (dq, bs) in [(false, 64), (true, 64), (true, 256)] {
+                let q = quantize_4bit(
+                    FloatSlice::F32(&w),
+                    &[out_features, in_features],
+                    qt,
+                    bs,
+                    dq,
+                )
+                .unwrap();
+                let weights = bf16_dequantized(&q);
+                let dq_w = DeviceQuantized::upload(&gpu, &q, "test").unwrap();
+                for rows in [1, 2, 3, 4] {
+                    let x = rounded(p, &random(rows * in_features, 33 + rows as u64));
+                    let residual = rounded(p, &random(rows * out_features, 34));
+                    let product =
+                        cpu_matmul(&x, false, &weights, true, rows, out_features, in_features);
+                    let (gx, gb, gr) =
+                        (up(&gpu, p, &x), up(&gpu, p, &bias), up(&gpu, p, &residual));
+                    let y = gpu.alloc(k.bytes(rows * out_features), "test").unwrap();
+                    for epilogue in [false, true] {
+                        let (res, gelu) = if epilogue {
+                            (gr.ptr(), true)
+                        } else {
+                            (0, false)
+                        };
+                        k.gemv_4bit(&dq_w, gx.ptr(), gb.ptr(), res, gelu, y.ptr(), rows)
+                            .unwrap();
+                        let expected: Vec<f64> = product
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &v)| {
+                                let v = v + f64::from(bias[i % out_features]);
+                                if !epilogue {
+                                    return v;
+                                }
+                                let inner = 0.79788456 * v * (1.0 + 0.044715 * v * v);
+                                0.5 * v * (1.0 + inner.tanh()) + f64::from(residual[i])
+                            })
+                            .collect();
+                        let got = down(&gpu, p, &y, rows * out_features);
+                        // f32 sums of exact products, then one rounding to bf16.
+                        let r = rel(&got, &expected);
+                        println!(
+                            "gemv_4bit_tc {qt} dq={dq} bs={bs} {out_features}x{in_features} rows={rows} epilogue={epilogue}: rel {r:.2e}"
+                        );
+                        assert!(r <= 8e-3, "rel {r}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One attention_cached case: `keys` filled columns of `capacity`, the last `seq` of them new;

@@ -53,7 +53,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub lora: bool,
     /// The decoding GEMV measured throughout (the other one's step is timed beside it).
-    #[arg(long, value_enum, default_value_t = Gemv::Wide)]
+    #[arg(long, value_enum, default_value_t = Gemv::Tensor)]
     pub gemv: Gemv,
     /// Also write the JSON here.
     #[arg(long)]
@@ -66,6 +66,7 @@ pub struct GenerateArgs {
 pub enum Gemv {
     OneChunk,
     Wide,
+    Tensor,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +148,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             gemv: match args.gemv {
                 Gemv::OneChunk => GemvKernel::OneChunk,
                 Gemv::Wide => GemvKernel::Wide,
+                Gemv::Tensor => GemvKernel::Tensor,
             },
         };
         let r = decode_bench::run(&gpu, &options, &mut |m| eprintln!("lora={lora}: {m}"))?;
