@@ -352,12 +352,19 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsign
 #endif
 }
 
-// The pair of bf16 codes of byte b (its copy for this lane: lane_offset = 4 * lane), scaled.
-__device__ __forceinline__ unsigned int gemv_tc_pair(const char* table, unsigned int b, unsigned int lane_offset,
-                                                     __nv_bfloat162 scale) {
-    unsigned int u = *reinterpret_cast<const unsigned int*>(table + ((b << 7) | lane_offset));
+// The pair of bf16 codes of a byte, scaled, from the table's word (byte * 32 + lane): the
+// byte's offset (byte * 128, bits 7..14) and this lane's copy (lane_offset = 4 * lane) over 4.
+__device__ __forceinline__ unsigned int gemv_tc_pair(const unsigned int* table, unsigned int byte_offset,
+                                                     unsigned int lane_offset, __nv_bfloat162 scale) {
+    unsigned int u = table[(byte_offset | lane_offset) >> 2];
     __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&u), scale);
     return *reinterpret_cast<unsigned int*>(&v);
+}
+
+// The byte of `word` starting at bit `bit` (0, 8, 16 or 24), times 128.
+__device__ __forceinline__ unsigned int tc_offset(unsigned int word, int bit) {
+    unsigned int moved = bit < 7 ? word << (7 - bit) : word >> (bit - 7);
+    return moved & 0x7f80u;
 }
 
 extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS)
@@ -366,14 +373,15 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
              const float* __restrict__ absmax2, float offset, int nested_shift, const float* __restrict__ code16,
              int block_shift, const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ residual,
              int gelu, T* __restrict__ y, int rows, int in_features, int out_features) {
-    __shared__ uint4 pairs[256 * 32 / 4];
-    __shared__ unsigned int pair_once[256];
+    __shared__ __align__(16) unsigned int pairs[256 * 32];
     __shared__ float code_nested[256];
     __shared__ float sums[GEMV_TC_WARPS][16 * 8];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = lane >> 2, c = lane & 3;
     int steps = in_features / 128;
     int tiles = (out_features + 15) / 16;
+    // Each entry once, in the space the warps' sums take later.
+    unsigned int* pair_once = reinterpret_cast<unsigned int*>(&sums[0][0]);
     // The first step's loads go out before the tables are filled.
     GemvTcStep cur;
     if (blockIdx.x < tiles && warp < steps)
@@ -388,10 +396,9 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
     // Consecutive threads store consecutive 16 bytes (four lanes' copies of one entry).
     for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
         unsigned int v = pair_once[i >> 3];
-        pairs[i] = make_uint4(v, v, v, v);
+        reinterpret_cast<uint4*>(pairs)[i] = make_uint4(v, v, v, v);
     }
     __syncthreads();
-    const char* table = reinterpret_cast<const char*>(pairs);
     unsigned int lane_offset = 4u * lane;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int o0 = tile * 16;
@@ -420,12 +427,13 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
                                    cur.x[3].x, cur.x[3].y, cur.x[3].z, cur.x[3].w};
 #pragma unroll
             for (int i = 0; i < 8; i++) {
-                // Bytes 2i and 2i + 1 of each feature's 16 code bytes.
-                unsigned int b0 = w0[i >> 1] >> (16 * (i & 1)), b1 = w1[i >> 1] >> (16 * (i & 1));
-                unsigned int a0 = gemv_tc_pair(table, b0 & 0xffu, lane_offset, scale[0]);
-                unsigned int a1 = gemv_tc_pair(table, b1 & 0xffu, lane_offset, scale[1]);
-                unsigned int a2 = gemv_tc_pair(table, (b0 >> 8) & 0xffu, lane_offset, scale[0]);
-                unsigned int a3 = gemv_tc_pair(table, (b1 >> 8) & 0xffu, lane_offset, scale[1]);
+                // Bytes 2i and 2i + 1 of each feature's 16 code bytes, moved to bits 7..14 by one
+                // shift each (the mask and the lane's bits then take one instruction).
+                int low = 16 * (i & 1);  // the bit where byte 2i starts in its word
+                unsigned int a0 = gemv_tc_pair(pairs, tc_offset(w0[i >> 1], low), lane_offset, scale[0]);
+                unsigned int a1 = gemv_tc_pair(pairs, tc_offset(w1[i >> 1], low), lane_offset, scale[1]);
+                unsigned int a2 = gemv_tc_pair(pairs, tc_offset(w0[i >> 1], low + 8), lane_offset, scale[0]);
+                unsigned int a3 = gemv_tc_pair(pairs, tc_offset(w1[i >> 1], low + 8), lane_offset, scale[1]);
                 mma_bf16_16816(acc[i & 1], a0, a1, a2, a3, xw[2 * i], xw[2 * i + 1]);
             }
             cur = next;
