@@ -89,25 +89,33 @@ __device__ __forceinline__ bool pack_whole(const void* p, long long i, long long
     return i + PACK <= n && ((unsigned long long)p & 15ull) == 0;
 }
 
+// Values p[0 .. PACK), p 16-byte aligned.
+__device__ __forceinline__ void load_pack_whole(const float* p, float* v) {
+    float4 a = reinterpret_cast<const float4*>(p)[0];
+    float4 b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load_pack_whole(const __nv_bfloat16* p, float* v) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    for (int k = 0; k < PACK / 2; k++) {
+        float2 f = __bfloat1622float2(h[k]);
+        v[2 * k] = f.x; v[2 * k + 1] = f.y;
+    }
+}
+
 // Values p[i .. i + PACK) below n (0 beyond).
 __device__ __forceinline__ void load_pack(const float* p, long long i, long long n, float* v) {
     if (pack_whole(p + i, i, n)) {
-        float4 a = reinterpret_cast<const float4*>(p + i)[0];
-        float4 b = reinterpret_cast<const float4*>(p + i)[1];
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        load_pack_whole(p + i, v);
         return;
     }
     for (int k = 0; k < PACK; k++) v[k] = i + k < n ? p[i + k] : 0.0f;
 }
 __device__ __forceinline__ void load_pack(const __nv_bfloat16* p, long long i, long long n, float* v) {
     if (pack_whole(p + i, i, n)) {
-        uint4 u = *reinterpret_cast<const uint4*>(p + i);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-        for (int k = 0; k < PACK / 2; k++) {
-            float2 f = __bfloat1622float2(h[k]);
-            v[2 * k] = f.x; v[2 * k + 1] = f.y;
-        }
+        load_pack_whole(p + i, v);
         return;
     }
     for (int k = 0; k < PACK; k++) v[k] = i + k < n ? __bfloat162float(p[i + k]) : 0.0f;
