@@ -14,10 +14,10 @@ use qlora_core::{DType, Error, Result};
 use qlora_shaders::{
     block_on, Engine, EngineOptions, GenerateOptions, LoadOptions, QuantizeOnLoad,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
-/// Every tensor of `config`, uniform in ±0.05 (norm weights 1), from a seed per tensor.
+/// Every tensor of `config`, uniform in ±0.05 (norm weights 1), a function of the tensor's index
+/// and the element's.
 struct RandomWeights {
     infos: Vec<TensorInfo>,
 }
@@ -34,18 +34,24 @@ impl TensorSource for RandomWeights {
             .enumerate()
             .find(|(_, i)| i.name == name)
             .ok_or_else(|| Error::tensor("random", name, "no such tensor"))?;
-        let mut rng = StdRng::seed_from_u64(index as u64);
         let norm_weight =
             info.shape.len() == 1 && name.contains("norm") && name.ends_with("weight");
-        let values: Vec<f32> = (0..info.numel())
-            .map(|_| {
-                if norm_weight {
-                    1.0
-                } else {
-                    rng.random_range(-0.05..0.05)
-                }
-            })
-            .collect();
+        // A counter-based generator filled in parallel: a 7B shape is ~7e9 values, which one
+        // thread of a sequential generator took most of a minute and a half to make.
+        let mut values = vec![1.0f32; info.numel()];
+        if !norm_weight {
+            values
+                .par_chunks_mut(1 << 16)
+                .enumerate()
+                .for_each(|(chunk, out)| {
+                    let start = (chunk as u64) << 16;
+                    for (i, v) in out.iter_mut().enumerate() {
+                        let bits = splitmix64(((index as u64) << 40) ^ (start + i as u64));
+                        // 24 random bits -> [0, 1) -> [-0.05, 0.05)
+                        *v = ((bits >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+                    }
+                });
+        }
         Ok(RawTensor {
             dtype: DType::F32,
             shape: info.shape.clone(),
@@ -56,6 +62,14 @@ impl TensorSource for RandomWeights {
     fn file_of(&self, _: &str) -> Option<String> {
         Some("random".into())
     }
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit value of a counter.
+fn splitmix64(counter: u64) -> u64 {
+    let mut z = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn config(arch: &str, hidden: usize, layers: usize, vocab: usize) -> Result<ModelConfig> {

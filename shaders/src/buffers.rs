@@ -86,10 +86,24 @@ pub(crate) fn uniform(engine: &Engine, params: &[u8]) -> wgpu::Buffer {
 /// last read.
 pub(crate) async fn submit_and_read(
     engine: &Engine,
-    mut encoder: wgpu::CommandEncoder,
+    encoder: wgpu::CommandEncoder,
     source: &wgpu::Buffer,
     bytes: u64,
 ) -> Result<Vec<u8>> {
+    submit_with_read(engine, encoder, source, bytes)
+        .read(engine)
+        .await
+}
+
+/// Submits `encoder` after copying `bytes` from the start of `source` to a buffer of its own;
+/// [`PendingRead::read`] returns them once the GPU is done with this submission (later ones may
+/// still run: that is how generation records a step while the previous one computes).
+pub(crate) fn submit_with_read(
+    engine: &Engine,
+    mut encoder: wgpu::CommandEncoder,
+    source: &wgpu::Buffer,
+    bytes: u64,
+) -> PendingRead {
     let staging = engine.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("read-back"),
         size: bytes,
@@ -102,13 +116,9 @@ pub(crate) async fn submit_and_read(
     let scope = engine
         .device
         .push_error_scope(wgpu::ErrorFilter::Validation);
-    engine.queue.submit([encoder.finish()]);
-    let submit_error = scope.pop();
-    type Slot = (
-        Option<std::result::Result<(), wgpu::BufferAsyncError>>,
-        Option<Waker>,
-    );
-    let slot: Arc<Mutex<Slot>> = Arc::default();
+    let submission = engine.queue.submit([encoder.finish()]);
+    let submit_error = Box::pin(scope.pop());
+    let slot: Arc<Mutex<MapSlot>> = Arc::default();
     let callback_slot = Arc::clone(&slot);
     staging.map_async(wgpu::MapMode::Read, .., move |result| {
         let mut slot = callback_slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -117,34 +127,75 @@ pub(crate) async fn submit_and_read(
             waker.wake();
         }
     });
-    // Natively the callback runs inside a poll; in the browser the event loop runs it.
-    #[cfg(not(target_arch = "wasm32"))]
-    engine
-        .device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Invalid(format!("WebGPU device poll failed: {e}")))?;
-    std::future::poll_fn(|cx| {
-        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.0.take() {
-            Some(result) => Poll::Ready(result),
-            None => {
-                slot.1 = Some(cx.waker().clone());
-                Poll::Pending
+    PendingRead {
+        staging,
+        submission,
+        submit_error,
+        slot,
+    }
+}
+
+/// The outcome of a read-back's mapping, and the task waiting on it.
+type MapSlot = (
+    Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+    Option<Waker>,
+);
+
+/// A submission whose read-back has not been awaited (see [`submit_with_read`]).
+pub(crate) struct PendingRead {
+    staging: wgpu::Buffer,
+    submission: wgpu::SubmissionIndex,
+    submit_error: std::pin::Pin<Box<dyn std::future::Future<Output = Option<wgpu::Error>>>>,
+    slot: Arc<Mutex<MapSlot>>,
+}
+
+impl PendingRead {
+    /// The bytes once this submission is done; `Err` when the device rejected it or reported
+    /// an error since the last read.
+    pub(crate) async fn read(self, engine: &Engine) -> Result<Vec<u8>> {
+        // Natively the callback runs inside a poll; in the browser the event loop runs it.
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let this_one = wgpu::PollType::Wait {
+                submission_index: Some(self.submission.clone()),
+                timeout: None,
+            };
+            if engine.device.poll(this_one).is_err() {
+                // A rejected submission has no index to wait on: wait for all the work (the
+                // error scope below says why it was rejected).
+                engine
+                    .device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| Error::Invalid(format!("WebGPU device poll failed: {e}")))?;
             }
         }
-    })
-    .await
-    .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?;
-    if let Some(error) = submit_error.await {
-        return Err(Error::Invalid(format!("WebGPU rejected the work: {error}")));
+        #[cfg(target_arch = "wasm32")]
+        let _ = &self.submission;
+        let slot = &self.slot;
+        std::future::poll_fn(|cx| {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.0.take() {
+                Some(result) => Poll::Ready(result),
+                None => {
+                    slot.1 = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?;
+        if let Some(error) = self.submit_error.await {
+            return Err(Error::Invalid(format!("WebGPU rejected the work: {error}")));
+        }
+        engine.errors.check()?;
+        let data = self
+            .staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?
+            .to_vec();
+        self.staging.unmap();
+        Ok(data)
     }
-    engine.errors.check()?;
-    let data = staging
-        .get_mapped_range(..)
-        .map_err(|e| Error::Invalid(format!("reading a WebGPU buffer back failed: {e}")))?
-        .to_vec();
-    staging.unmap();
-    Ok(data)
 }
 
 /// How a full-precision matrix is stored on the device: half-precision checkpoints keep their

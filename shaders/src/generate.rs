@@ -6,7 +6,7 @@ use qlora_core::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::buffers::submit_and_read;
+use crate::buffers::{submit_with_read, PendingRead};
 use crate::kernels::SampleParams;
 use crate::model::LoadedModel;
 
@@ -101,7 +101,7 @@ impl LoadedModel {
             let rec = self.record_forward_last(piece)?;
             self.engine().queue.submit([rec.into_encoder().finish()]);
         }
-        let mut rec = self.record_forward_last(last)?;
+        let rec = self.record_forward_last(last)?;
         if options.max_new_tokens == 0 {
             // The cache must still hold the whole prompt.
             self.engine().queue.submit([rec.into_encoder().finish()]);
@@ -110,32 +110,61 @@ impl LoadedModel {
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut context: Vec<u32> = prompt.to_vec();
         let mut generated = Vec::new();
-        for _ in 0..options.max_new_tokens {
-            let token = self
-                .choose(rec, &options.sampling, &context, &mut rng)
-                .await?;
-            if options.stop_ids.contains(&token) {
+        // Without a repetition penalty a choice needs nothing from the host, so each chosen
+        // token's pass is recorded and submitted before the token is read back: the host
+        // records a step while the GPU computes the one before (a pass whose token turns out
+        // unwanted is forgotten). With a penalty the host uploads the context first.
+        let ahead = options.sampling.repetition_penalty == 1.0;
+        let mut pending = self.submit_choice(rec, &options.sampling, &context, &mut rng)?;
+        loop {
+            let run_ahead = ahead
+                && generated.len() + 1 < options.max_new_tokens
+                && self.cached_tokens() < self.max_seq_len();
+            let next = if run_ahead {
+                let rec = self.record_forward_chosen()?;
+                Some(self.submit_choice(rec, &options.sampling, &context, &mut rng)?)
+            } else {
+                None
+            };
+            let bytes = pending.read(self.engine()).await?;
+            let token = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let done = if options.stop_ids.contains(&token) {
+                true
+            } else {
+                context.push(token);
+                generated.push(token);
+                let cached = self.cached_tokens() - usize::from(run_ahead);
+                on_token(&generated)
+                    || cached == self.max_seq_len()
+                    || generated.len() == options.max_new_tokens
+            };
+            if done {
+                if run_ahead {
+                    // Its token was not wanted: the cache ends at the last one that was.
+                    self.forget(1);
+                }
                 break;
             }
-            context.push(token);
-            generated.push(token);
-            if on_token(&generated) || self.cached_tokens() == self.max_seq_len() {
-                break;
-            }
-            rec = self.record_forward_last(&[token])?;
+            pending = match next {
+                Some(next) => next,
+                None => {
+                    let rec = self.record_forward_last(&[token])?;
+                    self.submit_choice(rec, &options.sampling, &context, &mut rng)?
+                }
+            };
         }
         Ok(generated)
     }
 
-    /// Adds the choice of the next token to `rec` (after the forward pass), runs it and reads
-    /// the token back.
-    async fn choose(
+    /// Adds the choice of the next token to `rec` (after the forward pass), and its copy into
+    /// the step buffer for a pass run ahead, and submits it with the token's read-back.
+    fn submit_choice(
         &self,
         mut rec: crate::kernels::Recorder,
         sampling: &Sampling,
         context: &[u32],
         rng: &mut StdRng,
-    ) -> Result<u32> {
+    ) -> Result<PendingRead> {
         let mut params = SampleParams {
             n: self.vocab_size() as u32,
             context_len: 0,
@@ -161,7 +190,12 @@ impl LoadedModel {
             params.u = rng.random::<f32>();
         }
         rec.choose(&params, !sampling.do_sample, logits, token);
-        let bytes = submit_and_read(self.engine(), rec.into_encoder(), token, 4).await?;
-        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        self.keep_choice(&mut rec);
+        Ok(submit_with_read(
+            self.engine(),
+            rec.into_encoder(),
+            token,
+            4,
+        ))
     }
 }

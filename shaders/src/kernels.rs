@@ -244,6 +244,9 @@ impl StepBuffer {
         })
     }
 
+    /// The byte offset of the first token id (after the number of cached tokens).
+    pub(crate) const FIRST_TOKEN: u64 = 4;
+
     pub(crate) fn write(&self, engine: &Engine, past: usize, tokens: &[u32]) {
         let mut words = Vec::with_capacity(1 + tokens.len());
         words.push(past as u32);
@@ -251,6 +254,14 @@ impl StepBuffer {
         engine
             .queue
             .write_buffer(&self.buffer, 0, bytemuck::cast_slice(&words));
+    }
+
+    /// Writes the number of cached tokens only: the token id is already on the device (copied
+    /// there by the pass that chose it).
+    pub(crate) fn write_past(&self, engine: &Engine, past: usize) {
+        engine
+            .queue
+            .write_buffer(&self.buffer, 0, bytemuck::bytes_of(&(past as u32)));
     }
 }
 

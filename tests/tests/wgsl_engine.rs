@@ -441,6 +441,35 @@ fn penalties_stops_and_seeded_sampling() {
         rel <= TOLERANCE,
         "decode after an empty generation: {rel:e}"
     );
+
+    // Greedy decoding runs each chosen token's pass before reading the token back; one that
+    // ends at its token limit still leaves the cache at the prompt and every generated id but
+    // the last, so the next step continues from there.
+    let eight = block_on(gpu.generate(prompt, &GenerateOptions::greedy(8), |_| false)).unwrap();
+    assert_eq!(eight, greedy[..8]);
+    assert_eq!(gpu.cached_tokens(), prompt.len() + 7);
+    let step = block_on(gpu.decode_step(eight[7])).unwrap();
+    let mut continued = prompt.clone();
+    continued.extend_from_slice(&eight);
+    let full = cpu_logits(&cpu, &continued);
+    let rel = relative_error(&step, &full[(continued.len() - 1) * gpu.vocab_size()..]);
+    assert!(rel <= TOLERANCE, "decode after a generation: {rel:e}");
+    // Seeded sampling without a penalty (also run ahead) reproduces too.
+    let unpenalized = |seed| GenerateOptions {
+        max_new_tokens: 24,
+        stop_ids: Vec::new(),
+        sampling: Sampling {
+            do_sample: true,
+            temperature: 1.5,
+            ..Sampling::GREEDY
+        },
+        seed,
+    };
+    let mut run =
+        |options: &GenerateOptions| block_on(gpu.generate(prompt, options, |_| false)).unwrap();
+    let a = run(&unpenalized(1));
+    assert_eq!(a, run(&unpenalized(1)));
+    assert_ne!(a, run(&unpenalized(2)));
 }
 
 /// The HF 4-bit checkpoints against the logits transformers + bitsandbytes computed for them

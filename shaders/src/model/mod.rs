@@ -165,6 +165,14 @@ pub struct LoadedModel {
     footprint: Footprint,
 }
 
+/// The tokens of a forward pass: ids from the host, or the one token the previous pass chose,
+/// which it left on the device (see [`LoadedModel::record_forward_chosen`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    Host(&'a [u32]),
+    Chosen,
+}
+
 /// Which logits a forward pass produces.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outputs {
@@ -500,7 +508,31 @@ impl LoadedModel {
 
     /// Records the forward pass of `tokens` whose last position's logits are wanted.
     pub(crate) fn record_forward_last(&mut self, tokens: &[u32]) -> Result<Recorder> {
-        self.record_forward(tokens, Outputs::LastPosition)
+        self.record_forward(Input::Host(tokens), Outputs::LastPosition)
+    }
+
+    /// Records the forward pass of the token that the previously submitted pass chose and
+    /// copied into the step buffer ([`LoadedModel::keep_choice`]), last position's logits.
+    pub(crate) fn record_forward_chosen(&mut self) -> Result<Recorder> {
+        self.record_forward(Input::Chosen, Outputs::LastPosition)
+    }
+
+    /// Adds to `rec` (after the choice of a token) the copy of the chosen id into the step
+    /// buffer, where the next pass's embedding reads it.
+    pub(crate) fn keep_choice(&self, rec: &mut Recorder) {
+        rec.copy(
+            &self.token,
+            0,
+            &self.step_buffer.buffer,
+            StepBuffer::FIRST_TOKEN,
+            4,
+        );
+    }
+
+    /// Forgets the last `n` cached tokens (a pass run ahead whose token was not wanted); their
+    /// cache columns are overwritten by the next pass.
+    pub(crate) fn forget(&mut self, n: usize) {
+        self.past -= n.min(self.past);
     }
 
     /// Logits `[T, V]` (row-major) of `tokens`, the start of a new sequence (the cache is reset
@@ -512,7 +544,7 @@ impl LoadedModel {
         self.reset();
         let mut logits = Vec::with_capacity(tokens.len() * self.dims.vocab);
         for chunk in tokens.chunks(self.dims.chunk) {
-            let rec = self.record_forward(chunk, Outputs::AllPositions)?;
+            let rec = self.record_forward(Input::Host(chunk), Outputs::AllPositions)?;
             logits.extend(self.read_f32(rec, chunk.len() * self.dims.vocab).await?);
         }
         Ok(logits)
@@ -520,7 +552,7 @@ impl LoadedModel {
 
     /// Logits `[V]` of `token` after the cached ones.
     pub async fn decode_step(&mut self, token: u32) -> Result<Vec<f32>> {
-        let rec = self.record_forward(&[token], Outputs::LastPosition)?;
+        let rec = self.record_forward(Input::Host(&[token]), Outputs::LastPosition)?;
         self.read_f32(rec, self.dims.vocab).await
     }
 
@@ -535,11 +567,14 @@ impl LoadedModel {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    /// Records the forward pass of `tokens` (at most one chunk) after the cached ones; the
+    /// Records the forward pass of `input` (at most one chunk) after the cached ones; the
     /// logits land in `self.logits` (row 0 for the last position only).
-    fn record_forward(&mut self, tokens: &[u32], outputs: Outputs) -> Result<Recorder> {
+    fn record_forward(&mut self, input: Input, outputs: Outputs) -> Result<Recorder> {
         let d = self.dims;
-        let t = tokens.len();
+        let t = match input {
+            Input::Host(tokens) => tokens.len(),
+            Input::Chosen => 1,
+        };
         debug_assert!(t >= 1 && t <= d.chunk);
         if self.past + t > d.max_seq {
             return Err(Error::Invalid(format!(
@@ -548,17 +583,20 @@ impl LoadedModel {
                 d.max_seq
             )));
         }
-        for &token in tokens {
-            if token as usize >= d.vocab {
-                return Err(Error::Invalid(format!(
-                    "token id {token} is outside the vocabulary of {}",
-                    d.vocab
-                )));
+        // Takes effect at the start of the next submission, after every one before it: the
+        // pass that chose an `Input::Chosen` token has written it by then.
+        match input {
+            Input::Host(tokens) => {
+                if let Some(&token) = tokens.iter().find(|&&id| id as usize >= d.vocab) {
+                    return Err(Error::Invalid(format!(
+                        "token id {token} is outside the vocabulary of {}",
+                        d.vocab
+                    )));
+                }
+                self.step_buffer.write(&self.engine, self.past, tokens);
             }
+            Input::Chosen => self.step_buffer.write_past(&self.engine, self.past),
         }
-        // Takes effect at the start of the next submission, which runs this pass: callers
-        // submit each pass before recording the next.
-        self.step_buffer.write(&self.engine, self.past, tokens);
         let mut rec = Recorder::cached(&self.engine, &self.bindings);
         let row_bytes = (d.hidden * 4) as u64;
         for part in &self.embedding.parts {
