@@ -285,12 +285,13 @@ GEMV_4BIT(4)
 // tiles of 16 features) so each fills its table once.
 #define GEMV_TC_WARPS 8
 
-// One lane's loads of a warp step from the weight: the codes of its two features and their
-// absmax (plain, or the 8-bit code and the nested absmax).
-struct GemvTcCodes {
+// One lane's loads of a warp step: the codes of its two features, their absmax (plain, or the
+// 8-bit code and the nested absmax) and its token row's 32 inputs as bf16 pairs.
+struct GemvTcStep {
     uint4 w[2];
     float a[2];
     unsigned int q[2];
+    uint4 x[4];
 };
 
 __device__ __forceinline__ void load_x_bf16(const __nv_bfloat16* p, uint4* x) {
@@ -308,12 +309,12 @@ __device__ __forceinline__ void load_x_bf16(const float* p, uint4* x) {
     for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
 }
 
-__device__ __forceinline__ void gemv_tc_load_codes(GemvTcCodes& st, const uint4* __restrict__ packed,
-                                                   const float* __restrict__ absmax,
-                                                   const unsigned char* __restrict__ absmax_q8,
-                                                   const float* __restrict__ absmax2, int nested_shift,
-                                                   int block_shift, int in_features, int out_features, int o0,
-                                                   int g, int c, int k0) {
+__device__ __forceinline__ void gemv_tc_load(GemvTcStep& st, const uint4* __restrict__ packed,
+                                             const float* __restrict__ absmax,
+                                             const unsigned char* __restrict__ absmax_q8,
+                                             const float* __restrict__ absmax2, int nested_shift, int block_shift,
+                                             const T* __restrict__ x, int rows, int in_features, int out_features,
+                                             int o0, int g, int c, int k0) {
     int chunks = in_features / 32;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -329,26 +330,11 @@ __device__ __forceinline__ void gemv_tc_load_codes(GemvTcCodes& st, const uint4*
             st.a[h] = real ? __ldg(absmax + block) : 0.0f;
         }
     }
-}
-
-// Lane (g, c)'s inputs of a warp step: x[g][k0 + 32c, + 32) as bf16 pairs (zeros past the rows).
-__device__ __forceinline__ void gemv_tc_load_x(uint4* xs, const T* __restrict__ x, int rows, int in_features,
-                                               int g, int c, int k0) {
     if (g < rows) {
-        load_x_bf16(x + (long long)g * in_features + k0 + 32 * c, xs);
+        load_x_bf16(x + (long long)g * in_features + k0 + 32 * c, st.x);
     } else {
 #pragma unroll
-        for (int u = 0; u < 4; u++) xs[u] = make_uint4(0, 0, 0, 0);
-    }
-}
-
-// The warp's step after (tile, s): the next of its interleaved steps, or its first step of the
-// block's next tile.
-__device__ __forceinline__ void gemv_tc_advance(int& tile, int& s, int steps, int warp) {
-    s += GEMV_TC_WARPS;
-    if (s >= steps) {
-        s = warp;
-        tile += gridDim.x;
+        for (int u = 0; u < 4; u++) st.x[u] = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -381,7 +367,7 @@ __device__ __forceinline__ unsigned int tc_offset(unsigned int word, int bit) {
     return moved & 0x7f80u;
 }
 
-extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS, 2)
+extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS)
 gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
              const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
              const float* __restrict__ absmax2, float offset, int nested_shift, const float* __restrict__ code16,
@@ -396,22 +382,11 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
     int tiles = (out_features + 15) / 16;
     // Each entry once, in the space the warps' sums take later.
     unsigned int* pair_once = reinterpret_cast<unsigned int*>(&sums[0][0]);
-    // The weight's loads run two steps ahead of the arithmetic and the inputs' (from L2) one:
-    // at one step ahead the eight warps of the two blocks an SM holds keep too few bytes in
-    // flight to cover the memory's latency. The first two steps' loads go out before the
-    // tables are filled.
-    GemvTcCodes codes, codes_next;
-    uint4 xs[4];
-    int tile1 = blockIdx.x, s1 = warp;
-    gemv_tc_advance(tile1, s1, steps, warp);
-    if (blockIdx.x < tiles && warp < steps) {
-        gemv_tc_load_codes(codes, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, in_features,
-                           out_features, blockIdx.x * 16, g, c, 128 * warp);
-        gemv_tc_load_x(xs, x, rows, in_features, g, c, 128 * warp);
-        if (tile1 < tiles)
-            gemv_tc_load_codes(codes_next, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift,
-                               in_features, out_features, tile1 * 16, g, c, 128 * s1);
-    }
+    // The first step's loads go out before the tables are filled.
+    GemvTcStep cur;
+    if (blockIdx.x < tiles && warp < steps)
+        gemv_tc_load(cur, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, x, rows, in_features,
+                     out_features, blockIdx.x * 16, g, c, 128 * warp);
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         __nv_bfloat162 v = __floats2bfloat162_rn(code16[i >> 4], code16[i & 15]);
         pair_once[i] = *reinterpret_cast<unsigned int*>(&v);
@@ -429,28 +404,27 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
         int o0 = tile * 16;
         float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
         for (int s = warp; s < steps; s += GEMV_TC_WARPS) {
-            // Loads before this step's arithmetic: the codes two steps on, the inputs one.
-            int tile_x = tile, s_x = s;
-            gemv_tc_advance(tile_x, s_x, steps, warp);
-            int tile_w = tile_x, s_w = s_x;
-            gemv_tc_advance(tile_w, s_w, steps, warp);
-            GemvTcCodes codes_far;
-            uint4 xs_next[4];
-            if (tile_w < tiles)
-                gemv_tc_load_codes(codes_far, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift,
-                                   in_features, out_features, tile_w * 16, g, c, 128 * s_w);
-            if (tile_x < tiles) gemv_tc_load_x(xs_next, x, rows, in_features, g, c, 128 * s_x);
+            // The next step's loads (of this tile or the next) before this step's arithmetic.
+            GemvTcStep next;
+            int next_s = s + GEMV_TC_WARPS, next_tile = tile;
+            if (next_s >= steps) {
+                next_s = warp;
+                next_tile = tile + gridDim.x;
+            }
+            if (next_tile < tiles)
+                gemv_tc_load(next, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, x, rows,
+                             in_features, out_features, next_tile * 16, g, c, 128 * next_s);
             __nv_bfloat162 scale[2];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                float a = absmax_q8 != nullptr ? expand_absmax(code_nested[codes.q[h]], codes.a[h], offset)
-                                               : codes.a[h];
+                float a = absmax_q8 != nullptr ? expand_absmax(code_nested[cur.q[h]], cur.a[h], offset) : cur.a[h];
                 scale[h] = __float2bfloat162_rn(a);
             }
-            unsigned int w0[4] = {codes.w[0].x, codes.w[0].y, codes.w[0].z, codes.w[0].w};
-            unsigned int w1[4] = {codes.w[1].x, codes.w[1].y, codes.w[1].z, codes.w[1].w};
-            unsigned int xw[16] = {xs[0].x, xs[0].y, xs[0].z, xs[0].w, xs[1].x, xs[1].y, xs[1].z, xs[1].w,
-                                   xs[2].x, xs[2].y, xs[2].z, xs[2].w, xs[3].x, xs[3].y, xs[3].z, xs[3].w};
+            unsigned int w0[4] = {cur.w[0].x, cur.w[0].y, cur.w[0].z, cur.w[0].w};
+            unsigned int w1[4] = {cur.w[1].x, cur.w[1].y, cur.w[1].z, cur.w[1].w};
+            unsigned int xw[16] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y,
+                                   cur.x[1].z, cur.x[1].w, cur.x[2].x, cur.x[2].y, cur.x[2].z, cur.x[2].w,
+                                   cur.x[3].x, cur.x[3].y, cur.x[3].z, cur.x[3].w};
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 // Bytes 2i and 2i + 1 of each feature's 16 code bytes, moved to bits 7..14 by one
@@ -462,10 +436,7 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
                 unsigned int a3 = gemv_tc_pair(pairs, tc_offset(w1[i >> 1], low + 8), lane_offset, scale[1]);
                 mma_bf16_16816(acc[i & 1], a0, a1, a2, a3, xw[2 * i], xw[2 * i + 1]);
             }
-            codes = codes_next;
-            codes_next = codes_far;
-#pragma unroll
-            for (int u = 0; u < 4; u++) xs[u] = xs_next[u];
+            cur = next;
         }
         // Lane (g, c) holds features g, g + 8 for token rows 2c, 2c + 1.
         float* mine = sums[warp];
@@ -585,7 +556,7 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
     float slope = slopes != nullptr ? slopes[h] : 0.0f;
     // Whole 16-byte packs when every key row starts aligned: then a thread issues the loads of
     // KEY_PACKS packs before using any (a 128-wide bf16 key in one round trip to memory instead
-    // of sixteen one after the other, which was most of a decoding step's attention).
+    // of sixteen one after the other).
     bool whole_packs = hd % PACK == 0 && ((unsigned long long)k_base & 15ull) == 0;
     // One key per thread: its row read in 16-byte packs.
     for (int j = first + threadIdx.x; j < end; j += blockDim.x) {
