@@ -50,25 +50,6 @@ __device__ __forceinline__ void gemv_chunk(uint4 word, float scale, const float*
     }
 }
 
-// Eight values of x from p (16-byte aligned) as f32: one 16-byte load, each bf16 widened by a
-// shift or a mask (no alignment test, no element-by-element fallback: gemv_4bit_wide's caller
-// guarantees the alignment).
-__device__ __forceinline__ void load8_aligned(const float* p, float* v) {
-    float4 a = reinterpret_cast<const float4*>(p)[0];
-    float4 b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-__device__ __forceinline__ void load8_aligned(const __nv_bfloat16* p, float* v) {
-    uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    unsigned int parts[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        v[2 * k] = __uint_as_float(parts[k] << 16);
-        v[2 * k + 1] = __uint_as_float(parts[k] & 0xffff0000u);
-    }
-}
-
 // gemv_chunk with fewer instructions per code, for gemv_4bit_wide: x read with load8_aligned,
 // and each code's table entry found from a byte offset: the word's low and high nibbles are
 // moved to byte offsets (x4) four at a time, and a byte permute picks one (two instructions per
@@ -569,7 +550,7 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
                     float v[KEY_PACKS][PACK];
 #pragma unroll
                     for (int u = 0; u < KEY_PACKS; u++)
-                        if (d0 + u * PACK < hd) load_pack_whole(key + d0 + u * PACK, v[u]);
+                        if (d0 + u * PACK < hd) load8_aligned(key + d0 + u * PACK, v[u]);
 #pragma unroll
                     for (int u = 0; u < KEY_PACKS; u++)
                         if (d0 + u * PACK < hd)

@@ -328,9 +328,7 @@ fn activations_forward_and_backward_match_the_cpu() {
         k.gelu_fwd(gx.ptr(), out.ptr(), n).unwrap();
         k.gelu_bwd(gx.ptr(), gdy.ptr(), out2.ptr(), n).unwrap();
         let inner = |v: f64| 0.79788456 * v * (1.0 + 0.044715 * v * v);
-        let gelu: Vec<f64> = (0..n)
-            .map(|i| 0.5 * f(i) * (1.0 + inner(f(i)).tanh()))
-            .collect();
+        let gelu: Vec<f64> = (0..n).map(|i| gelu_tanh(f(i))).collect();
         let dgelu: Vec<f64> = (0..n)
             .map(|i| {
                 let t = inner(f(i)).tanh();
@@ -661,6 +659,31 @@ fn embedding_dropout_and_head_layout_kernels() {
     });
 }
 
+/// BLOOM's tanh GELU in f64: the reference of gelu_fwd and of the GEMV's decoding epilogue.
+fn gelu_tanh(v: f64) -> f64 {
+    0.5 * v * (1.0 + (0.79788456 * v * (1.0 + 0.044715 * v * v)).tanh())
+}
+
+/// `w` ([out, in]) quantized as each 4-bit type with each (double quant, block size) of
+/// `variants`, handed to `f` with those settings.
+fn each_4bit(
+    w: &[f32],
+    shape: [usize; 2],
+    variants: [(bool, usize); 3],
+    mut f: impl FnMut(QuantType, bool, usize, Quantized4),
+) {
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        for (dq, bs) in variants {
+            f(
+                qt,
+                dq,
+                bs,
+                quantize_4bit(FloatSlice::F32(w), &shape, qt, bs, dq).unwrap(),
+            );
+        }
+    }
+}
+
 #[test]
 fn fused_4bit_gemv_matches_the_dequantized_product() {
     each_precision(|gpu, k, p| {
@@ -670,16 +693,12 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
         for (out_features, in_features) in [(96, 320), (40, 1056), (24, 8224)] {
             let w = random(out_features * in_features, 21);
             let bias = rounded(p, &random(out_features, 22));
-            for qt in [QuantType::Nf4, QuantType::Fp4] {
-                for (dq, bs) in [(false, 64), (true, 64), (true, 128)] {
-                    let q = quantize_4bit(
-                        FloatSlice::F32(&w),
-                        &[out_features, in_features],
-                        qt,
-                        bs,
-                        dq,
-                    )
-                    .unwrap();
+            let variants = [(false, 64), (true, 64), (true, 128)];
+            each_4bit(
+                &w,
+                [out_features, in_features],
+                variants,
+                |qt, dq, bs, q| {
                     let dense = dequantize_4bit(&q).unwrap();
                     let dq_w = DeviceQuantized::upload(gpu, &q, "test").unwrap();
                     assert!(dq_w.gemv_ready());
@@ -716,16 +735,13 @@ fn fused_4bit_gemv_matches_the_dequantized_product() {
                         let expected: Vec<f64> = expected
                             .iter()
                             .zip(&residual)
-                            .map(|(&v, &res)| {
-                                let inner = 0.79788456 * v * (1.0 + 0.044715 * v * v);
-                                0.5 * v * (1.0 + inner.tanh()) + f64::from(res)
-                            })
+                            .map(|(&v, &res)| gelu_tanh(v) + f64::from(res))
                             .collect();
                         let r = rel(&down(gpu, p, &y, rows * out_features), &expected);
                         assert!(r <= tolerance(p), "gelu + residual: rel {r}");
                     }
-                }
-            }
+                },
+            );
         }
     });
 }
@@ -757,16 +773,12 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
     for (out_features, in_features) in [(40, 384), (24, 1024), (272, 4352)] {
         let w = random(out_features * in_features, 31);
         let bias = rounded(p, &random(out_features, 32));
-        for qt in [QuantType::Nf4, QuantType::Fp4] {
-            for (dq, bs) in [(false, 64), (true, 64), (true, 256)] {
-                let q = quantize_4bit(
-                    FloatSlice::F32(&w),
-                    &[out_features, in_features],
-                    qt,
-                    bs,
-                    dq,
-                )
-                .unwrap();
+        let variants = [(false, 64), (true, 64), (true, 256)];
+        each_4bit(
+            &w,
+            [out_features, in_features],
+            variants,
+            |qt, dq, bs, q| {
                 let weights = bf16_dequantized(&q);
                 let dq_w = DeviceQuantized::upload(&gpu, &q, "test").unwrap();
                 for rows in [1, 2, 3, 4] {
@@ -793,8 +805,7 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
                                 if !epilogue {
                                     return v;
                                 }
-                                let inner = 0.79788456 * v * (1.0 + 0.044715 * v * v);
-                                0.5 * v * (1.0 + inner.tanh()) + f64::from(residual[i])
+                                gelu_tanh(v) + f64::from(residual[i])
                             })
                             .collect();
                         let got = down(&gpu, p, &y, rows * out_features);
@@ -806,8 +817,8 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
                         assert!(r <= 8e-3, "rel {r}");
                     }
                 }
-            }
-        }
+            },
+        );
     }
 }
 
