@@ -288,11 +288,6 @@ pub fn run(
             gpu.sync()?;
             times.push(started.elapsed().as_secs_f64());
         }
-        let median = |values: &[f64]| {
-            let mut sorted = values.to_vec();
-            sorted.sort_by(f64::total_cmp);
-            sorted[sorted.len() / 2]
-        };
         let allreduce_ms: Vec<f64> = allreduce_times
             .iter()
             .skip(2)
@@ -308,16 +303,16 @@ pub fn run(
             },
         ];
         max_over_ranks(ranks, &mut slowest)?;
-        let [median, allreduce_median] = slowest;
+        let [step_s_median, allreduce_median] = slowest;
         let memory = gpu.memory()?;
         let flops_per_token = if c.gradient_checkpointing { 6.0 } else { 4.0 } * params;
-        let tok_s = (n * ranks.world_size()) as f64 / median;
+        let tok_s = (n * ranks.world_size()) as f64 / step_s_median;
         let floor = bf16_flops / flops_per_token;
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         let r = BenchResult {
             config: c.to_string(),
             world_size: ranks.world_size(),
-            step_s_median: median,
+            step_s_median,
             tok_s,
             tok_s_per_gpu: tok_s / ranks.world_size() as f64,
             allreduce_ms_median: data_parallel.then_some(allreduce_median),
@@ -349,4 +344,11 @@ fn max_over_ranks(ranks: &dyn Collective, values: &mut [f64]) -> Result<()> {
             .fold(0.0, f64::max);
     }
     Ok(())
+}
+
+/// The median of timings (the upper one of an even count); `values` is not empty.
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }

@@ -11,7 +11,7 @@ use qlora_core::arch::{LoraConfig, TargetModules};
 use qlora_core::Result;
 use qlora_kernels::{GemvKernel, Gpu, Precision};
 
-use super::bench::{bloom_7b1, Filler, RandomBase};
+use super::bench::{bloom_7b1, median, Filler, RandomBase};
 use super::model::{CudaModel, CudaOptions};
 use crate::cpu::lora::{LoraInit, LoraSetup};
 use crate::generate::{
@@ -102,8 +102,7 @@ fn decode_step_s(generator: &dyn Generator, prompt: &[u32]) -> Result<f64> {
         next = session.step(&next, &[1.0], &mut greedy(), &contexts, &[true])?;
         steps.push(started.elapsed().as_secs_f64());
     }
-    steps.sort_by(f64::total_cmp);
-    Ok(steps[steps.len() / 2])
+    Ok(median(&steps))
 }
 
 /// Measures `options` on `gpu`; `progress` hears what is being measured.
@@ -188,7 +187,7 @@ pub fn run(
     // allocates and picks GEMM algorithms).
     let long = random_ids(options.prefill_tokens, 2);
     let mask = vec![1.0; long.len()];
-    let mut prefill_s = Vec::new();
+    let mut prefill_s = Vec::with_capacity(4);
     for _ in 0..4 {
         let mut session = generator.session(1, options.prefill_tokens + 1)?;
         gpu.sync()?;
@@ -202,9 +201,7 @@ pub fn run(
         )?;
         prefill_s.push(started.elapsed().as_secs_f64());
     }
-    let mut timed = prefill_s.split_off(1);
-    timed.sort_by(f64::total_cmp);
-    let prefill_tok_s = long.len() as f64 / timed[timed.len() / 2];
+    let prefill_tok_s = long.len() as f64 / median(&prefill_s[1..]);
     progress(&format!("prefill: {prefill_tok_s:.0} tok/s"));
 
     // Evaluation-shaped: every prompt, in order, in left-padded batches.
