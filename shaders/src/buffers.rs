@@ -144,6 +144,8 @@ type MapSlot = (
 /// A submission whose read-back has not been awaited (see [`submit_with_read`]).
 pub(crate) struct PendingRead {
     staging: wgpu::Buffer,
+    /// What a native read waits for (in the browser the event loop maps the buffer).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     submission: wgpu::SubmissionIndex,
     submit_error: std::pin::Pin<Box<dyn std::future::Future<Output = Option<wgpu::Error>>>>,
     slot: Arc<Mutex<MapSlot>>,
@@ -169,8 +171,6 @@ impl PendingRead {
                     .map_err(|e| Error::Invalid(format!("WebGPU device poll failed: {e}")))?;
             }
         }
-        #[cfg(target_arch = "wasm32")]
-        let _ = &self.submission;
         let slot = &self.slot;
         std::future::poll_fn(|cx| {
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());

@@ -141,7 +141,7 @@ impl LoadedModel {
             if done {
                 if run_ahead {
                     // Its token was not wanted: the cache ends at the last one that was.
-                    self.forget(1);
+                    self.forget_last();
                 }
                 break;
             }

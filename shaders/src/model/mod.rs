@@ -529,10 +529,10 @@ impl LoadedModel {
         );
     }
 
-    /// Forgets the last `n` cached tokens (a pass run ahead whose token was not wanted); their
-    /// cache columns are overwritten by the next pass.
-    pub(crate) fn forget(&mut self, n: usize) {
-        self.past -= n.min(self.past);
+    /// Forgets the last cached token (a pass run ahead whose token was not wanted); its cache
+    /// column is overwritten by the next pass.
+    pub(crate) fn forget_last(&mut self) {
+        self.past = self.past.saturating_sub(1);
     }
 
     /// Logits `[T, V]` (row-major) of `tokens`, the start of a new sequence (the cache is reset
