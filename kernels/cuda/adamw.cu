@@ -4,6 +4,7 @@ extern "C" __global__ void adamw(float* __restrict__ param, const float* __restr
                                  float* __restrict__ v, T* __restrict__ param_t, long long n, float decay,
                                  float one_minus_beta1, float beta2, float one_minus_beta2, float step_size,
                                  float bias_correction2_sqrt, float eps) {
+    wait_for_prior_grids();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float p = param[i] * decay;

@@ -14,6 +14,7 @@ __device__ __forceinline__ long long token_index(long long i, int seq, int heads
 // (packs stay within a head's row when hd is a multiple of PACK).
 extern "C" __global__ void heads_from_tokens(const T* __restrict__ src, T* __restrict__ dst, int batch, int seq,
                                              int heads, int groups, int group, int hd) {
+    wait_for_prior_grids();
     long long i = pack_start();
     long long n = (long long)batch * seq * heads * hd;
     if (i >= n) return;
@@ -30,6 +31,7 @@ extern "C" __global__ void heads_from_tokens(const T* __restrict__ src, T* __res
 // The inverse: src [B, heads, T, hd] -> slot `group` of dst [B, T, heads, groups, hd].
 extern "C" __global__ void tokens_from_heads(const T* __restrict__ src, T* __restrict__ dst, int batch, int seq,
                                              int heads, int groups, int group, int hd) {
+    wait_for_prior_grids();
     long long i = pack_start();
     long long n = (long long)batch * seq * heads * hd;
     if (i >= n) return;
@@ -49,6 +51,7 @@ extern "C" __global__ void tokens_from_heads(const T* __restrict__ src, T* __res
 // backward pass).
 extern "C" __global__ void rope(T* x, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                                 long long rows, int heads, int seq, int hd, int half_split, float sign) {
+    wait_for_prior_grids();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * (hd / 2)) return;
     long long row = i / (hd / 2);
@@ -75,6 +78,7 @@ extern "C" __global__ void softmax_fwd(const float* __restrict__ scores, T* __re
                                        const float* __restrict__ key_mask, const float* __restrict__ slopes,
                                        const float* __restrict__ positions, long long rows, int kv_heads,
                                        int group, int seq, int keys, float scale) {
+    wait_for_prior_grids();
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -121,6 +125,7 @@ extern "C" __global__ void softmax_fwd(const float* __restrict__ scores, T* __re
 // dscores = scale * p * (dp - sum(p * dp)) per row; dp (f32) from the GEMM dctx . v^T.
 extern "C" __global__ void softmax_bwd(const T* __restrict__ probs, const float* __restrict__ dprobs,
                                        T* __restrict__ dscores, long long rows, int keys, float scale) {
+    wait_for_prior_grids();
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;

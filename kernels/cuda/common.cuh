@@ -4,6 +4,22 @@
 
 typedef QLORA_T T;
 
+// Programmatic dependent launch (sm_90 and newer): the host launches every kernel of this module
+// allowed to start before the kernel ahead of it on the stream has finished, so that its launch,
+// its blocks' placement and whatever it does before reading another kernel's output overlap the
+// tail of that kernel (in a decoding step, ~270 short kernels in a row). So every kernel first
+// waits for the grids before it to finish and their writes to be visible (it writes nothing
+// before), then lets the kernel after it launch: the wait comes first so that a kernel which
+// completes implies its predecessors completed (a later kernel may read what any of them wrote),
+// and at most one grid waits at a time. Before sm_90 the host launches in order and this is
+// nothing.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // NVRTC has no <math.h>: +inf by its bits.
 #define QLORA_INFINITY __int_as_float(0x7f800000)
 

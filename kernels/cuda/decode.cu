@@ -230,6 +230,7 @@ __device__ void gemv_4bit_wide(const uint4* __restrict__ packed, const float* __
         const float* absmax2, float offset, int nested_blocksize, const float* code16, int blocksize,      \
         const T* x, const T* bias, const T* residual, int gelu, T* y, int rows, int in_features,           \
         int out_features) {                                                                               \
+        wait_for_prior_grids();                                                                           \
         gemv_4bit<R>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_blocksize, code16, blocksize, \
                      x, bias, residual, gelu, y, rows, in_features, out_features);                        \
     }                                                                                                     \
@@ -238,6 +239,7 @@ __device__ void gemv_4bit_wide(const uint4* __restrict__ packed, const float* __
         const float* absmax2, float offset, int nested_shift, const float* code16, int block_shift,        \
         const T* x, const T* bias, const T* residual, int gelu, T* y, int rows, int in_features,           \
         int out_features) {                                                                               \
+        wait_for_prior_grids();                                                                           \
         gemv_4bit_wide<R>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_shift, code16,          \
                           block_shift, x, bias, residual, gelu, y, rows, in_features, out_features);      \
     }
@@ -247,24 +249,35 @@ GEMV_4BIT(4)
 
 // The 4-bit GEMV of bf16 decoding on tensor cores: y[r, o] for r < rows <= 8 as gemv_4bit, through
 // mma.m16n8k16 (bf16 operands, f32 sums). A block takes 16 output features (the mma's M) for up to
-// 8 token rows (its N); its eight warps take interleaved 128-wide steps of the input and meet in
+// 8 token rows (its N); its sixteen warps take interleaved 128-wide steps of the input and meet in
 // shared memory. Each weight is dequantized as bitsandbytes' own batch-1 kernel
 // (kgemm_4bit_inference_naive) does in bf16: bf16(code) * bf16(absmax), rounded to bf16; the
 // products and their sums are then exact in f32 (bitsandbytes rounds each product to bf16 too).
-// The CUDA-core GEMVs spend ~5 instructions and a shared-memory read per code; this one ~2.5 and
-// half a read, so it can keep up with an H200's bandwidth.
 //
 // Lane (g, c) = (lane / 4, lane % 4) of a warp step at k0 loads the 32 codes [k0 + 32c, + 32) of
 // features g and g + 8 (16 bytes each, one absmax each: block sizes are powers of two, at least
-// 32) and x[g][k0 + 32c, + 32) when g < rows. A dot product does not care in which order its terms
-// meet, so mma i of the step gives the k slots {2c, 2c+1, 2c+8, 2c+9} the inputs k0 + 32c + 4i +
-// {0, 1, 2, 3}: then byte 2i of a lane's codes is its A register for slots 2c, 2c+1 (the high
-// nibble is the first element), byte 2i + 1 the one for slots 2c+8, 2c+9, and the B registers are
-// words 2i and 2i + 1 of x as loaded. A byte becomes its two bf16 codes through a 256-entry pair
-// table in shared memory stored once per lane (entry b of lane l at pairs[b * 32 + l]), so that a
-// warp's look-ups never share a bank; the blocks are persistent (one wave, grid-stride over the
-// tiles of 16 features) so each fills its table once.
-#define GEMV_TC_WARPS 8
+// 32) and x[g'][k0 + 32c, + 32) with g' = min(g, rows - 1). A dot product does not care in which order its terms meet, so mma
+// i of the step gives the k slots {2c, 2c+1, 2c+8, 2c+9} the inputs k0 + 32c + 4i + {0, 1, 2, 3}:
+// then byte 2i of a lane's codes is its A register for slots 2c, 2c+1 (the high nibble is the
+// first element), byte 2i + 1 the one for slots 2c+8, 2c+9, and the B registers are words 2i and
+// 2i + 1 of x as loaded. A byte becomes its two bf16 codes through a 256-entry pair table in
+// shared memory stored once per lane (entry b of lane l at pairs[b * 32 + l]), so that a warp's
+// look-ups never share a bank; the blocks are persistent (one wave, grid-stride over the tiles of
+// 16 features) so each fills its table once.
+//
+// The kernel is bound by the instructions it issues (Nsight Compute, H100, a version of 357
+// instructions a step: 61% of the schedulers' cycles issued at 1.5 TB/s), so a step is kept to
+// the look-ups and what they need (~196 instructions, 128 of them the look-ups): lanes past the
+// token rows read row rows - 1 of x (their sums are never stored) instead of being zeroed,
+// features past the last re-read the last, steps past the input re-read the last step with a
+// zero scale, loads are never skipped (a branch would make the compiler copy the next step's
+// registers into the current ones), a lane's codes are found by their 16-byte chunk index (one
+// number per feature, its absmax block a shift of it), the plain and double-quantized absmax
+// are two kernels, and the latter skips bitsandbytes' flush of denormal products (the offset
+// added to them is never that small, so the sum rounds the same). Only the weight is loaded a
+// step ahead (x comes from L1 or L2), which keeps a lane at 64 registers: two blocks of sixteen
+// warps an SM, 32 warps with their next step in flight.
+#define GEMV_TC_WARPS 16
 
 // One lane's loads of a warp step: the codes of its two features, their absmax (plain, or the
 // 8-bit code and the nested absmax) and its token row's 32 inputs as bf16 pairs.
@@ -274,6 +287,15 @@ struct GemvTcStep {
     unsigned int q[2];
     uint4 x[4];
 };
+
+// The 16-byte chunk index of lane (g, c)'s codes of feature `g + 8h` at step 0 of `tile` (a
+// feature past the last reads the last: its sums are never stored). Chunk i holds codes
+// [32i, 32i + 32) of the flattened weight, so its block is i >> (block_shift - 5).
+__device__ __forceinline__ unsigned int gemv_tc_chunk(int tile, int h, int g, int c, int in_features,
+                                                      int out_features) {
+    int f = min(tile * 16 + g + 8 * h, out_features - 1);
+    return (unsigned int)f * (unsigned int)(in_features / 32) + (unsigned int)c;
+}
 
 __device__ __forceinline__ void load_x_bf16(const __nv_bfloat16* p, uint4* x) {
 #pragma unroll
@@ -290,32 +312,25 @@ __device__ __forceinline__ void load_x_bf16(const float* p, uint4* x) {
     for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
 }
 
-__device__ __forceinline__ void gemv_tc_load(GemvTcStep& st, const uint4* __restrict__ packed,
-                                             const float* __restrict__ absmax,
-                                             const unsigned char* __restrict__ absmax_q8,
-                                             const float* __restrict__ absmax2, int nested_shift, int block_shift,
-                                             const T* __restrict__ x, int rows, int in_features, int out_features,
-                                             int o0, int g, int c, int k0) {
-    int chunks = in_features / 32;
+// The weight's part of a step at chunk[h] (codes and absmax): loaded before the kernel ahead
+// has finished.
+template <bool DQ>
+__device__ __forceinline__ void gemv_tc_load_weight(GemvTcStep& st, const unsigned int* chunk,
+                                                    const uint4* __restrict__ packed,
+                                                    const float* __restrict__ absmax,
+                                                    const unsigned char* __restrict__ absmax_q8,
+                                                    const float* __restrict__ absmax2, int nested_shift,
+                                                    int chunk_shift) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        int f = o0 + g + 8 * h;
-        bool real = f < out_features;
-        st.w[h] = real ? __ldg(packed + (long long)f * chunks + k0 / 32 + c) : make_uint4(0, 0, 0, 0);
-        unsigned int block = real ? ((unsigned int)f * (unsigned int)in_features + (unsigned int)(k0 + 32 * c)) >> block_shift : 0u;
-        if (absmax_q8 != nullptr) {
-            st.q[h] = real ? __ldg(absmax_q8 + block) : 0u;
-            st.a[h] = real ? __ldg(absmax2 + (block >> nested_shift)) : 0.0f;
+        st.w[h] = __ldg(packed + chunk[h]);
+        unsigned int block = chunk[h] >> chunk_shift;
+        if (DQ) {
+            st.q[h] = __ldg(absmax_q8 + block);
+            st.a[h] = __ldg(absmax2 + (block >> nested_shift));
         } else {
-            st.q[h] = 0u;
-            st.a[h] = real ? __ldg(absmax + block) : 0.0f;
+            st.a[h] = __ldg(absmax + block);
         }
-    }
-    if (g < rows) {
-        load_x_bf16(x + (long long)g * in_features + k0 + 32 * c, st.x);
-    } else {
-#pragma unroll
-        for (int u = 0; u < 4; u++) st.x[u] = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -333,45 +348,77 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsign
 #endif
 }
 
-// The pair of bf16 codes of a byte, scaled, from the table's word (byte * 32 + lane): the
-// byte's offset (byte * 128, bits 7..14) and this lane's copy (lane_offset = 4 * lane) over 4.
-__device__ __forceinline__ unsigned int gemv_tc_pair(const unsigned int* table, unsigned int byte_offset,
+// The pair of bf16 codes of byte `bit / 8` of `word`, scaled, from this lane's copy in the
+// table: the byte moved to bits 7..14 (its entry's offset, byte * 128) by one shift, and the
+// lane's offset (4 * lane) or-ed in.
+__device__ __forceinline__ unsigned int gemv_tc_pair(const char* table, unsigned int word, int bit,
                                                      unsigned int lane_offset, __nv_bfloat162 scale) {
-    unsigned int u = table[(byte_offset | lane_offset) >> 2];
+    unsigned int moved = bit < 7 ? word << (7 - bit) : word >> (bit - 7);
+    unsigned int u = *reinterpret_cast<const unsigned int*>(table + ((moved & 0x7f80u) | lane_offset));
     __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&u), scale);
     return *reinterpret_cast<unsigned int*>(&v);
 }
 
-// The byte of `word` starting at bit `bit` (0, 8, 16 or 24), times 128.
-__device__ __forceinline__ unsigned int tc_offset(unsigned int word, int bit) {
-    unsigned int moved = bit < 7 ? word << (7 - bit) : word >> (bit - 7);
-    return moved & 0x7f80u;
+// acc += the step's 16 features x 128 inputs times its token rows.
+__device__ __forceinline__ void gemv_tc_step(float (&acc)[2][4], const GemvTcStep& st, const char* pairs,
+                                             unsigned int lane_offset, __nv_bfloat162 scale0,
+                                             __nv_bfloat162 scale1) {
+    unsigned int w0[4] = {st.w[0].x, st.w[0].y, st.w[0].z, st.w[0].w};
+    unsigned int w1[4] = {st.w[1].x, st.w[1].y, st.w[1].z, st.w[1].w};
+    unsigned int xw[16] = {st.x[0].x, st.x[0].y, st.x[0].z, st.x[0].w, st.x[1].x, st.x[1].y,
+                           st.x[1].z, st.x[1].w, st.x[2].x, st.x[2].y, st.x[2].z, st.x[2].w,
+                           st.x[3].x, st.x[3].y, st.x[3].z, st.x[3].w};
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int low = 16 * (i & 1);  // the bit where byte 2i starts in its word
+        unsigned int a0 = gemv_tc_pair(pairs, w0[i >> 1], low, lane_offset, scale0);
+        unsigned int a1 = gemv_tc_pair(pairs, w1[i >> 1], low, lane_offset, scale1);
+        unsigned int a2 = gemv_tc_pair(pairs, w0[i >> 1], low + 8, lane_offset, scale0);
+        unsigned int a3 = gemv_tc_pair(pairs, w1[i >> 1], low + 8, lane_offset, scale1);
+        mma_bf16_16816(acc[i & 1], a0, a1, a2, a3, xw[2 * i], xw[2 * i + 1]);
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS)
-gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
-             const unsigned char* __restrict__ absmax_q8, const float* __restrict__ code2,
-             const float* __restrict__ absmax2, float offset, int nested_shift, const float* __restrict__ code16,
-             int block_shift, const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ residual,
-             int gelu, T* __restrict__ y, int rows, int in_features, int out_features) {
+template <bool DQ>
+__device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
+                                             const unsigned char* __restrict__ absmax_q8,
+                                             const float* __restrict__ code2, const float* __restrict__ absmax2,
+                                             float offset, int nested_shift, const float* __restrict__ code16,
+                                             int block_shift, const T* __restrict__ x, const T* __restrict__ bias,
+                                             const T* __restrict__ residual, int gelu, T* __restrict__ y, int rows,
+                                             int in_features, int out_features) {
     __shared__ __align__(16) unsigned int pairs[256 * 32];
     __shared__ float code_nested[256];
     __shared__ float sums[GEMV_TC_WARPS][16 * 8];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = lane >> 2, c = lane & 3;
     int steps = in_features / 128;
+    int per_warp = (steps + GEMV_TC_WARPS - 1) / GEMV_TC_WARPS;
     int tiles = (out_features + 15) / 16;
+    int tile = blockIdx.x;
+    int chunk_shift = block_shift - 5;
+    // Chunks of features g and g + 8 at step 0 of this tile and of the block's next one.
+    unsigned int here[2], after[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        here[h] = gemv_tc_chunk(tile, h, g, c, in_features, out_features);
+        after[h] = gemv_tc_chunk(min(tile + (int)gridDim.x, tiles - 1), h, g, c, in_features, out_features);
+    }
+    const T* xl = x + (long long)min(g, rows - 1) * in_features + 32 * c;
     // Each entry once, in the space the warps' sums take later.
     unsigned int* pair_once = reinterpret_cast<unsigned int*>(&sums[0][0]);
-    // The first step's loads go out before the tables are filled.
+    // The first step's weight loads go out before the tables are filled, and both before the
+    // kernel ahead (which writes x) has finished.
     GemvTcStep cur;
-    if (blockIdx.x < tiles && warp < steps)
-        gemv_tc_load(cur, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, x, rows, in_features,
-                     out_features, blockIdx.x * 16, g, c, 128 * warp);
+    int first = min(warp, steps - 1);
+    if (tile < tiles) {
+        unsigned int chunk[2] = {here[0] + 4 * first, here[1] + 4 * first};
+        gemv_tc_load_weight<DQ>(cur, chunk, packed, absmax, absmax_q8, absmax2, nested_shift, chunk_shift);
+    }
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         __nv_bfloat162 v = __floats2bfloat162_rn(code16[i >> 4], code16[i & 15]);
         pair_once[i] = *reinterpret_cast<unsigned int*>(&v);
-        if (absmax_q8 != nullptr) code_nested[i] = code2[i];
+        if (DQ) code_nested[i] = ftz(code2[i]);
     }
     __syncthreads();
     // Consecutive threads store consecutive 16 bytes (four lanes' copies of one entry).
@@ -380,43 +427,28 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
         reinterpret_cast<uint4*>(pairs)[i] = make_uint4(v, v, v, v);
     }
     __syncthreads();
+    wait_for_prior_grids();
+    const char* table = reinterpret_cast<const char*>(pairs);
     unsigned int lane_offset = 4u * lane;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int o0 = tile * 16;
+    for (; tile < tiles; tile += gridDim.x) {
         float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        for (int s = warp; s < steps; s += GEMV_TC_WARPS) {
-            // The next step's loads (of this tile or the next) before this step's arithmetic.
+#pragma unroll 2
+        for (int j = 0; j < per_warp; j++) {
+            // The next step's loads (of this tile, or the next tile's first: after the last
+            // tile that re-reads this one's) before this step's arithmetic.
             GemvTcStep next;
-            int next_s = s + GEMV_TC_WARPS, next_tile = tile;
-            if (next_s >= steps) {
-                next_s = warp;
-                next_tile = tile + gridDim.x;
-            }
-            if (next_tile < tiles)
-                gemv_tc_load(next, packed, absmax, absmax_q8, absmax2, nested_shift, block_shift, x, rows,
-                             in_features, out_features, next_tile * 16, g, c, 128 * next_s);
-            __nv_bfloat162 scale[2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                float a = absmax_q8 != nullptr ? expand_absmax(code_nested[cur.q[h]], cur.a[h], offset) : cur.a[h];
-                scale[h] = __float2bfloat162_rn(a);
-            }
-            unsigned int w0[4] = {cur.w[0].x, cur.w[0].y, cur.w[0].z, cur.w[0].w};
-            unsigned int w1[4] = {cur.w[1].x, cur.w[1].y, cur.w[1].z, cur.w[1].w};
-            unsigned int xw[16] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y,
-                                   cur.x[1].z, cur.x[1].w, cur.x[2].x, cur.x[2].y, cur.x[2].z, cur.x[2].w,
-                                   cur.x[3].x, cur.x[3].y, cur.x[3].z, cur.x[3].w};
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                // Bytes 2i and 2i + 1 of each feature's 16 code bytes, moved to bits 7..14 by one
-                // shift each (the mask and the lane's bits then take one instruction).
-                int low = 16 * (i & 1);  // the bit where byte 2i starts in its word
-                unsigned int a0 = gemv_tc_pair(pairs, tc_offset(w0[i >> 1], low), lane_offset, scale[0]);
-                unsigned int a1 = gemv_tc_pair(pairs, tc_offset(w1[i >> 1], low), lane_offset, scale[1]);
-                unsigned int a2 = gemv_tc_pair(pairs, tc_offset(w0[i >> 1], low + 8), lane_offset, scale[0]);
-                unsigned int a3 = gemv_tc_pair(pairs, tc_offset(w1[i >> 1], low + 8), lane_offset, scale[1]);
-                mma_bf16_16816(acc[i & 1], a0, a1, a2, a3, xw[2 * i], xw[2 * i + 1]);
-            }
+            bool more = j + 1 < per_warp;
+            int s = min(more ? warp + GEMV_TC_WARPS * (j + 1) : warp, steps - 1);
+            unsigned int chunk[2] = {(more ? here[0] : after[0]) + 4 * s, (more ? here[1] : after[1]) + 4 * s};
+            gemv_tc_load_weight<DQ>(next, chunk, packed, absmax, absmax_q8, absmax2, nested_shift, chunk_shift);
+            // This step's inputs (from L1 or L2; the many warps of an SM cover their latency).
+            load_x_bf16(xl + 128 * min(warp + GEMV_TC_WARPS * j, steps - 1), cur.x);
+            float a0 = DQ ? __fadd_rn(__fmul_rn(code_nested[cur.q[0]], cur.a[0]), offset) : cur.a[0];
+            float a1 = DQ ? __fadd_rn(__fmul_rn(code_nested[cur.q[1]], cur.a[1]), offset) : cur.a[1];
+            // A step past the input re-read the last one: it adds nothing.
+            bool live = warp + GEMV_TC_WARPS * j < steps;
+            gemv_tc_step(acc, cur, table, lane_offset, __float2bfloat162_rn(live ? a0 : 0.0f),
+                         __float2bfloat162_rn(live ? a1 : 0.0f));
             cur = next;
         }
         // Lane (g, c) holds features g, g + 8 for token rows 2c, 2c + 1.
@@ -427,7 +459,7 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
         mine[(g + 8) * 8 + 2 * c + 1] = acc[0][3] + acc[1][3];
         __syncthreads();
         if (threadIdx.x < 128) {
-            int f = threadIdx.x >> 3, r = threadIdx.x & 7, o = o0 + f;
+            int f = threadIdx.x >> 3, r = threadIdx.x & 7, o = tile * 16 + f;
             if (r < rows && o < out_features) {
                 float v = 0.0f;
 #pragma unroll
@@ -440,8 +472,26 @@ gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
             }
         }
         __syncthreads();
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            here[h] = after[h];
+            after[h] = gemv_tc_chunk(min(tile + 2 * (int)gridDim.x, tiles - 1), h, g, c, in_features, out_features);
+        }
     }
 }
+
+// The weight's absmax stored (gemv_4bit_tc) or double-quantized (gemv_4bit_tc_dq).
+#define GEMV_4BIT_TC(NAME, DQ)                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS, 2) NAME(                             \
+        const uint4* packed, const float* absmax, const unsigned char* absmax_q8, const float* code2,      \
+        const float* absmax2, float offset, int nested_shift, const float* code16, int block_shift,        \
+        const T* x, const T* bias, const T* residual, int gelu, T* y, int rows, int in_features,           \
+        int out_features) {                                                                               \
+        gemv_4bit_tc<DQ>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_shift, code16,           \
+                         block_shift, x, bias, residual, gelu, y, rows, in_features, out_features);       \
+    }
+GEMV_4BIT_TC(gemv_4bit_tc, false)
+GEMV_4BIT_TC(gemv_4bit_tc_dq, true)
 
 // This step's keys and values, element (bh, t, d) of each at src[bh * head_stride + t * hd + d]
 // (a packed [B * heads, T, hd] has head_stride T * hd; one token per row can be read straight
@@ -453,6 +503,7 @@ extern "C" __global__ void kv_append(const T* __restrict__ k_src, const T* __res
                                      T* __restrict__ k_cache, T* __restrict__ v_cache, int rows, int seq,
                                      int capacity, const int* __restrict__ past_len, int hd,
                                      long long head_stride) {
+    wait_for_prior_grids();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)rows * seq * hd) return;
     int d = i % hd;
@@ -512,6 +563,7 @@ extern "C" __global__ void attention_cached(const T* __restrict__ q, long long q
                                             const float* __restrict__ positions, int mask_stride, int heads,
                                             int kv_heads, int seq, const int* __restrict__ past_len, int capacity,
                                             int hd, float scale, int keys_per_split, float* __restrict__ partial) {
+    wait_for_prior_grids();
     extern __shared__ float shared[];
     float* q_row = shared;
     float* p = shared + hd;
@@ -632,6 +684,7 @@ extern "C" __global__ void attention_combine(const float* __restrict__ partial, 
                                              T* __restrict__ context, int heads, int kv_heads, int seq,
                                              const int* __restrict__ past_len, int capacity, int hd,
                                              int keys_per_split, int splits) {
+    wait_for_prior_grids();
     long long row = blockIdx.x;
     int keys = min(*past_len + seq, capacity);
     int used = min(splits, (keys + keys_per_split - 1) / keys_per_split);
@@ -664,6 +717,7 @@ extern "C" __global__ void attention_combine(const float* __restrict__ partial, 
 extern "C" __global__ void repetition_penalty(float* logits, const unsigned int* __restrict__ tokens,
                                               const int* __restrict__ counts, int max_tokens, int vocab,
                                               float penalty) {
+    wait_for_prior_grids();
     int b = blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= counts[b]) return;
@@ -702,6 +756,7 @@ __device__ void block_argmax(float& value, unsigned int& index) {
 
 extern "C" __global__ void argmax_slices(const float* __restrict__ logits, int vocab, int slice,
                                          float* __restrict__ values, unsigned int* __restrict__ indices) {
+    wait_for_prior_grids();
     const float* row = logits + (long long)blockIdx.y * vocab;
     int end = min(vocab, (blockIdx.x + 1) * slice);
     float value = -QLORA_INFINITY;
@@ -717,6 +772,7 @@ extern "C" __global__ void argmax_slices(const float* __restrict__ logits, int v
 
 extern "C" __global__ void argmax_pairs(const float* __restrict__ values, const unsigned int* __restrict__ indices,
                                         int n, unsigned int* __restrict__ ids) {
+    wait_for_prior_grids();
     long long base = (long long)blockIdx.x * n;
     float value = -QLORA_INFINITY;
     unsigned int index = ARGMAX_NONE;
@@ -743,6 +799,7 @@ __device__ __forceinline__ float key_value(unsigned int key) {
 extern "C" __global__ void top_k_candidates(const float* __restrict__ logits, int vocab, float inv_temperature,
                                             int k, unsigned int* __restrict__ indices,
                                             float* __restrict__ values, int room, int* __restrict__ counts) {
+    wait_for_prior_grids();
     __shared__ unsigned int histogram[256];
     __shared__ unsigned int prefix, prefix_mask;
     __shared__ int remaining, found;

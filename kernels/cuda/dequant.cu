@@ -36,6 +36,7 @@ extern "C" __global__ void dequant_4bit(const unsigned char* __restrict__ packed
                                         float offset, int nested_blocksize,
                                         const float* __restrict__ code16,
                                         T* __restrict__ out, long long numel, int blocksize) {
+    wait_for_prior_grids();
     __shared__ float code[16];
     __shared__ float code_nested[256];
     load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);
@@ -73,6 +74,7 @@ extern "C" __global__ void dequant_4bit_x8(const unsigned int* __restrict__ pack
                                            float offset, int nested_shift,
                                            const float* __restrict__ code16,
                                            T* __restrict__ out, long long groups, int block_shift) {
+    wait_for_prior_grids();
     __shared__ float code[16];
     __shared__ float code_nested[256];
     load_code_tables(code16, code2, absmax_q8 != nullptr, code, code_nested);

@@ -4,6 +4,7 @@
 extern "C" __global__ void cross_entropy_fwd_bwd(const float* __restrict__ logits, const unsigned int* __restrict__ targets,
                                                  const float* __restrict__ weights, float* __restrict__ loss,
                                                  T* __restrict__ grad, int vocab, float inv_count) {
+    wait_for_prior_grids();
     long long row = blockIdx.x;
     const float* x = logits + row * vocab;
     T* g = grad + row * vocab;

@@ -18,6 +18,7 @@ __device__ __forceinline__ void load_norm_row(const T* __restrict__ xr, int dim,
 extern "C" __global__ void __launch_bounds__(1024) layernorm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                          T* __restrict__ out, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                          int dim, float eps) {
+    wait_for_prior_grids();
     long long row = blockIdx.x;
     float v[NORM_PACKS][PACK];
     load_norm_row(x + row * dim, dim, v);
@@ -56,6 +57,7 @@ extern "C" __global__ void __launch_bounds__(1024) layernorm_fwd(const T* __rest
 extern "C" __global__ void layernorm_bwd(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                                          const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                                          T* dx, int dim, int accumulate) {
+    wait_for_prior_grids();
     long long row = blockIdx.x;
     const T* xr = x + row * dim;
     const T* dyr = dy + row * dim;
@@ -79,6 +81,7 @@ extern "C" __global__ void layernorm_bwd(const T* __restrict__ dy, const T* __re
 // RMSNorm: x * rsqrt(mean(x^2) + eps) * w; saves rstd.
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                                        float* __restrict__ rstd_out, int dim, float eps) {
+    wait_for_prior_grids();
     long long row = blockIdx.x;
     float v[NORM_PACKS][PACK];
     load_norm_row(x + row * dim, dim, v);
@@ -104,6 +107,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fwd(const T* __restri
 // dx (+)= rstd * (g - xhat * mean(g * xhat)), g = dy * w.
 extern "C" __global__ void rmsnorm_bwd(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                                        const float* __restrict__ rstd_in, T* dx, int dim, int accumulate) {
+    wait_for_prior_grids();
     long long row = blockIdx.x;
     const T* xr = x + row * dim;
     const T* dyr = dy + row * dim;

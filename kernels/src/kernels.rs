@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{self, CUdevice_attribute};
+use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 use qlora_core::quant::{decode_table, dynamic_map_signed, Absmax, Quantized4};
 use qlora_core::Result;
 
@@ -31,7 +31,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-pub(crate) const NAMES: [&str; 41] = [
+pub(crate) const NAMES: [&str; 42] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -66,6 +66,7 @@ pub(crate) const NAMES: [&str; 41] = [
     "gemv_4bit_wide_2",
     "gemv_4bit_wide_4",
     "gemv_4bit_tc",
+    "gemv_4bit_tc_dq",
     "kv_append",
     "attention_cached",
     "attention_combine",
@@ -87,8 +88,13 @@ pub struct Kernels {
     gemv: AtomicU8,
     /// Whether the device has bf16 tensor cores (sm_80 and newer) for [`GemvKernel::Tensor`].
     tensor_cores: bool,
-    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4) and of `gemv_4bit_tc`:
-    /// the SMs times the blocks of [`GEMV_THREADS`] an SM holds at that kernel's registers.
+    /// Whether kernels launch early (programmatic dependent launch, sm_90 and newer): see
+    /// `wait_for_prior_grids` in common.cuh, which every kernel calls before it reads or writes
+    /// what another kernel touches.
+    early_launch: bool,
+    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4) and of `gemv_4bit_tc`
+    /// (`_dq` alike): the SMs times the blocks an SM holds at that kernel's registers and shared
+    /// memory.
     gemv_wave: [u32; 4],
 }
 
@@ -125,16 +131,20 @@ fn grid(n: usize, block: usize) -> LaunchConfig {
 /// resident 256-thread blocks) twice over.
 const MAX_STRIDE_BLOCKS: usize = 2048;
 
-/// Threads of a GEMV block: eight warps, one output feature per warp at a time.
+/// Threads of a CUDA-core GEMV block: eight warps, one output feature per warp at a time.
 const GEMV_THREADS: u32 = 256;
 
-/// The persistent GEMVs whose grid is one wave: the wide ones by rows served (1, 2, 4), then the
-/// tensor-core one.
-const GEMV_WAVE_NAMES: [&str; 4] = [
-    "gemv_4bit_wide_1",
-    "gemv_4bit_wide_2",
-    "gemv_4bit_wide_4",
-    "gemv_4bit_tc",
+/// Threads of a tensor-core GEMV block (`GEMV_TC_WARPS` in decode.cu): sixteen warps on a tile
+/// of 16 features.
+const GEMV_TC_THREADS: u32 = 512;
+
+/// The persistent GEMVs whose grid is one wave, with their block's threads: the wide ones by
+/// rows served (1, 2, 4), then the tensor-core one.
+const GEMV_WAVE: [(&str, u32); 4] = [
+    ("gemv_4bit_wide_1", GEMV_THREADS),
+    ("gemv_4bit_wide_2", GEMV_THREADS),
+    ("gemv_4bit_wide_4", GEMV_THREADS),
+    ("gemv_4bit_tc", GEMV_TC_THREADS),
 ];
 
 /// One thread per item of `n`, capped at [`MAX_STRIDE_BLOCKS`] (the kernel strides over the rest).
@@ -212,15 +222,12 @@ fn row_block(dim: usize) -> usize {
 
 macro_rules! launch {
     ($self:ident, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let f = $self.function($name);
-        let mut b = $self.stream.launch_builder(f);
-        // Each argument is bound first: the builder keeps references until the launch.
-        $( let arg = $arg; b.arg(&arg); )*
+        let mut args: Vec<*mut std::ffi::c_void> = Vec::new();
+        // Each argument is bound first: the launch reads them through these pointers.
+        $( let arg = $arg; args.push(&arg as *const _ as *mut std::ffi::c_void); )*
         // SAFETY: the arguments match the kernel's signature in kernels/cuda (checked by the
         // kernel tests), and the callers pass device ranges of the sizes they describe.
-        unsafe { b.launch($cfg) }
-            .map(|_| ())
-            .map_err(|e| error(format!("CUDA: launching {} failed: {e:?}", $name)))
+        unsafe { $self.launch_with($name, $cfg, &mut args) }
     }};
 }
 
@@ -271,13 +278,13 @@ impl Kernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| error(format!("CUDA: reading the SM count failed: {e:?}")))?;
         let mut gemv_wave = [0u32; 4];
-        for (wave, name) in gemv_wave.iter_mut().zip(GEMV_WAVE_NAMES) {
+        for (wave, (name, threads)) in gemv_wave.iter_mut().zip(GEMV_WAVE) {
             let i = NAMES
                 .iter()
                 .position(|n| *n == name)
-                .expect("a wide GEMV name");
+                .expect("a persistent GEMV name");
             let per_sm = functions[i]
-                .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, 0, None)
+                .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
                 .map_err(|e| error(format!("CUDA: occupancy of {name} failed: {e:?}")))?;
             *wave = (sms.max(1) as u32) * per_sm.max(1);
         }
@@ -287,6 +294,7 @@ impl Kernels {
             functions,
             gemv: AtomicU8::new(GemvKernel::default() as u8),
             tensor_cores: gpu.inner.arch >= 80,
+            early_launch: gpu.inner.arch >= 90,
             gemv_wave,
         })
     }
@@ -311,6 +319,57 @@ impl Kernels {
             GemvKernel::Tensor | GemvKernel::Wide if wide => GemvKernel::Wide,
             _ => GemvKernel::OneChunk,
         }
+    }
+
+    /// Launches kernel `name` with `args` (pointers to each argument's value) on this stream;
+    /// on sm_90 and newer it may start before the kernel ahead of it finishes (see
+    /// `early_launch`).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number and types and describe valid device
+    /// ranges.
+    unsafe fn launch_with(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        let failed = |e: DriverError| error(format!("CUDA: launching {name} failed: {e:?}"));
+        self.stream.context().bind_to_thread().map_err(failed)?;
+        let mut early = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if self.early_launch {
+                &mut early
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: u32::from(self.early_launch),
+        };
+        // SAFETY: `config` and `early` outlive the call; the caller vouches for `args`.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.function(name).cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(failed)
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
@@ -821,8 +880,10 @@ impl Kernels {
         };
         let (name, wave) = match kernel {
             GemvKernel::OneChunk => (["gemv_4bit_1", "gemv_4bit_2", "gemv_4bit_4"][r], None),
-            GemvKernel::Wide => (GEMV_WAVE_NAMES[r], Some(self.gemv_wave[r])),
-            GemvKernel::Tensor => (GEMV_WAVE_NAMES[3], Some(self.gemv_wave[3])),
+            GemvKernel::Wide => (GEMV_WAVE[r].0, Some(self.gemv_wave[r])),
+            // The tensor-core GEMV comes in one kernel per kind of absmax.
+            GemvKernel::Tensor if a.quantized != 0 => ("gemv_4bit_tc_dq", Some(self.gemv_wave[3])),
+            GemvKernel::Tensor => ("gemv_4bit_tc", Some(self.gemv_wave[3])),
         };
         // The wide and tensor-core kernels take block sizes as shifts.
         let (nested_blocksize, blocksize) = match kernel {
@@ -831,14 +892,17 @@ impl Kernels {
         };
         // One output feature per warp at a time (the wide kernel's warps walk several rows each,
         // in one wave), or a tile of 16 features per block for the tensor-core kernel.
-        let items = match kernel {
-            GemvKernel::Tensor => out_features.div_ceil(16),
-            _ => out_features.div_ceil(GEMV_THREADS as usize / 32),
+        let (items, threads) = match kernel {
+            GemvKernel::Tensor => (out_features.div_ceil(16), GEMV_TC_THREADS),
+            _ => (
+                out_features.div_ceil(GEMV_THREADS as usize / 32),
+                GEMV_THREADS,
+            ),
         };
         let blocks = wave.map_or(MAX_STRIDE_BLOCKS, |w| w as usize);
         let cfg = LaunchConfig {
             grid_dim: (items.min(blocks) as u32, 1, 1),
-            block_dim: (GEMV_THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(

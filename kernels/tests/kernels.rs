@@ -767,9 +767,10 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
     let p = Precision::Bf16;
     let k = gpu.kernels(p).unwrap();
     k.set_gemv(GemvKernel::Tensor);
-    // 128-wide input steps: 3 (fewer than the block's eight warps), 8 and 34 (a warp with five
-    // steps, another with four); 40 and 24 outputs leave a partial tile of 16; 272 outputs give
-    // the persistent blocks more than one tile each on a small grid.
+    // 128-wide input steps: 3 and 8 (fewer than the block's sixteen warps: the others re-read
+    // the last step with a zero scale), 34 (two warps with three steps, the others two and one
+    // re-read); 40 and 24 outputs leave a partial tile of 16; 272 outputs give the persistent
+    // blocks more than one tile each on a small grid.
     for (out_features, in_features) in [(40, 384), (24, 1024), (272, 4352)] {
         let w = random(out_features * in_features, 31);
         let bias = rounded(p, &random(out_features, 32));
