@@ -256,36 +256,38 @@ GEMV_4BIT(4)
 //
 // Lane (g, c) = (lane / 4, lane % 4) of a warp step at k0 loads the 32 codes [k0 + 32c, + 32) of
 // features g and g + 8 (16 bytes each, one absmax each: block sizes are powers of two, at least
-// 32) and x[g'][k0 + 32c, + 32) with g' = min(g, rows - 1). A dot product does not care in which order its terms meet, so mma
-// i of the step gives the k slots {2c, 2c+1, 2c+8, 2c+9} the inputs k0 + 32c + 4i + {0, 1, 2, 3}:
-// then byte 2i of a lane's codes is its A register for slots 2c, 2c+1 (the high nibble is the
-// first element), byte 2i + 1 the one for slots 2c+8, 2c+9, and the B registers are words 2i and
-// 2i + 1 of x as loaded. A byte becomes its two bf16 codes through a 256-entry pair table in
-// shared memory stored once per lane (entry b of lane l at pairs[b * 32 + l]), so that a warp's
-// look-ups never share a bank; the blocks are persistent (one wave, grid-stride over the tiles of
-// 16 features) so each fills its table once.
+// 32) and, when g < rows, x[g][k0 + 32c, + 32). A dot product does not care in which order its
+// terms meet, so mma i of the step gives the k slots {2c, 2c+1, 2c+8, 2c+9} the inputs k0 + 32c +
+// 4i + {0, 1, 2, 3}: then byte 2i of a lane's codes is its A register for slots 2c, 2c+1 (the
+// high nibble is the first element), byte 2i + 1 the one for slots 2c+8, 2c+9, and the B
+// registers are words 2i and 2i + 1 of x as loaded. A byte becomes its two bf16 codes through a
+// 256-entry pair table in shared memory stored once per lane (entry b of lane l at
+// pairs[b * 32 + l]), so that a warp's look-ups never share a bank; the blocks are persistent
+// (one wave, grid-stride over the tiles of 16 features) so each fills its table once.
 //
-// The kernel is bound by the instructions it issues (Nsight Compute, H100, a version of 357
-// instructions a step: 61% of the schedulers' cycles issued at 1.5 TB/s), so a step is kept to
-// the look-ups and what they need (~196 instructions, 128 of them the look-ups): lanes past the
-// token rows read row rows - 1 of x (their sums are never stored) instead of being zeroed,
-// features past the last re-read the last, steps past the input re-read the last step with a
-// zero scale, loads are never skipped (a branch would make the compiler copy the next step's
+// What bounds it (Nsight Compute on an H100, and timings with each part taken out): neither
+// the schedulers nor the memory alone but the L1's data path, which carries the look-ups, the
+// weight's loads and x's (a 16-byte load of all 32 lanes is four passes even when 28 lanes read
+// what 4 others do). So a step is kept to the look-ups and what they need (~205 instructions,
+// 128 of them the look-ups; the first version issued 357): lanes past the token rows load no x
+// (predicated loads: their registers stay zero and their sums are never stored), features past
+// the last re-read the last, steps past the input re-read the last step with a zero scale, the
+// weight's loads are never skipped (a branch would make the compiler copy the next step's
 // registers into the current ones), a lane's codes are found by their 16-byte chunk index (one
-// number per feature, its absmax block a shift of it), the plain and double-quantized absmax
-// are two kernels, and the latter skips bitsandbytes' flush of denormal products (the offset
-// added to them is never that small, so the sum rounds the same). Only the weight is loaded a
-// step ahead (x comes from L1 or L2), which keeps a lane at 64 registers: two blocks of sixteen
-// warps an SM, 32 warps with their next step in flight.
+// number per feature, its absmax block a shift of it), the plain and double-quantized absmax are
+// two kernels, and the latter skips bitsandbytes' flush of denormal products (the offset added
+// to them is never that small, so the sum rounds the same). The weight is loaded a step ahead
+// into registers (x, from L1 or L2, in its step), 64 registers a lane: two blocks of sixteen
+// warps an SM. (Copying the steps into shared memory with cp.async instead, two steps ahead,
+// measured ~25% slower: it adds the copies' writes and reads to the same data path.)
 #define GEMV_TC_WARPS 16
 
-// One lane's loads of a warp step: the codes of its two features, their absmax (plain, or the
-// 8-bit code and the nested absmax) and its token row's 32 inputs as bf16 pairs.
+// One lane's loads of a warp step from the weight: the codes of its two features and their
+// absmax (plain, or the 8-bit code and the nested absmax).
 struct GemvTcStep {
     uint4 w[2];
     float a[2];
     unsigned int q[2];
-    uint4 x[4];
 };
 
 // The 16-byte chunk index of lane (g, c)'s codes of feature `g + 8h` at step 0 of `tile` (a
@@ -310,6 +312,20 @@ __device__ __forceinline__ void load_x_bf16(const float* p, uint4* x) {
     }
 #pragma unroll
     for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
+}
+
+// x[0 .. 4) = the 16-byte packs at p when `load` (else unchanged), as predicated loads: a branch
+// around them costs instructions, and lanes that load nothing cost the cache nothing.
+__device__ __forceinline__ void load_x_bf16_if(bool load, const __nv_bfloat16* p, uint4* x) {
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+        asm volatile(
+            "{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }\n"
+            : "+r"(x[u].x), "+r"(x[u].y), "+r"(x[u].z), "+r"(x[u].w)
+            : "l"(reinterpret_cast<const uint4*>(p) + u), "r"((int)load));
+}
+__device__ __forceinline__ void load_x_bf16_if(bool load, const float* p, uint4* x) {
+    if (load) load_x_bf16(p, x);
 }
 
 // The weight's part of a step at chunk[h] (codes and absmax): loaded before the kernel ahead
@@ -360,14 +376,13 @@ __device__ __forceinline__ unsigned int gemv_tc_pair(const char* table, unsigned
 }
 
 // acc += the step's 16 features x 128 inputs times its token rows.
-__device__ __forceinline__ void gemv_tc_step(float (&acc)[2][4], const GemvTcStep& st, const char* pairs,
-                                             unsigned int lane_offset, __nv_bfloat162 scale0,
+__device__ __forceinline__ void gemv_tc_step(float (&acc)[2][4], const GemvTcStep& st, const uint4 (&x)[4],
+                                             const char* pairs, unsigned int lane_offset, __nv_bfloat162 scale0,
                                              __nv_bfloat162 scale1) {
     unsigned int w0[4] = {st.w[0].x, st.w[0].y, st.w[0].z, st.w[0].w};
     unsigned int w1[4] = {st.w[1].x, st.w[1].y, st.w[1].z, st.w[1].w};
-    unsigned int xw[16] = {st.x[0].x, st.x[0].y, st.x[0].z, st.x[0].w, st.x[1].x, st.x[1].y,
-                           st.x[1].z, st.x[1].w, st.x[2].x, st.x[2].y, st.x[2].z, st.x[2].w,
-                           st.x[3].x, st.x[3].y, st.x[3].z, st.x[3].w};
+    unsigned int xw[16] = {x[0].x, x[0].y, x[0].z, x[0].w, x[1].x, x[1].y, x[1].z, x[1].w,
+                           x[2].x, x[2].y, x[2].z, x[2].w, x[3].x, x[3].y, x[3].z, x[3].w};
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         int low = 16 * (i & 1);  // the bit where byte 2i starts in its word
@@ -404,7 +419,7 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
         here[h] = gemv_tc_chunk(tile, h, g, c, in_features, out_features);
         after[h] = gemv_tc_chunk(min(tile + (int)gridDim.x, tiles - 1), h, g, c, in_features, out_features);
     }
-    const T* xl = x + (long long)min(g, rows - 1) * in_features + 32 * c;
+    const T* xl = x + (long long)g * in_features + 32 * c;
     // Each entry once, in the space the warps' sums take later.
     unsigned int* pair_once = reinterpret_cast<unsigned int*>(&sums[0][0]);
     // The first step's weight loads go out before the tables are filled, and both before the
@@ -442,12 +457,15 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
             unsigned int chunk[2] = {(more ? here[0] : after[0]) + 4 * s, (more ? here[1] : after[1]) + 4 * s};
             gemv_tc_load_weight<DQ>(next, chunk, packed, absmax, absmax_q8, absmax2, nested_shift, chunk_shift);
             // This step's inputs (from L1 or L2; the many warps of an SM cover their latency).
-            load_x_bf16(xl + 128 * min(warp + GEMV_TC_WARPS * j, steps - 1), cur.x);
+            // Lanes past the token rows keep zeros (their sums are never stored) and load nothing.
+            uint4 xs[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0),
+                           make_uint4(0, 0, 0, 0)};
+            load_x_bf16_if(g < rows, xl + 128 * min(warp + GEMV_TC_WARPS * j, steps - 1), xs);
             float a0 = DQ ? __fadd_rn(__fmul_rn(code_nested[cur.q[0]], cur.a[0]), offset) : cur.a[0];
             float a1 = DQ ? __fadd_rn(__fmul_rn(code_nested[cur.q[1]], cur.a[1]), offset) : cur.a[1];
             // A step past the input re-read the last one: it adds nothing.
             bool live = warp + GEMV_TC_WARPS * j < steps;
-            gemv_tc_step(acc, cur, table, lane_offset, __float2bfloat162_rn(live ? a0 : 0.0f),
+            gemv_tc_step(acc, cur, xs, table, lane_offset, __float2bfloat162_rn(live ? a0 : 0.0f),
                          __float2bfloat162_rn(live ? a1 : 0.0f));
             cur = next;
         }
