@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root, with .cuda-bin/ from scripts/gpu/pack.sh carried
+# along: the CUDA tests and the generation benchmarks of one device call, everything under $OUT.
+#   MODES="tests decode" DECODES="qlora qlora_other" scripts/gpu/run.sh
+# Modes, run in the order given:
+#   tests     the kernel tests, cuda_golden and cuda_generate (logs t_*.log; a summary printed)
+#   decode    `qlora bench generate` (no evaluation-shaped run, no reference stack) with each
+#             packed binary of DECODES in turn: same card, same call, so their steps compare
+#   generate  bench/generate/run.sh with qlora.gz: against transformers + bitsandbytes (needs
+#             .anchor-site, from shared/anchors/get-wheels.sh, carried too)
+# Each part runs under its own time limit, so one that hangs does not take the call's others.
+set -u
+: "${OUT:?OUT: the folder whose files come back}"
+MODES=${MODES:-tests}
+DECODES=${DECODES:-qlora}
+bin=/tmp/qlora-bin
+mkdir -p "$bin"
+for f in .cuda-bin/*.gz; do
+  n="$(basename "$f" .gz)"
+  gunzip -c "$f" > "$bin/$n" && chmod +x "$bin/$n"
+done
+export QLORA_FIXTURES="$PWD/tests/fixtures"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+date -u +%Y-%m-%dT%H:%M:%SZ | tee "$OUT/date.txt"
+for mode in $MODES; do
+  case $mode in
+    tests)
+      for t in t_kernels t_cuda_golden t_cuda_generate; do
+        SECONDS=0
+        timeout 300 "$bin/$t" --test-threads=1 --nocapture > "$OUT/$t.log" 2>&1
+        echo "== $t: exit $? after ${SECONDS}s"
+        # Without a device the tests skip, saying so: count those lines, not only the passes.
+        echo "lines saying skipped: $(grep -c skipped "$OUT/$t.log")"
+        grep -E "^test .*(FAILED|ok)$|test result|panicked" "$OUT/$t.log" | tail -30
+      done ;;
+    decode)
+      for n in $DECODES; do
+        SECONDS=0
+        timeout 180 "$bin/$n" bench generate --out "$OUT/decode_$n.json" > "$OUT/decode_$n.log" 2>&1
+        echo "== decode $n: exit $? after ${SECONDS}s"
+        if [ ! -f "$OUT/decode_$n.json" ]; then tail -5 "$OUT/decode_$n.log"; continue; fi
+        python3 - "$OUT/decode_$n.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["generate"]
+keys = ["decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "fraction_of_floor",
+        "floor_tok_s", "copy_bandwidth_gb_s", "prefill_tok_s"]
+print({k: r[k] for k in keys if k in r})
+PY
+      done ;;
+    generate)
+      SECONDS=0
+      PYTHONPATH="$PWD/.anchor-site" QLORA="$bin/qlora" RESULTS="$OUT/generate" \
+        timeout 480 bench/generate/run.sh > "$OUT/generate.log" 2>&1
+      echo "== generate: exit $? after ${SECONDS}s"; tail -5 "$OUT/generate.log" ;;
+    *) echo "unknown mode $mode" >&2; exit 2 ;;
+  esac
+done
