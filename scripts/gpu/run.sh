@@ -4,8 +4,10 @@
 #   MODES="tests decode" DECODES="qlora qlora_other" scripts/gpu/run.sh
 # Modes, run in the order given:
 #   tests     the kernel tests, cuda_golden and cuda_generate (logs t_*.log; a summary printed)
-#   decode    `qlora bench generate` (no evaluation-shaped run, no reference stack) with each
-#             packed binary of DECODES in turn: same card, same call, so their steps compare
+#   decode    `qlora bench generate` (no reference stack) with each packed binary of DECODES in
+#             turn: same card, same call, so their steps compare; BENCH_FLAGS adds flags
+#             (the evaluation-shaped run: --eval_prompt_lengths
+#             bench/generate/adgen_dev_prompt_lengths.json)
 #   generate  bench/generate/run.sh with qlora.gz: against transformers + bitsandbytes (needs
 #             .anchor-site, from shared/anchors/get-wheels.sh, carried too)
 # Each part runs under its own time limit, so one that hangs does not take the call's others.
@@ -13,6 +15,7 @@ set -u
 : "${OUT:?OUT: the folder whose files come back}"
 MODES=${MODES:-tests}
 DECODES=${DECODES:-qlora}
+BENCH_FLAGS=${BENCH_FLAGS:-}
 bin=/tmp/qlora-bin
 mkdir -p "$bin"
 for f in .cuda-bin/*.gz; do
@@ -36,14 +39,14 @@ for mode in $MODES; do
     decode)
       for n in $DECODES; do
         SECONDS=0
-        timeout 180 "$bin/$n" bench generate --out "$OUT/decode_$n.json" > "$OUT/decode_$n.log" 2>&1
+        timeout 300 "$bin/$n" bench generate $BENCH_FLAGS --out "$OUT/decode_$n.json" > "$OUT/decode_$n.log" 2>&1
         echo "== decode $n: exit $? after ${SECONDS}s"
         if [ ! -f "$OUT/decode_$n.json" ]; then tail -5 "$OUT/decode_$n.log"; continue; fi
         python3 - "$OUT/decode_$n.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["generate"]
 keys = ["decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "fraction_of_floor",
-        "floor_tok_s", "copy_bandwidth_gb_s", "prefill_tok_s"]
+        "floor_tok_s", "copy_bandwidth_gb_s", "prefill_tok_s", "eval_examples_s", "peak_alloc_gib"]
 print({k: r[k] for k in keys if k in r})
 PY
       done ;;
