@@ -8,6 +8,8 @@
 #             turn: same card, same call, so their steps compare; BENCH_FLAGS adds flags
 #             (the evaluation-shaped run: --eval_prompt_lengths
 #             bench/generate/adgen_dev_prompt_lengths.json)
+#   ncu       Nsight Compute over each binary of DECODES on a 4-layer model (caches flushed
+#             between kernels): per-kernel median times and bandwidth (ncu_summary.py)
 #   generate  bench/generate/run.sh with qlora.gz: against transformers + bitsandbytes (needs
 #             .anchor-site, from shared/anchors/get-wheels.sh, carried too)
 # Each part runs under its own time limit, so one that hangs does not take the call's others.
@@ -49,6 +51,15 @@ keys = ["decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "frac
         "floor_tok_s", "copy_bandwidth_gb_s", "prefill_tok_s", "eval_examples_s", "peak_alloc_gib"]
 print({k: r[k] for k in keys if k in r})
 PY
+      done ;;
+    ncu)
+      ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      for n in $DECODES; do
+        SECONDS=0
+        timeout 400 "$ncu" --clock-control none --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+          "$bin/$n" bench generate --layers 4 --out "$OUT/ncu_$n.json" > "$OUT/ncu_$n.csv" 2> "$OUT/ncu_$n.log"
+        echo "== ncu $n: exit $? after ${SECONDS}s"
+        python3 bench/generate/ncu_summary.py "$OUT/ncu_$n.csv" | tee "$OUT/ncu_$n.txt" | head -16
       done ;;
     generate)
       SECONDS=0
