@@ -299,23 +299,10 @@ __device__ __forceinline__ unsigned int gemv_tc_chunk(int tile, int h, int g, in
     return (unsigned int)f * (unsigned int)(in_features / 32) + (unsigned int)c;
 }
 
-__device__ __forceinline__ void load_x_bf16(const __nv_bfloat16* p, uint4* x) {
-#pragma unroll
-    for (int u = 0; u < 4; u++) x[u] = __ldg(reinterpret_cast<const uint4*>(p) + u);
-}
-__device__ __forceinline__ void load_x_bf16(const float* p, uint4* x) {
-    unsigned int w[16];
-#pragma unroll
-    for (int u = 0; u < 16; u++) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(p[2 * u], p[2 * u + 1]);
-        w[u] = *reinterpret_cast<unsigned int*>(&h);
-    }
-#pragma unroll
-    for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
-}
-
-// x[0 .. 4) = the 16-byte packs at p when `load` (else unchanged), as predicated loads: a branch
-// around them costs instructions, and lanes that load nothing cost the cache nothing.
+// x[0 .. 4) = 32 values at p as bf16 packs when `load` (else unchanged). In bf16, predicated
+// loads: a branch around them costs instructions, and lanes that load nothing cost the cache
+// nothing. (The f32 kernels, compiled alongside, never take the tensor-core GEMV: a plain
+// branch and conversion.)
 __device__ __forceinline__ void load_x_bf16_if(bool load, const __nv_bfloat16* p, uint4* x) {
 #pragma unroll
     for (int u = 0; u < 4; u++)
@@ -325,7 +312,15 @@ __device__ __forceinline__ void load_x_bf16_if(bool load, const __nv_bfloat16* p
             : "l"(reinterpret_cast<const uint4*>(p) + u), "r"((int)load));
 }
 __device__ __forceinline__ void load_x_bf16_if(bool load, const float* p, uint4* x) {
-    if (load) load_x_bf16(p, x);
+    if (!load) return;
+    unsigned int w[16];
+#pragma unroll
+    for (int u = 0; u < 16; u++) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(p[2 * u], p[2 * u + 1]);
+        w[u] = *reinterpret_cast<unsigned int*>(&h);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
 }
 
 // The weight's part of a step at chunk[h] (codes and absmax): loaded before the kernel ahead
