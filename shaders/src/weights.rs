@@ -3,7 +3,7 @@
 
 use qlora_core::arch::{ArchDescription, LinearSpec, NormSpec};
 use qlora_core::checkpoint::bnb4bit::Dequantizing;
-use qlora_core::checkpoint::{RawTensor, TensorInfo, TensorSource};
+use qlora_core::checkpoint::{RawTensor, StoredNames, TensorInfo, TensorSource};
 use qlora_core::peft::LoraPair;
 use qlora_core::quant::{self, Absmax, Quantized4};
 use qlora_core::{DType, Error, Result};
@@ -34,9 +34,7 @@ impl TensorSource for Borrowed<'_> {
 /// weights are taken as they are stored).
 pub(crate) struct Checkpoint<'a> {
     source: Dequantizing<Borrowed<'a>>,
-    /// The base-model prefix (`transformer.`) to drop from every name, for a checkpoint saved
-    /// without it.
-    strip_prefix: Option<&'static str>,
+    names: StoredNames,
 }
 
 /// A linear weight as read: 4-bit, or full precision `[out, in]`.
@@ -48,22 +46,12 @@ pub(crate) enum LinearData {
 impl<'a> Checkpoint<'a> {
     pub(crate) fn new(source: &'a dyn TensorSource, description: &ArchDescription) -> Self {
         let source = Dequantizing::new(Borrowed(source));
-        let prefix = description.architecture().base_model_prefix();
-        let embedding = &description.token_embedding().name;
-        let stripped_only = source.file_of(embedding).is_none()
-            && embedding
-                .strip_prefix(prefix)
-                .is_some_and(|bare| source.file_of(bare).is_some());
-        Checkpoint {
-            source,
-            strip_prefix: stripped_only.then_some(prefix),
-        }
+        let names = StoredNames::of(&source, description);
+        Checkpoint { source, names }
     }
 
     fn stored_name<'n>(&self, name: &'n str) -> &'n str {
-        self.strip_prefix
-            .and_then(|prefix| name.strip_prefix(prefix))
-            .unwrap_or(name)
+        self.names.stored(name)
     }
 
     fn file(&self, name: &str) -> String {

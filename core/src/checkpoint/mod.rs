@@ -6,6 +6,7 @@ use crate::{DType, Result};
 pub mod bnb4bit;
 mod bytes;
 mod files;
+mod names;
 #[cfg(not(target_arch = "wasm32"))]
 mod open;
 mod pickle;
@@ -18,6 +19,7 @@ pub mod torch;
 mod zip_index;
 
 pub use files::{open_in_memory, CHECKPOINT_FILES};
+pub use names::StoredNames;
 #[cfg(not(target_arch = "wasm32"))]
 pub use open::{open_checkpoint, open_file};
 pub use safetensors::SafetensorsFile;

@@ -3,29 +3,20 @@
 use super::ops::Norm;
 use candle_core::{Device, Tensor};
 use qlora_core::arch::{ArchDescription, EmbeddingSpec, NormSpec};
-use qlora_core::checkpoint::TensorSource;
+use qlora_core::checkpoint::{StoredNames, TensorSource};
 use qlora_core::{Error, Result};
 
 pub(crate) struct Weights<'a> {
     source: &'a dyn TensorSource,
-    /// The base-model prefix (`transformer.`) to drop from every name, for a checkpoint saved
-    /// without it.
-    strip_prefix: Option<&'static str>,
+    names: StoredNames,
 }
 
 impl<'a> Weights<'a> {
-    /// Reads the tensors of `description` from `source`, under their `*ForCausalLM` names or, when
-    /// the token embedding is only found without it, without the base-model prefix.
+    /// Reads the tensors of `description` from `source`, under the names it stores them by.
     pub(crate) fn new(source: &'a dyn TensorSource, description: &ArchDescription) -> Weights<'a> {
-        let prefix = description.architecture().base_model_prefix();
-        let embedding = &description.token_embedding().name;
-        let stripped_only = source.file_of(embedding).is_none()
-            && embedding
-                .strip_prefix(prefix)
-                .is_some_and(|bare| source.file_of(bare).is_some());
         Weights {
             source,
-            strip_prefix: stripped_only.then_some(prefix),
+            names: StoredNames::of(source, description),
         }
     }
 
@@ -36,9 +27,7 @@ impl<'a> Weights<'a> {
 
     /// The name `name` has in the checkpoint.
     pub(crate) fn stored_name<'n>(&self, name: &'n str) -> &'n str {
-        self.strip_prefix
-            .and_then(|prefix| name.strip_prefix(prefix))
-            .unwrap_or(name)
+        self.names.stored(name)
     }
 
     pub(crate) fn source(&self) -> &'a dyn TensorSource {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use qlora_core::arch::{LmHead, ModelConfig, TensorRole};
-use qlora_core::checkpoint::TensorSource;
+use qlora_core::checkpoint::{StoredNames, TensorSource};
 use qlora_core::{DType, Result};
 
 use super::{lm_head_of, Footprint, LoadOptions};
@@ -41,12 +41,11 @@ impl Engine {
             .into_iter()
             .map(|i| (i.name, i.dtype))
             .collect();
-        let prefix = config.architecture().base_model_prefix();
+        let description = config.describe();
+        let names = StoredNames::of(weights, &description);
         let dtype_of = |name: &str| {
-            let bare = name.strip_prefix(prefix).unwrap_or(name);
             dtypes
-                .get(name)
-                .or(dtypes.get(bare))
+                .get(names.stored(name))
                 .copied()
                 .unwrap_or(DType::F32)
         };
@@ -55,7 +54,6 @@ impl Engine {
             (None, Some(q)) => Some((q.blocksize, q.double_quant)),
             (None, None) => None,
         };
-        let description = config.describe();
         let tied = lm_head_of(&description) == &LmHead::TiedToEmbedding;
         let mut footprint = Footprint::default();
         for tensor in description.tensors() {
