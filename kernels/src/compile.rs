@@ -140,6 +140,102 @@ mod tests {
         }
     }
 
+    /// ptxas' report (`--verbose`) on compiling `source` for sm_90 in bf16, the precision of
+    /// GPU training and generation; `None` where libnvrtc is missing.
+    fn ptxas_report(source: &str) -> Option<String> {
+        use cudarc::nvrtc::result;
+        let source = std::ffi::CString::new(source).unwrap();
+        // The first call into NVRTC panics where the library cannot be loaded.
+        let prog = std::panic::catch_unwind(|| result::create_program(&source, None)).ok()?;
+        let prog = prog.unwrap();
+        let mut opts = options(&["QLORA_T=__nv_bfloat16".into()]);
+        opts.push(format!("--include-path={}", include_dir()));
+        opts.push("--gpu-architecture=sm_90".into());
+        opts.push("--ptxas-options=--verbose".into());
+        // SAFETY: `prog` was created above and is destroyed only after its last use.
+        let log = unsafe {
+            let compiled = result::compile_program(prog, &opts);
+            let log = result::get_program_log(prog).unwrap();
+            result::destroy_program(prog).unwrap();
+            let log: Vec<u8> = log
+                .iter()
+                .map(|&c| c as u8)
+                .take_while(|&c| c != 0)
+                .collect();
+            let log = String::from_utf8_lossy(&log).into_owned();
+            compiled.unwrap_or_else(|e| panic!("{e}: {log}"));
+            log
+        };
+        Some(log)
+    }
+
+    /// A kernel's resources as ptxas reports them: registers and bytes spilled (stored + loaded).
+    fn resources(report: &str) -> Vec<(String, usize, usize)> {
+        let number_before = |text: &str, unit: &str| -> usize {
+            let end = text
+                .find(unit)
+                .unwrap_or_else(|| panic!("no '{unit}' in {text}"));
+            let digits = text[..end].trim_end();
+            let start = digits
+                .rfind(|c: char| !c.is_ascii_digit())
+                .map_or(0, |i| i + 1);
+            digits[start..].parse().unwrap()
+        };
+        report
+            .split("Compiling entry function '")
+            .skip(1)
+            .map(|entry| {
+                let name = entry[..entry.find('\'').unwrap()].to_string();
+                let registers = number_before(entry, "registers");
+                let spilled = number_before(entry, "bytes spill stores")
+                    + number_before(entry, "bytes spill loads");
+                (name, registers, spilled)
+            })
+            .collect()
+    }
+
+    /// No kernel spills registers to local memory in bf16: spills would put loads on the data
+    /// path that bounds the decoding GEMV (held to 64 registers by its launch bounds, two blocks
+    /// of sixteen warps an SM) and every kernel that keeps a row in registers. Skipped, saying
+    /// why, where libnvrtc is missing.
+    #[test]
+    fn no_kernel_spills_registers() {
+        let Some(report) = ptxas_report(&crate::kernels::source()) else {
+            eprintln!("skipped: NVRTC could not be loaded");
+            return;
+        };
+        let kernels = resources(&report);
+        for name in crate::kernels::NAMES {
+            assert!(
+                kernels.iter().any(|(k, ..)| k == name),
+                "{name} not in ptxas' report"
+            );
+        }
+        for (name, registers, spilled) in &kernels {
+            assert_eq!(
+                *spilled, 0,
+                "{name} spills {spilled} bytes ({registers} registers)"
+            );
+        }
+        let (_, tc_registers, _) = kernels
+            .iter()
+            .find(|(k, ..)| k == "gemv_4bit_tc_dq")
+            .unwrap();
+        assert!(
+            *tc_registers <= 64,
+            "gemv_4bit_tc_dq: {tc_registers} registers"
+        );
+    }
+
+    #[test]
+    fn resources_are_read_from_the_report() {
+        let report = "ptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+            ptxas info    : Function properties for k\n\
+            ptxas         .     0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+            ptxas info    : Used 64 registers, used 1 barriers, 40960 bytes smem\n";
+        assert_eq!(resources(report), vec![("k".to_string(), 64, 20)]);
+    }
+
     #[test]
     fn cache_key_depends_on_every_part() {
         assert_ne!(fnv1a(&["a", "bc"]), fnv1a(&["ab", "c"]));
