@@ -105,30 +105,6 @@ __device__ __forceinline__ bool pack_whole(const void* p, long long i, long long
     return i + PACK <= n && ((unsigned long long)p & 15ull) == 0;
 }
 
-// Values p[i .. i + PACK) below n (0 beyond).
-__device__ __forceinline__ void load_pack(const float* p, long long i, long long n, float* v) {
-    if (pack_whole(p + i, i, n)) {
-        float4 a = reinterpret_cast<const float4*>(p + i)[0];
-        float4 b = reinterpret_cast<const float4*>(p + i)[1];
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-        return;
-    }
-    for (int k = 0; k < PACK; k++) v[k] = i + k < n ? p[i + k] : 0.0f;
-}
-__device__ __forceinline__ void load_pack(const __nv_bfloat16* p, long long i, long long n, float* v) {
-    if (pack_whole(p + i, i, n)) {
-        uint4 u = *reinterpret_cast<const uint4*>(p + i);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-        for (int k = 0; k < PACK / 2; k++) {
-            float2 f = __bfloat1622float2(h[k]);
-            v[2 * k] = f.x; v[2 * k + 1] = f.y;
-        }
-        return;
-    }
-    for (int k = 0; k < PACK; k++) v[k] = i + k < n ? __bfloat162float(p[i + k]) : 0.0f;
-}
-
 // PACK (8) values from p (16-byte aligned) as f32: one 16-byte load, each bf16 widened by a
 // shift or a mask (no alignment test, no element-by-element fallback: the caller guarantees
 // the alignment, as gemv_4bit_wide's and attention_cached's do).
@@ -146,6 +122,27 @@ __device__ __forceinline__ void load8_aligned(const __nv_bfloat16* p, float* v) 
         v[2 * k] = __uint_as_float(parts[k] << 16);
         v[2 * k + 1] = __uint_as_float(parts[k] & 0xffff0000u);
     }
+}
+
+// Values p[i .. i + PACK) below n (0 beyond).
+__device__ __forceinline__ void load_pack(const float* p, long long i, long long n, float* v) {
+    if (pack_whole(p + i, i, n)) {
+        load8_aligned(p + i, v);
+        return;
+    }
+    for (int k = 0; k < PACK; k++) v[k] = i + k < n ? p[i + k] : 0.0f;
+}
+__device__ __forceinline__ void load_pack(const __nv_bfloat16* p, long long i, long long n, float* v) {
+    if (pack_whole(p + i, i, n)) {
+        uint4 u = *reinterpret_cast<const uint4*>(p + i);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+        for (int k = 0; k < PACK / 2; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            v[2 * k] = f.x; v[2 * k + 1] = f.y;
+        }
+        return;
+    }
+    for (int k = 0; k < PACK; k++) v[k] = i + k < n ? __bfloat162float(p[i + k]) : 0.0f;
 }
 
 // p[i .. i + PACK) = v, below n.
