@@ -327,11 +327,10 @@ fn activations_forward_and_backward_match_the_cpu() {
         // tanh GELU and its derivative.
         k.gelu_fwd(gx.ptr(), out.ptr(), n).unwrap();
         k.gelu_bwd(gx.ptr(), gdy.ptr(), out2.ptr(), n).unwrap();
-        let inner = |v: f64| 0.79788456 * v * (1.0 + 0.044715 * v * v);
         let gelu: Vec<f64> = (0..n).map(|i| gelu_tanh(f(i))).collect();
         let dgelu: Vec<f64> = (0..n)
             .map(|i| {
-                let t = inner(f(i)).tanh();
+                let t = gelu_tanh_inner(f(i)).tanh();
                 let v = f(i);
                 (0.5 * v * (1.0 - t * t) * (0.79788456 + 0.1070322243 * v * v) + 0.5 * (1.0 + t))
                     * f64::from(dy[i])
@@ -659,9 +658,14 @@ fn embedding_dropout_and_head_layout_kernels() {
     });
 }
 
+/// The argument of BLOOM's tanh GELU: sqrt(2 / pi) (v + 0.044715 v^3).
+fn gelu_tanh_inner(v: f64) -> f64 {
+    0.79788456 * v * (1.0 + 0.044715 * v * v)
+}
+
 /// BLOOM's tanh GELU in f64: the reference of gelu_fwd and of the GEMV's decoding epilogue.
 fn gelu_tanh(v: f64) -> f64 {
-    0.5 * v * (1.0 + (0.79788456 * v * (1.0 + 0.044715 * v * v)).tanh())
+    0.5 * v * (1.0 + gelu_tanh_inner(v).tanh())
 }
 
 /// `w` ([out, in]) quantized as each 4-bit type with each (double quant, block size) of
