@@ -76,8 +76,16 @@ pub(crate) const NAMES: [&str; 42] = [
     "top_k_candidates",
 ];
 
-/// Token rows one [`Kernels::gemv_4bit`] launch serves at most.
-pub const GEMV_MAX_ROWS: usize = 4;
+/// Token rows the CUDA-core GEMVs (f32, or without tensor cores) serve at most.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// Token rows one pass of the tensor-core GEMV serves (its mma's N).
+const GEMV_TC_ROWS: usize = 8;
+
+/// Token rows the tensor-core GEMV serves at most, a pass per [`GEMV_TC_ROWS`]: four passes read
+/// the packed weight four times (2 bytes a weight in all), still less than half of what
+/// dequantizing it for a GEMM moves (write and read it in bf16: 4.5 bytes a weight).
+const GEMV_TC_MAX_ROWS: usize = 4 * GEMV_TC_ROWS;
 
 /// The compiled kernels for one activation precision.
 pub struct Kernels {
@@ -302,6 +310,15 @@ impl Kernels {
     /// Which GEMV [`Kernels::gemv_4bit`] launches from now on.
     pub fn set_gemv(&self, kernel: GemvKernel) {
         self.gemv.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    /// Token rows up to which [`Kernels::gemv_4bit`] multiplies `x` (at device address `x`)
+    /// by the 4-bit `w`; more rows are cheaper through a dequantized copy and a GEMM.
+    pub fn gemv_max_rows(&self, w: &DeviceQuantized, x: u64) -> usize {
+        match self.gemv_for(w, x) {
+            GemvKernel::Tensor => GEMV_TC_MAX_ROWS,
+            _ => GEMV_MAX_ROWS,
+        }
     }
 
     /// The GEMV that serves `w` against x at device address `x`: the chosen one, or the next
@@ -847,10 +864,10 @@ impl Kernels {
         )
     }
 
-    /// `y [rows, out] = x [rows, in] w^T (+ bias [out])` straight from the packed weight
-    /// `w [out, in]`, for `rows <= GEMV_MAX_ROWS` and a weight [`DeviceQuantized::gemv_ready`].
-    /// `y [rows, out] = act(x [rows, in] W^T + bias) + residual` for a 4-bit `W` read once
-    /// (`bias`, `residual`: 0 for none; `gelu`: BLOOM's GELU as the activation, else none).
+    /// `y [rows, out] = act(x [rows, in] W^T + bias) + residual` straight from the packed 4-bit
+    /// weight `W [out, in]` (`bias`, `residual`: 0 for none; `gelu`: BLOOM's GELU as the
+    /// activation, else none), for `rows <= gemv_max_rows(w, x)` and a weight
+    /// [`DeviceQuantized::gemv_ready`]: read once, or once a pass of the tensor-core kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_4bit(
         &self,
@@ -865,14 +882,34 @@ impl Kernels {
         let [out_features, in_features] = w.shape[..] else {
             return Err(error("gemv_4bit: the weight is not a matrix"));
         };
-        if !w.gemv_ready() || rows_ == 0 || rows_ > GEMV_MAX_ROWS {
+        if !w.gemv_ready() || rows_ == 0 || rows_ > self.gemv_max_rows(w, x) {
             return Err(error(format!(
                 "gemv_4bit: {rows_} rows of a [{out_features}, {in_features}] weight with blocksize {} is not supported",
                 w.blocksize
             )));
         }
-        let a = w.absmax_args();
         let kernel = self.gemv_for(w, x);
+        if kernel == GemvKernel::Tensor && rows_ > GEMV_TC_ROWS {
+            // A pass per GEMV_TC_ROWS rows: x, y and the residual from that row on (whole rows
+            // of 128-multiple widths, so x stays 16-byte aligned).
+            for first in (0..rows_).step_by(GEMV_TC_ROWS) {
+                let from_row = |p: u64, width: usize| match p {
+                    0 => 0,
+                    p => p + self.bytes(first * width) as u64,
+                };
+                self.gemv_4bit(
+                    w,
+                    from_row(x, in_features),
+                    bias,
+                    from_row(residual, out_features),
+                    gelu,
+                    from_row(y, out_features),
+                    (rows_ - first).min(GEMV_TC_ROWS),
+                )?;
+            }
+            return Ok(());
+        }
+        let a = w.absmax_args();
         let r = match rows_ {
             1 => 0,
             2 => 1,

@@ -774,7 +774,8 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
     // 128-wide input steps: 3 and 8 (fewer than the block's sixteen warps: the others re-read
     // the last step with a zero scale), 34 (two warps with three steps, the others two and one
     // re-read); 40 and 24 outputs leave a partial tile of 16; 272 outputs give the persistent
-    // blocks more than one tile each on a small grid.
+    // blocks more than one tile each on a small grid. Rows: 1-4, a full pass of 8, and 13 (two
+    // passes, the second from row 8 of x, y and the residual).
     for (out_features, in_features) in [(40, 384), (24, 1024), (272, 4352)] {
         let w = random(out_features * in_features, 31);
         let bias = rounded(p, &random(out_features, 32));
@@ -786,7 +787,7 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
             |qt, dq, bs, q| {
                 let weights = bf16_dequantized(&q);
                 let dq_w = DeviceQuantized::upload(&gpu, &q, "test").unwrap();
-                for rows in [1, 2, 3, 4] {
+                for rows in [1, 2, 3, 4, 8, 13] {
                     let x = rounded(p, &random(rows * in_features, 33 + rows as u64));
                     let residual = rounded(p, &random(rows * out_features, 34));
                     let product =
@@ -822,6 +823,10 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
                         assert!(r <= 8e-3, "rel {r}");
                     }
                 }
+                // More rows than four passes go through a dequantized copy: refused here.
+                let limit = k.gemv_max_rows(&dq_w, 0);
+                assert_eq!(limit, 32);
+                assert!(k.gemv_4bit(&dq_w, 0, 0, 0, false, 0, limit + 1).is_err());
             },
         );
     }

@@ -46,10 +46,10 @@ for mode in $MODES; do
         if [ ! -f "$OUT/decode_$n.json" ]; then tail -5 "$OUT/decode_$n.log"; continue; fi
         python3 - "$OUT/decode_$n.json" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1]))["generate"]
-keys = ["decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "fraction_of_floor",
+keys = ["lora", "decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "fraction_of_floor",
         "floor_tok_s", "copy_bandwidth_gb_s", "prefill_tok_s", "eval_examples_s", "peak_alloc_gib"]
-print({k: r[k] for k in keys if k in r})
+for r in json.load(open(sys.argv[1]))["generate"]:  # one entry per adapter setting (--lora)
+    print({k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys if k in r})
 PY
       done ;;
     ncu)
@@ -69,3 +69,8 @@ PY
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
 done
+# A device call brings back only a few loose files: everything goes back as one archive
+# (`tar xzf results.tgz` here), unless the caller packs $OUT itself (PACK=0).
+if [ "${PACK:-1}" = 1 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
+fi

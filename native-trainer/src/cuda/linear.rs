@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use qlora_core::Result;
-use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, Precision, GEMV_MAX_ROWS};
+use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, Precision};
 
 use super::lora::LoraStore;
 use super::weights::FrozenWeight;
@@ -166,7 +166,7 @@ impl Linear {
         let (i, o) = (self.in_features, self.out_features);
         let mut pending = Some(epilogue);
         match &self.weight {
-            FrozenWeight::Packed(q) if n <= GEMV_MAX_ROWS && q.gemv_ready() => {
+            FrozenWeight::Packed(q) if q.gemv_ready() && n <= ctx.k.gemv_max_rows(q, x) => {
                 let bias = self.bias.as_ref().map_or(0, |b| b.ptr());
                 let fused = if self.lora.is_none() {
                     pending.take().unwrap_or_default()
