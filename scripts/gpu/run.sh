@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root, with .cuda-bin/ from scripts/gpu/pack.sh carried
-# along: the CUDA tests and the generation benchmarks of one device call, everything under $OUT.
+# along: the CUDA tests and the generation benchmarks of one device call, everything under $OUT
+# (packed at the end into $OUT/results.tgz; PACK=0 leaves it loose).
 #   MODES="tests decode" DECODES="qlora qlora_other" scripts/gpu/run.sh
 # Modes, run in the order given:
 #   tests     the kernel tests, cuda_golden and cuda_generate (logs t_*.log; a summary printed)
