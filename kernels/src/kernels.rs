@@ -125,6 +125,14 @@ pub enum GemvKernel {
 
 impl GemvKernel {
     const ALL: [GemvKernel; 3] = [GemvKernel::OneChunk, GemvKernel::Wide, GemvKernel::Tensor];
+
+    /// Token rows one [`Kernels::gemv_4bit`] call with this kernel serves at most.
+    fn max_rows(self) -> usize {
+        match self {
+            GemvKernel::Tensor => GEMV_TC_MAX_ROWS,
+            _ => GEMV_MAX_ROWS,
+        }
+    }
 }
 
 fn grid(n: usize, block: usize) -> LaunchConfig {
@@ -315,10 +323,7 @@ impl Kernels {
     /// Token rows up to which [`Kernels::gemv_4bit`] multiplies `x` (at device address `x`)
     /// by the 4-bit `w`; more rows are cheaper through a dequantized copy and a GEMM.
     pub fn gemv_max_rows(&self, w: &DeviceQuantized, x: u64) -> usize {
-        match self.gemv_for(w, x) {
-            GemvKernel::Tensor => GEMV_TC_MAX_ROWS,
-            _ => GEMV_MAX_ROWS,
-        }
+        self.gemv_for(w, x).max_rows()
     }
 
     /// The GEMV that serves `w` against x at device address `x`: the chosen one, or the next
@@ -882,13 +887,13 @@ impl Kernels {
         let [out_features, in_features] = w.shape[..] else {
             return Err(error("gemv_4bit: the weight is not a matrix"));
         };
-        if !w.gemv_ready() || rows_ == 0 || rows_ > self.gemv_max_rows(w, x) {
+        let kernel = self.gemv_for(w, x);
+        if !w.gemv_ready() || rows_ == 0 || rows_ > kernel.max_rows() {
             return Err(error(format!(
                 "gemv_4bit: {rows_} rows of a [{out_features}, {in_features}] weight with blocksize {} is not supported",
                 w.blocksize
             )));
         }
-        let kernel = self.gemv_for(w, x);
         if kernel == GemvKernel::Tensor && rows_ > GEMV_TC_ROWS {
             // A pass per GEMV_TC_ROWS rows: x, y and the residual from that row on (whole rows
             // of 128-multiple widths, so x stays 16-byte aligned).
