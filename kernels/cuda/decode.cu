@@ -323,13 +323,40 @@ __device__ __forceinline__ void load_x_bf16_if(bool load, const float* p, uint4*
     for (int u = 0; u < 4; u++) x[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
 }
 
+// The 8-bit absmax codes of a double-quantized weight in the order the tensor-core GEMV's warps
+// read them: for tile t (16 features) and step s (128 inputs), 32 bytes, byte 2r + half the code
+// of the block that holds codes [128s + 64 half, +64) of feature 16t + r (features past the last
+// repeat the last). A warp's two loads of a step then fall in one 32-byte sector, where the
+// stored order puts the 16 features' codes in as many cache lines (a row of blocks apart) and the
+// L1's data path, which bounds the GEMV, serves each line separately. Needs block sizes of at
+// least 64 (a lane pair's 64 codes in one block). Made once by absmax_q8_by_step.
+__device__ __forceinline__ unsigned int gemv_tc_q8_at(int tile, int step, int steps, int g, int c) {
+    return ((unsigned int)(tile * steps + step) * 16u + (unsigned int)g) * 2u + (unsigned int)(c >> 1);
+}
+
+extern "C" __global__ void absmax_q8_by_step(const unsigned char* __restrict__ absmax_q8,
+                                             unsigned char* __restrict__ by_step, int out_features,
+                                             int in_features, int block_shift) {
+    wait_for_prior_grids();
+    int steps = in_features / 128;
+    long long n = (long long)((out_features + 15) / 16) * steps * 32;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long ts = i >> 5;
+        int r = (int)(i >> 1) & 15, half = (int)i & 1;
+        long long f = min((ts / steps) * 16 + r, (long long)out_features - 1);
+        long long code = f * in_features + (ts % steps) * 128 + 64 * half;
+        by_step[i] = absmax_q8[code >> block_shift];
+    }
+}
+
 // The weight's part of a step at chunk[h] (codes and absmax): loaded before the kernel ahead
 // has finished.
 template <bool DQ>
-__device__ __forceinline__ void gemv_tc_load_weight(GemvTcStep& st, const unsigned int* chunk,
+__device__ __forceinline__ void gemv_tc_load_weight(GemvTcStep& st, const unsigned int* chunk, unsigned int q_at,
                                                     const uint4* __restrict__ packed,
                                                     const float* __restrict__ absmax,
-                                                    const unsigned char* __restrict__ absmax_q8,
+                                                    const unsigned char* __restrict__ q8_by_step,
                                                     const float* __restrict__ absmax2, int nested_shift,
                                                     int chunk_shift) {
 #pragma unroll
@@ -337,7 +364,7 @@ __device__ __forceinline__ void gemv_tc_load_weight(GemvTcStep& st, const unsign
         st.w[h] = __ldg(packed + chunk[h]);
         unsigned int block = chunk[h] >> chunk_shift;
         if (DQ) {
-            st.q[h] = __ldg(absmax_q8 + block);
+            st.q[h] = __ldg(q8_by_step + q_at + 16 * h);
             st.a[h] = __ldg(absmax2 + (block >> nested_shift));
         } else {
             st.a[h] = __ldg(absmax + block);
@@ -423,7 +450,8 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
     int first = min(warp, steps - 1);
     if (tile < tiles) {
         unsigned int chunk[2] = {here[0] + 4 * first, here[1] + 4 * first};
-        gemv_tc_load_weight<DQ>(cur, chunk, packed, absmax, absmax_q8, absmax2, nested_shift, chunk_shift);
+        gemv_tc_load_weight<DQ>(cur, chunk, gemv_tc_q8_at(tile, first, steps, g, c), packed, absmax, absmax_q8,
+                                absmax2, nested_shift, chunk_shift);
     }
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         __nv_bfloat162 v = __floats2bfloat162_rn(code16[i >> 4], code16[i & 15]);
@@ -450,7 +478,9 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
             bool more = j + 1 < per_warp;
             int s = min(more ? warp + GEMV_TC_WARPS * (j + 1) : warp, steps - 1);
             unsigned int chunk[2] = {(more ? here[0] : after[0]) + 4 * s, (more ? here[1] : after[1]) + 4 * s};
-            gemv_tc_load_weight<DQ>(next, chunk, packed, absmax, absmax_q8, absmax2, nested_shift, chunk_shift);
+            int next_tile = more ? tile : min(tile + (int)gridDim.x, tiles - 1);
+            gemv_tc_load_weight<DQ>(next, chunk, gemv_tc_q8_at(next_tile, s, steps, g, c), packed, absmax, absmax_q8,
+                                    absmax2, nested_shift, chunk_shift);
             // This step's inputs (from L1 or L2; the many warps of an SM cover their latency).
             // Lanes past the token rows keep zeros (their sums are never stored) and load nothing.
             uint4 xs[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0),
@@ -493,7 +523,8 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
     }
 }
 
-// The weight's absmax stored (gemv_4bit_tc) or double-quantized (gemv_4bit_tc_dq).
+// The weight's absmax stored (gemv_4bit_tc) or double-quantized (gemv_4bit_tc_dq: `absmax_q8` is
+// then the codes in step order, from absmax_q8_by_step).
 #define GEMV_4BIT_TC(NAME, DQ)                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS, 2) NAME(                             \
         const uint4* packed, const float* absmax, const unsigned char* absmax_q8, const float* code2,      \

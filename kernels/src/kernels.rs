@@ -31,7 +31,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-pub(crate) const NAMES: [&str; 42] = [
+pub(crate) const NAMES: [&str; 43] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -67,6 +67,7 @@ pub(crate) const NAMES: [&str; 42] = [
     "gemv_4bit_wide_4",
     "gemv_4bit_tc",
     "gemv_4bit_tc_dq",
+    "absmax_q8_by_step",
     "kv_append",
     "attention_cached",
     "attention_combine",
@@ -333,9 +334,8 @@ impl Kernels {
         // Both read x in 16-byte loads without testing each.
         let wide = w.wide_gemv_ready() && x.is_multiple_of(16);
         let tensor = wide
-            && self.tensor_cores
-            && self.precision == Precision::Bf16
-            && w.shape[1].is_multiple_of(128);
+            && self.tensor_gemv_shape(w)
+            && (w.absmax_args().quantized == 0 || w.q8_by_step.is_some());
         match chosen {
             GemvKernel::Tensor if tensor => GemvKernel::Tensor,
             GemvKernel::Tensor | GemvKernel::Wide if wide => GemvKernel::Wide,
@@ -869,6 +869,47 @@ impl Kernels {
         )
     }
 
+    /// Whether this card and precision run the tensor-core GEMV on `w`'s shape (a
+    /// double-quantized `w` also needs [`Kernels::prepare_gemv`]).
+    fn tensor_gemv_shape(&self, w: &DeviceQuantized) -> bool {
+        w.wide_gemv_ready()
+            && self.tensor_cores
+            && self.precision == Precision::Bf16
+            && w.shape[1].is_multiple_of(128)
+    }
+
+    /// Readies `w` for the tensor-core GEMV where it is double-quantized: a copy of its 8-bit
+    /// absmax codes in the order the kernel reads them (`absmax_q8_by_step` in decode.cu; 1 byte
+    /// per 64 weights, so 1.6% more device memory). Decoding calls this once after loading;
+    /// training does not, and keeps the memory. Weights it cannot serve (block sizes under 64)
+    /// are left as they are and take the wide GEMV.
+    pub fn prepare_gemv(&self, gpu: &Gpu, w: &mut DeviceQuantized) -> Result<()> {
+        let DeviceAbsmax::Double { quantized, .. } = &w.absmax else {
+            return Ok(());
+        };
+        if w.q8_by_step.is_some() || w.blocksize < 64 || !self.tensor_gemv_shape(w) {
+            return Ok(());
+        }
+        let [out_features, in_features] = w.shape[..] else {
+            return Ok(());
+        };
+        let bytes = out_features.div_ceil(16) * (in_features / 128) * 32;
+        let by_step = gpu.alloc(bytes, "absmax codes in GEMV step order")?;
+        let (_, block_shift) = w.block_shifts();
+        launch!(
+            self,
+            "absmax_q8_by_step",
+            grid(bytes, 256),
+            quantized.ptr(),
+            by_step.ptr(),
+            out_features as i32,
+            in_features as i32,
+            block_shift
+        )?;
+        w.q8_by_step = Some(by_step);
+        Ok(())
+    }
+
     /// `y [rows, out] = act(x [rows, in] W^T + bias) + residual` straight from the packed 4-bit
     /// weight `W [out, in]` (`bias`, `residual`: 0 for none; `gelu`: BLOOM's GELU as the
     /// activation, else none), for `rows <= gemv_max_rows(w, x)` and a weight
@@ -923,7 +964,8 @@ impl Kernels {
         let (name, wave) = match kernel {
             GemvKernel::OneChunk => (["gemv_4bit_1", "gemv_4bit_2", "gemv_4bit_4"][r], None),
             GemvKernel::Wide => (GEMV_WAVE[r].0, Some(self.gemv_wave[r])),
-            // The tensor-core GEMV comes in one kernel per kind of absmax.
+            // The tensor-core GEMV comes in one kernel per kind of absmax; the double-quantized
+            // one reads the 8-bit codes in step order (gemv_for made sure they exist).
             GemvKernel::Tensor if a.quantized != 0 => ("gemv_4bit_tc_dq", Some(self.gemv_wave[3])),
             GemvKernel::Tensor => ("gemv_4bit_tc", Some(self.gemv_wave[3])),
         };
@@ -947,13 +989,17 @@ impl Kernels {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        let quantized = match (kernel, &w.q8_by_step) {
+            (GemvKernel::Tensor, Some(by_step)) => by_step.ptr(),
+            _ => a.quantized,
+        };
         launch!(
             self,
             name,
             cfg,
             w.packed.ptr(),
             a.absmax,
-            a.quantized,
+            quantized,
             a.code,
             a.nested_absmax,
             a.offset,
@@ -1290,6 +1336,9 @@ pub struct DeviceQuantized {
     packed: DeviceBuffer,
     absmax: DeviceAbsmax,
     code: DeviceBuffer,
+    /// The double-quantized absmax codes in the tensor-core GEMV's order, once
+    /// [`Kernels::prepare_gemv`] made them.
+    q8_by_step: Option<DeviceBuffer>,
 }
 
 impl DeviceQuantized {
@@ -1312,6 +1361,7 @@ impl DeviceQuantized {
             packed: gpu.upload(&q.packed, name)?,
             absmax,
             code: gpu.upload(decode_table(q.quant_type), name)?,
+            q8_by_step: None,
         })
     }
 

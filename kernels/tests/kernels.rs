@@ -786,7 +786,10 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
             variants,
             |qt, dq, bs, q| {
                 let weights = bf16_dequantized(&q);
-                let dq_w = DeviceQuantized::upload(&gpu, &q, "test").unwrap();
+                let mut dq_w = DeviceQuantized::upload(&gpu, &q, "test").unwrap();
+                // Double-quantized weights take the tensor-core GEMV once their absmax codes
+                // are in its order (checked below through gemv_max_rows).
+                k.prepare_gemv(&gpu, &mut dq_w).unwrap();
                 for rows in [1, 2, 3, 4, 8, 13] {
                     let x = rounded(p, &random(rows * in_features, 33 + rows as u64));
                     let residual = rounded(p, &random(rows * out_features, 34));

@@ -88,6 +88,7 @@ fn cuda_model(gpu: &Gpu, loaded: &Loaded, precision: Precision, merge: bool) -> 
     if merge {
         model.merge_adapters().unwrap();
     }
+    model.prepare_decoding().unwrap();
     model
 }
 

@@ -133,6 +133,7 @@ pub fn run(
             gradient_checkpointing: false,
         },
     )?;
+    model.prepare_decoding()?;
     model.kernels().set_gemv(options.gemv);
     progress("model loaded; measuring the copy bandwidth");
     let bandwidth = copy_bandwidth(gpu)?;

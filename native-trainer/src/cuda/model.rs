@@ -730,6 +730,21 @@ impl CudaModel {
         Ok(())
     }
 
+    /// Readies the 4-bit projections for decoding (see `Kernels::prepare_gemv`: the
+    /// double-quantized absmax codes in the tensor-core GEMV's order). Generation calls it once
+    /// after loading (and after `merge_adapters`, which leaves nothing packed to ready in the
+    /// merged projections); training does not need it.
+    pub fn prepare_decoding(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            for lin in block.linears_mut() {
+                if let FrozenWeight::Packed(q) = &mut lin.weight {
+                    self.kernels.prepare_gemv(&self.gpu, q)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn zero_grad(&self) -> Result<()> {
         self.lora.zero_grad(&self.gpu)
     }

@@ -68,6 +68,7 @@ pub fn load_for_generation(
             if merge_adapter {
                 model.merge_adapters()?;
             }
+            model.prepare_decoding()?;
             Box::new(model)
         }
     };
