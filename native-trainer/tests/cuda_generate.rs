@@ -15,8 +15,8 @@ use qlora_core::arch::ModelConfig;
 use qlora_core::checkpoint::bnb4bit::Dequantizing;
 use qlora_core::checkpoint::open_checkpoint;
 use qlora_trainer::cpu::Model;
-use qlora_trainer::cuda::{CudaModel, CudaOptions, Gpu, Precision};
-use qlora_trainer::generate::model::{load_model, with_adapter};
+use qlora_trainer::cuda::{CudaModel, Gpu, Precision};
+use qlora_trainer::generate::model::{load_cuda_model, load_model};
 use qlora_trainer::generate::{
     generate, generate_batch, greedy_reference, GenerateOptions, Generator, Sampler, SamplingParams,
 };
@@ -71,25 +71,15 @@ fn load(model: &str, adapter: Option<&str>) -> Loaded {
 fn cuda_model(gpu: &Gpu, loaded: &Loaded, precision: Precision, merge: bool) -> CudaModel {
     // The wrapper hands the CUDA loader the packed weights (it asks for them first).
     let weights = Dequantizing::new(open_checkpoint(&loaded.dir).unwrap());
-    let options = CudaOptions {
+    load_cuda_model(
+        gpu,
+        &loaded.config,
+        &weights,
+        loaded.adapter.as_deref(),
         precision,
-        gradient_checkpointing: false,
-    };
-    let mut model = with_adapter(loaded.adapter.as_deref(), |setup| {
-        Ok(CudaModel::load(
-            gpu,
-            &loaded.config,
-            &weights,
-            setup,
-            options,
-        )?)
-    })
-    .unwrap();
-    if merge {
-        model.merge_adapters().unwrap();
-    }
-    model.prepare_decoding().unwrap();
-    model
+        merge,
+    )
+    .unwrap()
 }
 
 fn greedy(penalty: f32) -> Sampler {

@@ -51,32 +51,45 @@ pub fn load_for_generation(
             gpu,
             precision,
             merge_adapter,
-        } => {
-            let options = CudaOptions {
-                precision,
-                gradient_checkpointing: false,
-            };
-            let mut model = with_adapter(adapter, |setup| {
-                Ok(CudaModel::load(
-                    &gpu,
-                    &base.config,
-                    &*base.weights,
-                    setup,
-                    options,
-                )?)
-            })?;
-            if merge_adapter {
-                model.merge_adapters()?;
-            }
-            model.prepare_decoding()?;
-            Box::new(model)
-        }
+        } => Box::new(load_cuda_model(
+            &gpu,
+            &base.config,
+            &*base.weights,
+            adapter,
+            precision,
+            merge_adapter,
+        )?),
     };
     Ok(GenerationModel {
         model,
         tokenizer: base.tokenizer,
         template: base.template,
     })
+}
+
+/// The CUDA model of `config` from `weights` (4-bit weights stay packed), with the LoRA adapters
+/// of the PEFT directory `adapter` when given, merged into dense copies when `merge_adapter`,
+/// and ready to decode.
+pub fn load_cuda_model(
+    gpu: &Gpu,
+    config: &ModelConfig,
+    weights: &dyn TensorSource,
+    adapter: Option<&Path>,
+    precision: Precision,
+    merge_adapter: bool,
+) -> Result<CudaModel> {
+    let options = CudaOptions {
+        precision,
+        gradient_checkpointing: false,
+    };
+    let mut model = with_adapter(adapter, |setup| {
+        Ok(CudaModel::load(gpu, config, weights, setup, options)?)
+    })?;
+    if merge_adapter {
+        model.merge_adapters()?;
+    }
+    model.prepare_decoding()?;
+    Ok(model)
 }
 
 /// The CPU model of `config` from `weights`, with the LoRA adapters of the PEFT directory
