@@ -47,7 +47,7 @@ for mode in $MODES; do
         if [ ! -f "$OUT/decode_$n.json" ]; then tail -5 "$OUT/decode_$n.log"; continue; fi
         python3 - "$OUT/decode_$n.json" <<'PY'
 import json, sys
-keys = ["lora", "decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "fraction_of_floor",
+keys = ["lora", "merged_adapter", "decode_step_ms", "decode_step_unrecorded_ms", "decode_tok_s_bs1", "fraction_of_floor",
         "floor_tok_s", "copy_bandwidth_gb_s", "prefill_tok_s", "eval_examples_s", "peak_alloc_gib"]
 for r in json.load(open(sys.argv[1]))["generate"]:  # one entry per adapter setting (--lora)
     print({k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys if k in r})

@@ -49,7 +49,8 @@ pub struct GenerateArgs {
     /// New tokens per prompt in the evaluation-shaped run (random weights never stop early).
     #[arg(long, default_value_t = 128)]
     pub eval_new_tokens: usize,
-    /// Also measure with a LoRA adapter (r=16 on query_key_value) applied unmerged.
+    /// Also measure with a LoRA adapter (r=16 on query_key_value), applied unmerged and merged
+    /// into a bf16 copy of the weight (`predict`'s default and its `--merge_adapter`).
     #[arg(long)]
     pub lora: bool,
     /// The decoding GEMV measured throughout (the other one's step is timed beside it).
@@ -137,7 +138,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let gpu = Gpu::open(0)?;
     eprintln!("device: {}", gpu.describe());
     let mut results = Vec::new();
-    for lora in std::iter::once(false).chain(args.lora.then_some(true)) {
+    let adapters: &[(bool, bool)] = if args.lora {
+        &[(false, false), (true, false), (true, true)]
+    } else {
+        &[(false, false)]
+    };
+    for &(lora, merge_adapter) in adapters {
+        let label = match (lora, merge_adapter) {
+            (false, _) => "no adapter",
+            (true, false) => "adapter unmerged",
+            (true, true) => "adapter merged",
+        };
         let options = GenerateBenchOptions {
             layers: args.layers,
             prefill_tokens: args.prefill_tokens,
@@ -145,15 +156,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
             eval_batch: args.eval_batch,
             eval_new_tokens: args.eval_new_tokens,
             lora,
+            merge_adapter,
             gemv: match args.gemv {
                 Gemv::OneChunk => GemvKernel::OneChunk,
                 Gemv::Wide => GemvKernel::Wide,
                 Gemv::Tensor => GemvKernel::Tensor,
             },
         };
-        let r = decode_bench::run(&gpu, &options, &mut |m| eprintln!("lora={lora}: {m}"))?;
+        let r = decode_bench::run(&gpu, &options, &mut |m| eprintln!("{label}: {m}"))?;
         eprintln!(
-            "lora={lora}: decode {:.0} tok/s (step {:.2} ms, {:.0}% of the {:.0} tok/s floor), prefill {:.0} tok/s, eval {:.2} examples/s",
+            "{label}: decode {:.0} tok/s (step {:.2} ms, {:.0}% of the {:.0} tok/s floor), prefill {:.0} tok/s, eval {:.2} examples/s",
             r.decode_tok_s_bs1,
             r.decode_step_ms,
             100.0 * r.fraction_of_floor,

@@ -28,8 +28,10 @@ pub struct GenerateBenchOptions {
     pub eval_prompt_lengths: Vec<usize>,
     pub eval_batch: usize,
     pub eval_new_tokens: usize,
-    /// Measure with a LoRA adapter (r=16 on query_key_value) applied unmerged.
+    /// Measure with a LoRA adapter (r=16 on query_key_value), applied unmerged unless
+    /// `merge_adapter` folds it into a bf16 copy of the weight (`predict --merge_adapter`).
     pub lora: bool,
+    pub merge_adapter: bool,
     /// The decoding GEMV of every measurement but `decode_step_other_gemv_ms`.
     pub gemv: GemvKernel,
 }
@@ -37,6 +39,7 @@ pub struct GenerateBenchOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GenerateBenchResult {
     pub lora: bool,
+    pub merged_adapter: bool,
     /// As the anchor measures it: 64 new tokens after a 32-token prompt, prefill included.
     pub decode_tok_s_bs1: f64,
     /// One decoding step (batch 1), the median of 64.
@@ -133,6 +136,9 @@ pub fn run(
             gradient_checkpointing: false,
         },
     )?;
+    if options.lora && options.merge_adapter {
+        model.merge_adapters()?;
+    }
     model.prepare_decoding()?;
     model.kernels().set_gemv(options.gemv);
     progress("model loaded; measuring the copy bandwidth");
@@ -236,6 +242,7 @@ pub fn run(
     let memory = gpu.memory()?;
     Ok(GenerateBenchResult {
         lora: options.lora,
+        merged_adapter: options.lora && options.merge_adapter,
         decode_tok_s_bs1,
         decode_step_ms: 1e3 * step_s,
         decode_step_unrecorded_ms: 1e3 * unrecorded_step_s,
