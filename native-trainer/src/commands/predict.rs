@@ -44,8 +44,9 @@ pub struct ModelArgs {
     /// CUDA: activation precision (f32 is the exact check mode).
     #[arg(long, value_enum, default_value = "bf16")]
     pub precision: CudaPrecision,
-    /// CUDA: fold the adapter into a dense copy of each adapted weight (faster decoding, more
-    /// memory) instead of applying it unmerged.
+    /// CUDA: fold the adapter into a dense bf16 copy of each adapted weight instead of applying
+    /// it unmerged (faster prefill; slower decoding and more memory, as every token reads the
+    /// copy in bf16).
     #[arg(long)]
     pub merge_adapter: bool,
 }

@@ -27,7 +27,8 @@ pub struct GenerationModel {
 pub enum GenerationDevice {
     Cpu,
     /// The base stays 4-bit on the GPU; `merge_adapter` folds the adapter into a dense copy of
-    /// each adapted weight (faster decoding, more memory) instead of applying it unmerged.
+    /// each adapted weight (faster prefill, slower decoding, more memory: the README has the
+    /// figures) instead of applying it unmerged.
     Cuda {
         gpu: Gpu,
         precision: Precision,
