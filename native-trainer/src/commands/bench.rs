@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use qlora_kernels::GemvKernel;
 use qlora_trainer::cuda::bench::{self, BenchConfig};
-use qlora_trainer::cuda::decode_bench::{self, GenerateBenchOptions};
+use qlora_trainer::cuda::decode_bench::{self, BenchAdapter, GenerateBenchOptions};
 use qlora_trainer::cuda::Gpu;
 use qlora_trainer::distributed::launcher::{launch_this_program, rank_arguments};
 use qlora_trainer::distributed::{NcclGroup, RankEnv};
@@ -138,25 +138,24 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let gpu = Gpu::open(0)?;
     eprintln!("device: {}", gpu.describe());
     let mut results = Vec::new();
-    let adapters: &[(bool, bool)] = if args.lora {
-        &[(false, false), (true, false), (true, true)]
+    let adapters: &[BenchAdapter] = if args.lora {
+        &[
+            BenchAdapter::None,
+            BenchAdapter::Unmerged,
+            BenchAdapter::Merged,
+        ]
     } else {
-        &[(false, false)]
+        &[BenchAdapter::None]
     };
-    for &(lora, merge_adapter) in adapters {
-        let label = match (lora, merge_adapter) {
-            (false, _) => "no adapter",
-            (true, false) => "adapter unmerged",
-            (true, true) => "adapter merged",
-        };
+    for &adapter in adapters {
+        let label = adapter.describe();
         let options = GenerateBenchOptions {
             layers: args.layers,
             prefill_tokens: args.prefill_tokens,
             eval_prompt_lengths: eval_prompt_lengths.clone(),
             eval_batch: args.eval_batch,
             eval_new_tokens: args.eval_new_tokens,
-            lora,
-            merge_adapter,
+            adapter,
             gemv: match args.gemv {
                 Gemv::OneChunk => GemvKernel::OneChunk,
                 Gemv::Wide => GemvKernel::Wide,

@@ -28,12 +28,28 @@ pub struct GenerateBenchOptions {
     pub eval_prompt_lengths: Vec<usize>,
     pub eval_batch: usize,
     pub eval_new_tokens: usize,
-    /// Measure with a LoRA adapter (r=16 on query_key_value), applied unmerged unless
-    /// `merge_adapter` folds it into a bf16 copy of the weight (`predict --merge_adapter`).
-    pub lora: bool,
-    pub merge_adapter: bool,
+    pub adapter: BenchAdapter,
     /// The decoding GEMV of every measurement but `decode_step_other_gemv_ms`.
     pub gemv: GemvKernel,
+}
+
+/// The LoRA adapter measured with (r=16 on query_key_value): none, applied unmerged
+/// (`predict`'s default), or folded into a bf16 copy of the weight (`predict --merge_adapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchAdapter {
+    None,
+    Unmerged,
+    Merged,
+}
+
+impl BenchAdapter {
+    pub fn describe(self) -> &'static str {
+        match self {
+            BenchAdapter::None => "no adapter",
+            BenchAdapter::Unmerged => "adapter unmerged",
+            BenchAdapter::Merged => "adapter merged",
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -130,16 +146,13 @@ pub fn run(
         gpu,
         &config,
         &base,
-        options.lora.then_some(&setup),
+        (options.adapter != BenchAdapter::None).then_some(&setup),
         CudaOptions {
             precision: Precision::Bf16,
             gradient_checkpointing: false,
         },
     )?;
-    if options.lora && options.merge_adapter {
-        model.merge_adapters()?;
-    }
-    model.prepare_decoding()?;
+    model.prepare_decoding(options.adapter == BenchAdapter::Merged)?;
     model.kernels().set_gemv(options.gemv);
     progress("model loaded; measuring the copy bandwidth");
     let bandwidth = copy_bandwidth(gpu)?;
@@ -241,8 +254,8 @@ pub fn run(
     let eval_s = started.elapsed().as_secs_f64();
     let memory = gpu.memory()?;
     Ok(GenerateBenchResult {
-        lora: options.lora,
-        merged_adapter: options.lora && options.merge_adapter,
+        lora: options.adapter != BenchAdapter::None,
+        merged_adapter: options.adapter == BenchAdapter::Merged,
         decode_tok_s_bs1,
         decode_step_ms: 1e3 * step_s,
         decode_step_unrecorded_ms: 1e3 * unrecorded_step_s,

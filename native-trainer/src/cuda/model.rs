@@ -693,7 +693,7 @@ impl CudaModel {
     /// plus `scale B A`), for generation: one product per projection instead of three, at the
     /// cost of the adapted projections' weights in the activation precision (4x their 4-bit
     /// size in bf16).
-    pub fn merge_adapters(&mut self) -> Result<()> {
+    fn merge_adapters(&mut self) -> Result<()> {
         let ctx_gpu = self.gpu.clone();
         for block in &mut self.blocks {
             for lin in block.linears_mut() {
@@ -730,11 +730,14 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Readies the 4-bit projections for decoding (see `Kernels::prepare_gemv`: the
-    /// double-quantized absmax codes in the tensor-core GEMV's order). Generation calls it once
-    /// after loading (and after `merge_adapters`, which leaves nothing packed to ready in the
-    /// merged projections); training does not need it.
-    pub fn prepare_decoding(&mut self) -> Result<()> {
+    /// Readies the model for generation, once after loading: with `merge_adapters` the adapters
+    /// are folded into their weights first (see `merge_adapters`), then the 4-bit projections
+    /// left are readied for decoding (see `Kernels::prepare_gemv`: the double-quantized absmax
+    /// codes in the tensor-core GEMV's order). Training does not need it.
+    pub fn prepare_decoding(&mut self, merge_adapters: bool) -> Result<()> {
+        if merge_adapters {
+            self.merge_adapters()?;
+        }
         for block in &mut self.blocks {
             for lin in block.linears_mut() {
                 if let FrozenWeight::Packed(q) = &mut lin.weight {

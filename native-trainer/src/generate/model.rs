@@ -86,10 +86,7 @@ pub fn load_cuda_model(
     let mut model = with_adapter(adapter, |setup| {
         Ok(CudaModel::load(gpu, config, weights, setup, options)?)
     })?;
-    if merge_adapter {
-        model.merge_adapters()?;
-    }
-    model.prepare_decoding()?;
+    model.prepare_decoding(merge_adapter)?;
     Ok(model)
 }
 
