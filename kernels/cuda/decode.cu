@@ -282,6 +282,18 @@ GEMV_4BIT(4)
 // measured ~25% slower: it adds the copies' writes and reads to the same data path.)
 #define GEMV_TC_WARPS 16
 
+// 16 bytes of a weight that a GEMV reads once: not kept in L1, where they would only push out
+// what is read again (x, the absmax), and fetched into L2 256 bytes at a time (the next warps of
+// a tensor-core GEMV block read the rest of those bytes). Measured on an H100: a decoding step
+// 2.94 -> 2.89 ms with both (bench/generate/README.md, "2026-12-06, second session").
+__device__ __forceinline__ uint4 ld_streamed(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
 // One lane's loads of a warp step from the weight: the codes of its two features and their
 // absmax (plain, or the 8-bit code and the nested absmax).
 struct GemvTcStep {
@@ -350,6 +362,38 @@ extern "C" __global__ void absmax_q8_by_step(const unsigned char* __restrict__ a
     }
 }
 
+// A LoRA adapter's term in the tensor-core GEMV's epilogue, before its activation and residual:
+// y[row, o] += scale * xa[row] . b[o] (xa [rows, r] f32 from lora_down, b [out, r]). Passed by
+// value (the host's LoraTermArg has this layout) to the GEMV's `_lora` kernels only: the
+// adapter-free ones are compiled without it (a runtime test of r in the epilogue alone measured
+// +0.08 ms a decoding step).
+struct GemvLora {
+    const float* xa;
+    const T* b;
+    int r;
+    float scale;
+};
+
+// xa [rows, r] = x [rows, in] a^T (a [r, in]) in f32: the LoRA branch's first product, for the
+// GEMV's epilogue. One block per (k, row); each thread's loads of x and a go out together.
+extern "C" __global__ void lora_down(const T* __restrict__ x, const T* __restrict__ a, float* __restrict__ xa,
+                                     int r, int in_features) {
+    wait_for_prior_grids();
+    int k = blockIdx.x, row = blockIdx.y;
+    const T* xr = x + (long long)row * in_features;
+    const T* ak = a + (long long)k * in_features;
+    float sum = 0.0f;
+    for (int i = threadIdx.x * PACK; i < in_features; i += blockDim.x * PACK) {
+        float xv[PACK], av[PACK];
+        load_pack(xr, i, in_features, xv);
+        load_pack(ak, i, in_features, av);
+#pragma unroll
+        for (int u = 0; u < PACK; u++) sum = fmaf(xv[u], av[u], sum);
+    }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) xa[(long long)row * r + k] = sum;
+}
+
 // The weight's part of a step at chunk[h] (codes and absmax): loaded before the kernel ahead
 // has finished.
 template <bool DQ>
@@ -361,7 +405,7 @@ __device__ __forceinline__ void gemv_tc_load_weight(GemvTcStep& st, const unsign
                                                     int chunk_shift) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        st.w[h] = __ldg(packed + chunk[h]);
+        st.w[h] = ld_streamed(packed + chunk[h]);
         unsigned int block = chunk[h] >> chunk_shift;
         if (DQ) {
             st.q[h] = __ldg(q8_by_step + q_at + 16 * h);
@@ -416,14 +460,14 @@ __device__ __forceinline__ void gemv_tc_step(float (&acc)[2][4], const GemvTcSte
     }
 }
 
-template <bool DQ>
+template <bool DQ, bool LORA>
 __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, const float* __restrict__ absmax,
                                              const unsigned char* __restrict__ absmax_q8,
                                              const float* __restrict__ code2, const float* __restrict__ absmax2,
                                              float offset, int nested_shift, const float* __restrict__ code16,
                                              int block_shift, const T* __restrict__ x, const T* __restrict__ bias,
                                              const T* __restrict__ residual, int gelu, T* __restrict__ y, int rows,
-                                             int in_features, int out_features) {
+                                             int in_features, int out_features, GemvLora lora) {
     __shared__ __align__(16) unsigned int pairs[256 * 32];
     __shared__ float code_nested[256];
     __shared__ float sums[GEMV_TC_WARPS][16 * 8];
@@ -508,6 +552,12 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
 #pragma unroll
                 for (int w = 0; w < GEMV_TC_WARPS; w++) v += sums[w][f * 8 + r];
                 if (bias != nullptr) v += ld(bias[o]);
+                if (LORA) {
+                    float t = 0.0f;
+                    for (int k = 0; k < lora.r; k++)
+                        t = fmaf(lora.xa[r * lora.r + k], ld(lora.b[(long long)o * lora.r + k]), t);
+                    v += lora.scale * t;
+                }
                 long long at = (long long)r * out_features + o;
                 if (gelu) v = gelu_tanh(v);
                 if (residual != nullptr) v += ld(residual[at]);
@@ -524,18 +574,106 @@ __device__ __forceinline__ void gemv_4bit_tc(const uint4* __restrict__ packed, c
 }
 
 // The weight's absmax stored (gemv_4bit_tc) or double-quantized (gemv_4bit_tc_dq: `absmax_q8` is
-// then the codes in step order, from absmax_q8_by_step).
+// then the codes in step order, from absmax_q8_by_step); `_lora`: with an adapter's term.
+#define GEMV_4BIT_TC_PARAMS                                                                               \
+    const uint4 *packed, const float *absmax, const unsigned char *absmax_q8, const float *code2,          \
+        const float *absmax2, float offset, int nested_shift, const float *code16, int block_shift,        \
+        const T *x, const T *bias, const T *residual, int gelu, T *y, int rows, int in_features,           \
+        int out_features
+#define GEMV_4BIT_TC_ARGS                                                                                 \
+    packed, absmax, absmax_q8, code2, absmax2, offset, nested_shift, code16, block_shift, x, bias, residual, \
+        gelu, y, rows, in_features, out_features
 #define GEMV_4BIT_TC(NAME, DQ)                                                                           \
-    extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS, 2) NAME(                             \
-        const uint4* packed, const float* absmax, const unsigned char* absmax_q8, const float* code2,      \
-        const float* absmax2, float offset, int nested_shift, const float* code16, int block_shift,        \
-        const T* x, const T* bias, const T* residual, int gelu, T* y, int rows, int in_features,           \
-        int out_features) {                                                                               \
-        gemv_4bit_tc<DQ>(packed, absmax, absmax_q8, code2, absmax2, offset, nested_shift, code16,           \
-                         block_shift, x, bias, residual, gelu, y, rows, in_features, out_features);       \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS, 2) NAME(GEMV_4BIT_TC_PARAMS) {       \
+        gemv_4bit_tc<DQ, false>(GEMV_4BIT_TC_ARGS, GemvLora{nullptr, nullptr, 0, 0.0f});                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_TC_WARPS, 2)                                   \
+        NAME##_lora(GEMV_4BIT_TC_PARAMS, GemvLora lora) {                                                 \
+        gemv_4bit_tc<DQ, true>(GEMV_4BIT_TC_ARGS, lora);                                                  \
     }
 GEMV_4BIT_TC(gemv_4bit_tc, false)
 GEMV_4BIT_TC(gemv_4bit_tc_dq, true)
+
+// The LM head of decoding: y[r, o] = sum_i x[r, i] * W[o, i] in f32 for r < rows <=
+// GEMV_DENSE_ROWS, W [out, in] in T: the embedding table, 2 GB in bf16 for BLOOM's 250,880 x
+// 4,096 (40% of a decoding step's bytes): 666-670 us on an H100 where cuBLAS's GEMM took 679
+// (Nsight Compute, bench/generate/README.md). One warp per output feature at a time
+// (grid-stride over one wave of blocks); each lane reads 16-byte words of W's row, 32 apart,
+// GEMV_DENSE_LOADS of them issued before any is used, so that an SM keeps up to 128 KB in flight
+// (56 registers: 32 warps an SM); x, a few KB that every warp reads, comes from L1. A warp's first words are requested before the kernel ahead (the final norm,
+// which writes x) has finished. The host guarantees whole 16-byte words (in * sizeof(T) % 16 ==
+// 0) and 16-byte aligned W and x.
+#define GEMV_DENSE_LOADS 8
+#define GEMV_DENSE_ROWS 4
+
+// acc + the 16 bytes `w` of a row of W (8 bf16 or 4 f32 values) times x's values at the same
+// place (16-byte aligned).
+__device__ __forceinline__ float dot_word(uint4 w, const __nv_bfloat16* x, float acc) {
+    float v[8];
+    load8_aligned(x, v);
+    unsigned int parts[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        acc = fmaf(__uint_as_float(parts[k] << 16), v[2 * k], acc);
+        acc = fmaf(__uint_as_float(parts[k] & 0xffff0000u), v[2 * k + 1], acc);
+    }
+    return acc;
+}
+__device__ __forceinline__ float dot_word(uint4 w, const float* x, float acc) {
+    float4 v = __ldg(reinterpret_cast<const float4*>(x));
+    acc = fmaf(__uint_as_float(w.x), v.x, acc);
+    acc = fmaf(__uint_as_float(w.y), v.y, acc);
+    acc = fmaf(__uint_as_float(w.z), v.z, acc);
+    return fmaf(__uint_as_float(w.w), v.w, acc);
+}
+
+// Words [base + lane + 32 u) of `row` (`words` of them; zeros past the end).
+__device__ __forceinline__ void gemv_dense_load(uint4 (&batch)[GEMV_DENSE_LOADS], const uint4* __restrict__ row,
+                                                int base, int words) {
+#pragma unroll
+    for (int u = 0; u < GEMV_DENSE_LOADS; u++) {
+        int j = base + 32 * u;
+        batch[u] = j < words ? ld_streamed(row + j) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+extern "C" __global__ void gemv_dense(const T* __restrict__ w, const T* __restrict__ x, float* __restrict__ y,
+                                      int rows, int in_features, int out_features) {
+    const int per_word = 16 / (int)sizeof(T);
+    int words = in_features / per_word;
+    int lane = threadIdx.x & 31;
+    int stride = gridDim.x * (blockDim.x >> 5);
+    int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    uint4 batch[GEMV_DENSE_LOADS];
+    if (o < out_features)
+        gemv_dense_load(batch, reinterpret_cast<const uint4*>(w + (long long)o * in_features), lane, words);
+    wait_for_prior_grids();
+    for (; o < out_features; o += stride) {
+        const uint4* row = reinterpret_cast<const uint4*>(w + (long long)o * in_features);
+        float acc[GEMV_DENSE_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int base = lane; base < words; base += 32 * GEMV_DENSE_LOADS) {
+            // The row's first words were loaded ahead (before the wait, or after the last row).
+            if (base != lane) gemv_dense_load(batch, row, base, words);
+#pragma unroll
+            for (int u = 0; u < GEMV_DENSE_LOADS; u++) {
+                int j = base + 32 * u;
+                if (j < words) {
+#pragma unroll
+                    for (int r = 0; r < GEMV_DENSE_ROWS; r++)
+                        if (r < rows) acc[r] = dot_word(batch[u], x + (long long)r * in_features + j * per_word, acc[r]);
+                }
+            }
+        }
+        int next = o + stride;
+        if (next < out_features)
+            gemv_dense_load(batch, reinterpret_cast<const uint4*>(w + (long long)next * in_features), lane, words);
+#pragma unroll
+        for (int r = 0; r < GEMV_DENSE_ROWS; r++) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0 && r < rows) y[(long long)r * out_features + o] = v;
+        }
+    }
+}
 
 // This step's keys and values, element (bh, t, d) of each at src[bh * head_stride + t * hd + d]
 // (a packed [B * heads, T, hd] has head_stride T * hd; one token per row can be read straight

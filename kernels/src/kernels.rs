@@ -31,7 +31,7 @@ pub(crate) fn source() -> String {
     SOURCES.concat()
 }
 
-pub(crate) const NAMES: [&str; 43] = [
+pub(crate) const NAMES: [&str; 47] = [
     "dequant_4bit",
     "cast_f32_to_t",
     "cast_t_to_f32",
@@ -67,7 +67,11 @@ pub(crate) const NAMES: [&str; 43] = [
     "gemv_4bit_wide_4",
     "gemv_4bit_tc",
     "gemv_4bit_tc_dq",
+    "gemv_4bit_tc_lora",
+    "gemv_4bit_tc_dq_lora",
+    "lora_down",
     "absmax_q8_by_step",
+    "gemv_dense",
     "kv_append",
     "attention_cached",
     "attention_combine",
@@ -88,6 +92,44 @@ const GEMV_TC_ROWS: usize = 8;
 /// dequantizing it for a GEMM moves (write and read it in bf16: 4.5 bytes a weight).
 const GEMV_TC_MAX_ROWS: usize = 4 * GEMV_TC_ROWS;
 
+/// Token rows [`Kernels::gemv_dense`] serves at most (`GEMV_DENSE_ROWS` in decode.cu).
+const GEMV_DENSE_ROWS: usize = 4;
+
+/// Threads of a [`Kernels::gemv_dense`] block: eight warps, one output feature each at a time.
+const GEMV_DENSE_THREADS: u32 = 256;
+
+/// A LoRA adapter's term that [`Kernels::gemv_4bit_lora`] adds in its epilogue:
+/// `scale * xa B^T`, `xa [rows, r]` f32 from [`Kernels::lora_down`], `b` the adapter's
+/// `B [out, r]` in the activation precision.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraTerm {
+    pub xa: u64,
+    pub b: u64,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// `GemvLora` of decode.cu, the last parameter (by value) of the tensor-core GEMVs' `_lora`
+/// kernels.
+#[repr(C)]
+struct LoraTermArg {
+    xa: u64,
+    b: u64,
+    r: i32,
+    scale: f32,
+}
+
+impl From<&LoraTerm> for LoraTermArg {
+    fn from(t: &LoraTerm) -> LoraTermArg {
+        LoraTermArg {
+            xa: t.xa,
+            b: t.b,
+            r: t.r as i32,
+            scale: t.scale,
+        }
+    }
+}
+
 /// The compiled kernels for one activation precision.
 pub struct Kernels {
     pub precision: Precision,
@@ -101,10 +143,10 @@ pub struct Kernels {
     /// `wait_for_prior_grids` in common.cuh, which every kernel calls before it reads or writes
     /// what another kernel touches.
     early_launch: bool,
-    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4) and of `gemv_4bit_tc`
-    /// (`_dq` alike): the SMs times the blocks an SM holds at that kernel's registers and shared
-    /// memory.
-    gemv_wave: [u32; 4],
+    /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4), of `gemv_4bit_tc`
+    /// (`_dq` and `_lora` alike) and of `gemv_dense`: the SMs times the blocks an SM holds at that kernel's
+    /// registers and shared memory.
+    gemv_wave: [u32; 5],
 }
 
 /// The fused 4-bit GEMVs of decoding. `OneChunk` and `Wide` compute the same sums in the same
@@ -151,17 +193,21 @@ const MAX_STRIDE_BLOCKS: usize = 2048;
 /// Threads of a CUDA-core GEMV block: eight warps, one output feature per warp at a time.
 const GEMV_THREADS: u32 = 256;
 
+/// Threads of a `lora_down` block (one per adapter rank and token row).
+const LORA_DOWN_THREADS: u32 = 256;
+
 /// Threads of a tensor-core GEMV block (`GEMV_TC_WARPS` in decode.cu): sixteen warps on a tile
 /// of 16 features.
 const GEMV_TC_THREADS: u32 = 512;
 
 /// The persistent GEMVs whose grid is one wave, with their block's threads: the wide ones by
-/// rows served (1, 2, 4), then the tensor-core one.
-const GEMV_WAVE: [(&str, u32); 4] = [
+/// rows served (1, 2, 4), the tensor-core one, then the dense one.
+const GEMV_WAVE: [(&str, u32); 5] = [
     ("gemv_4bit_wide_1", GEMV_THREADS),
     ("gemv_4bit_wide_2", GEMV_THREADS),
     ("gemv_4bit_wide_4", GEMV_THREADS),
     ("gemv_4bit_tc", GEMV_TC_THREADS),
+    ("gemv_dense", GEMV_DENSE_THREADS),
 ];
 
 /// One thread per item of `n`, capped at [`MAX_STRIDE_BLOCKS`] (the kernel strides over the rest).
@@ -239,9 +285,17 @@ fn row_block(dim: usize) -> usize {
 
 macro_rules! launch {
     ($self:ident, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        launch!($self, $name, $cfg, $($arg),* ; None::<()>)
+    }};
+    // `$last`: an Option of one more argument, passed only when Some.
+    ($self:ident, $name:expr, $cfg:expr, $($arg:expr),* ; $last:expr) => {{
         let mut args: Vec<*mut std::ffi::c_void> = Vec::new();
         // Each argument is bound first: the launch reads them through these pointers.
         $( let arg = $arg; args.push(&arg as *const _ as *mut std::ffi::c_void); )*
+        let last = $last;
+        if let Some(last) = &last {
+            args.push(last as *const _ as *mut std::ffi::c_void);
+        }
         // SAFETY: the arguments match the kernel's signature in kernels/cuda (checked by the
         // kernel tests), and the callers pass device ranges of the sizes they describe.
         unsafe { $self.launch_with($name, $cfg, &mut args) }
@@ -294,7 +348,7 @@ impl Kernels {
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| error(format!("CUDA: reading the SM count failed: {e:?}")))?;
-        let mut gemv_wave = [0u32; 4];
+        let mut gemv_wave = [0u32; 5];
         for (wave, (name, threads)) in gemv_wave.iter_mut().zip(GEMV_WAVE) {
             let i = NAMES
                 .iter()
@@ -925,6 +979,78 @@ impl Kernels {
         y: u64,
         rows_: usize,
     ) -> Result<()> {
+        self.gemv(w, x, None, bias, residual, gelu, y, rows_)
+    }
+
+    /// Whether [`Kernels::gemv_4bit_lora`] serves `w` against x at device address `x`: the
+    /// tensor-core GEMV's epilogue adds the adapter's term.
+    pub fn gemv_takes_lora(&self, w: &DeviceQuantized, x: u64) -> bool {
+        w.gemv_ready() && self.gemv_for(w, x) == GemvKernel::Tensor
+    }
+
+    /// `xa [rows, r] = x [rows, in] A^T` in f32 for `A [r, in]` (activation precision): a LoRA
+    /// branch's first product for [`Kernels::gemv_4bit_lora`].
+    pub fn lora_down(
+        &self,
+        x: u64,
+        a: u64,
+        xa: u64,
+        rows: usize,
+        r: usize,
+        in_features: usize,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (r as u32, rows as u32, 1),
+            block_dim: (LORA_DOWN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "lora_down",
+            cfg,
+            x,
+            a,
+            xa,
+            r as i32,
+            in_features as i32
+        )
+    }
+
+    /// [`Kernels::gemv_4bit`] with a LoRA adapter's term added before the activation and
+    /// residual, where [`Kernels::gemv_takes_lora`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_4bit_lora(
+        &self,
+        w: &DeviceQuantized,
+        x: u64,
+        lora: &LoraTerm,
+        bias: u64,
+        residual: u64,
+        gelu: bool,
+        y: u64,
+        rows: usize,
+    ) -> Result<()> {
+        if !self.gemv_takes_lora(w, x) {
+            return Err(error(format!(
+                "gemv_4bit_lora: a {:?} weight against this input takes no adapter term",
+                w.shape
+            )));
+        }
+        self.gemv(w, x, Some(lora), bias, residual, gelu, y, rows)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(
+        &self,
+        w: &DeviceQuantized,
+        x: u64,
+        lora: Option<&LoraTerm>,
+        bias: u64,
+        residual: u64,
+        gelu: bool,
+        y: u64,
+        rows_: usize,
+    ) -> Result<()> {
         let [out_features, in_features] = w.shape[..] else {
             return Err(error("gemv_4bit: the weight is not a matrix"));
         };
@@ -943,9 +1069,15 @@ impl Kernels {
                     0 => 0,
                     p => p + self.bytes(first * width) as u64,
                 };
-                self.gemv_4bit(
+                // The adapter's xa from that row on too (f32).
+                let lora = lora.map(|l| LoraTerm {
+                    xa: l.xa + (4 * first * l.r) as u64,
+                    ..*l
+                });
+                self.gemv(
                     w,
                     from_row(x, in_features),
+                    lora.as_ref(),
                     bias,
                     from_row(residual, out_features),
                     gelu,
@@ -964,11 +1096,25 @@ impl Kernels {
         let (name, wave) = match kernel {
             GemvKernel::OneChunk => (["gemv_4bit_1", "gemv_4bit_2", "gemv_4bit_4"][r], None),
             GemvKernel::Wide => (GEMV_WAVE[r].0, Some(self.gemv_wave[r])),
-            // The tensor-core GEMV comes in one kernel per kind of absmax; the double-quantized
-            // one reads the 8-bit codes in step order (gemv_for made sure they exist).
-            GemvKernel::Tensor if a.quantized != 0 => ("gemv_4bit_tc_dq", Some(self.gemv_wave[3])),
-            GemvKernel::Tensor => ("gemv_4bit_tc", Some(self.gemv_wave[3])),
+            // The tensor-core GEMV comes in one kernel per kind of absmax, with or without an
+            // adapter's term; the double-quantized one reads the 8-bit codes in step order
+            // (gemv_for made sure they exist).
+            GemvKernel::Tensor => {
+                let names = match lora {
+                    None => ["gemv_4bit_tc", "gemv_4bit_tc_dq"],
+                    Some(_) => ["gemv_4bit_tc_lora", "gemv_4bit_tc_dq_lora"],
+                };
+                (
+                    names[usize::from(a.quantized != 0)],
+                    Some(self.gemv_wave[3]),
+                )
+            }
         };
+        if lora.is_some() && kernel != GemvKernel::Tensor {
+            return Err(error(
+                "gemv_4bit: only the tensor-core GEMV adds an adapter's term",
+            ));
+        }
         // The wide and tensor-core kernels take block sizes as shifts.
         let (nested_blocksize, blocksize) = match kernel {
             GemvKernel::OneChunk => (a.nested_blocksize, w.blocksize as i32),
@@ -1010,6 +1156,60 @@ impl Kernels {
             bias,
             residual,
             i32::from(gelu),
+            y,
+            rows_ as i32,
+            in_features as i32,
+            out_features as i32;
+            // The `_lora` kernels take the adapter's term last.
+            lora.map(LoraTermArg::from)
+        )
+    }
+
+    /// Whether [`Kernels::gemv_dense`] serves `rows` rows of x (at device address `x`) against
+    /// a weight at `w` with `in_features` inputs: whole 16-byte words, both 16-byte aligned, at
+    /// most 4 rows (more take a GEMM, which reads the weight once for any number of rows).
+    pub fn gemv_dense_serves(&self, rows: usize, in_features: usize, w: u64, x: u64) -> bool {
+        (1..=GEMV_DENSE_ROWS).contains(&rows)
+            && self.bytes(in_features).is_multiple_of(16)
+            && w.is_multiple_of(16)
+            && x.is_multiple_of(16)
+    }
+
+    /// `y [rows, out] (f32) = x [rows, in] W^T` for `W [out, in]` in the activation precision,
+    /// read once in 16-byte words: the LM head of a decoding step, where cuBLAS's GEMM falls
+    /// short of the card's bandwidth (see `gemv_dense` in decode.cu). For what
+    /// [`Kernels::gemv_dense_serves`].
+    pub fn gemv_dense(
+        &self,
+        w: u64,
+        x: u64,
+        y: u64,
+        rows_: usize,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<()> {
+        if !self.gemv_dense_serves(rows_, in_features, w, x) {
+            return Err(error(format!(
+                "gemv_dense: {rows_} rows of {in_features} inputs (x at {x:#x}, the weight at {w:#x}) are not supported"
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                out_features
+                    .div_ceil(GEMV_DENSE_THREADS as usize / 32)
+                    .min(self.gemv_wave[4] as usize) as u32,
+                1,
+                1,
+            ),
+            block_dim: (GEMV_DENSE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "gemv_dense",
+            cfg,
+            w,
+            x,
             y,
             rows_ as i32,
             in_features as i32,

@@ -24,7 +24,7 @@ pub use gemm::Gemm;
 pub use graph::Recorded;
 pub use kernels::{
     AdamWCoefficients, CachedAttention, DeviceAbsmax, DeviceQuantized, GemvKernel, Kernels,
-    SoftmaxArgs,
+    LoraTerm, SoftmaxArgs,
 };
 pub use nccl::{check_library as check_nccl, Communicator, NcclId, NCCL_ID_BYTES};
 

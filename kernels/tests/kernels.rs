@@ -7,8 +7,8 @@ use qlora_core::quant::{
     decode_table, dequantize_4bit, quantize_4bit, FloatSlice, QuantType, Quantized4,
 };
 use qlora_kernels::{
-    CachedAttention, DeviceBuffer, DeviceQuantized, Gemm, GemvKernel, Gpu, Kernels, Precision,
-    SoftmaxArgs,
+    CachedAttention, DeviceBuffer, DeviceQuantized, Gemm, GemvKernel, Gpu, Kernels, LoraTerm,
+    Precision, SoftmaxArgs,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -835,6 +835,84 @@ fn tensor_core_gemv_matches_bf16_dequantized_weights() {
     }
 }
 
+#[test]
+fn adapter_term_in_the_gemv_matches_the_adapter_product() {
+    let Some(gpu) = gpu() else { return };
+    let p = Precision::Bf16;
+    let k = gpu.kernels(p).unwrap();
+    k.set_gemv(GemvKernel::Tensor);
+    let (r, scale) = (16, 2.0f32);
+    // Rows 13: two passes, the second reading xa from row 8 on.
+    for (out_features, in_features) in [(40, 384), (272, 4096)] {
+        let w = random(out_features * in_features, 51);
+        let bias = rounded(p, &random(out_features, 52));
+        let a = rounded(p, &random(r * in_features, 53));
+        let b = rounded(p, &random(out_features * r, 54));
+        let (gbias, ga, gb) = (up(&gpu, p, &bias), up(&gpu, p, &a), up(&gpu, p, &b));
+        each_4bit(
+            &w,
+            [out_features, in_features],
+            [(false, 64), (true, 64), (true, 256)],
+            |qt, dq, bs, q| {
+                let weights = bf16_dequantized(&q);
+                let mut dq_w = DeviceQuantized::upload(&gpu, &q, "test").unwrap();
+                k.prepare_gemv(&gpu, &mut dq_w).unwrap();
+                for rows in [1, 3, 8, 13] {
+                    let x = rounded(p, &random(rows * in_features, 55 + rows as u64));
+                    let residual = rounded(p, &random(rows * out_features, 56));
+                    let product =
+                        cpu_matmul(&x, false, &weights, true, rows, out_features, in_features);
+                    let xa_ref = cpu_matmul(&x, false, &a, true, rows, r, in_features);
+                    let (gx, gr) = (up(&gpu, p, &x), up(&gpu, p, &residual));
+                    let xa = gpu.alloc(4 * rows * r, "test").unwrap();
+                    k.lora_down(gx.ptr(), ga.ptr(), xa.ptr(), rows, r, in_features)
+                        .unwrap();
+                    let got_xa = down(&gpu, Precision::F32, &xa, rows * r);
+                    let rx = rel(&got_xa, &xa_ref);
+                    assert!(rx <= 1e-5, "lora_down rel {rx}");
+                    let y = gpu.alloc(k.bytes(rows * out_features), "test").unwrap();
+                    let term = LoraTerm {
+                        xa: xa.ptr(),
+                        b: gb.ptr(),
+                        r,
+                        scale,
+                    };
+                    assert!(k.gemv_takes_lora(&dq_w, gx.ptr()));
+                    k.gemv_4bit_lora(
+                        &dq_w,
+                        gx.ptr(),
+                        &term,
+                        gbias.ptr(),
+                        gr.ptr(),
+                        true,
+                        y.ptr(),
+                        rows,
+                    )
+                    .unwrap();
+                    let expected: Vec<f64> = product
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| {
+                            let (row, o) = (i / out_features, i % out_features);
+                            let adapter: f64 = (0..r)
+                                .map(|j| xa_ref[row * r + j] * f64::from(b[o * r + j]))
+                                .sum();
+                            let v = v + f64::from(bias[o]) + f64::from(scale) * adapter;
+                            gelu_tanh(v) + f64::from(residual[i])
+                        })
+                        .collect();
+                    let got = down(&gpu, p, &y, rows * out_features);
+                    let ry = rel(&got, &expected);
+                    println!(
+                        "gemv_4bit_lora {qt} dq={dq} bs={bs} {out_features}x{in_features} rows={rows}: xa rel {rx:.2e}, y rel {ry:.2e}"
+                    );
+                    assert!(ry <= 8e-3, "rel {ry}");
+                }
+            },
+        );
+    }
+}
+
 /// One attention_cached case: `keys` filled columns of `capacity`, the last `seq` of them new;
 /// row 0's first two keys are padding, and row 1 sees no key at all when `blind_row`.
 struct AttentionCase {
@@ -1050,6 +1128,36 @@ fn kv_append_writes_the_new_columns_only() {
                 }
             }
         }
+    });
+}
+
+#[test]
+fn dense_gemv_matches_a_cpu_product_and_refuses_what_it_cannot_serve() {
+    each_precision(|gpu, k, p| {
+        // More output features than one wave of warps (the grid strides), and 2,056 inputs: a
+        // lane's last batch of words is partial in both precisions.
+        let (out, inp) = (9001, 2056);
+        let w = rounded(p, &random(out * inp, 71));
+        let gw = up(gpu, p, &w);
+        for rows in 1..=4 {
+            let x = rounded(p, &random(rows * inp, 72 + rows as u64));
+            let (gx, gy) = (up(gpu, p, &x), gpu.alloc(4 * rows * out, "t").unwrap());
+            assert!(k.gemv_dense_serves(rows, inp, gw.ptr(), gx.ptr()));
+            k.gemv_dense(gw.ptr(), gx.ptr(), gy.ptr(), rows, inp, out)
+                .unwrap();
+            let ours = gpu.read::<f32>(gy.ptr(), rows * out).unwrap();
+            let r = rel(&ours, &cpu_matmul(&x, false, &w, true, rows, out, inp));
+            println!("gemv_dense {p:?} rows={rows}: rel {r:.2e}");
+            // Sums in f32 whatever the precision of the operands.
+            assert!(r <= 1e-5, "{r}");
+        }
+        let gx = up(gpu, p, &random(5 * inp, 80));
+        assert!(!k.gemv_dense_serves(5, inp, gw.ptr(), gx.ptr()));
+        assert!(!k.gemv_dense_serves(1, inp, gw.ptr(), gx.ptr() + 4));
+        assert!(!k.gemv_dense_serves(1, 2051, gw.ptr(), gx.ptr()));
+        let gy = gpu.alloc(4 * 5 * out, "t").unwrap();
+        let refused = k.gemv_dense(gw.ptr(), gx.ptr(), gy.ptr(), 5, inp, out);
+        assert!(refused.unwrap_err().to_string().contains("5 rows"));
     });
 }
 

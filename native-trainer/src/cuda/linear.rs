@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use qlora_core::Result;
-use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, Precision};
+use qlora_kernels::{DeviceBuffer, Gemm, Gpu, Kernels, LoraTerm, Precision};
 
 use super::lora::LoraStore;
 use super::weights::FrozenWeight;
@@ -168,6 +168,27 @@ impl Linear {
         match &self.weight {
             FrozenWeight::Packed(q) if q.gemv_ready() && n <= ctx.k.gemv_max_rows(q, x) => {
                 let bias = self.bias.as_ref().map_or(0, |b| b.ptr());
+                // Generating, an adapter rides on the GEMV: its first product into xa, its
+                // second in the GEMV's epilogue (no backward pass needs xa kept).
+                if let Some(slot) = self
+                    .lora
+                    .filter(|_| !ctx.train && ctx.k.gemv_takes_lora(q, x))
+                {
+                    let s = &ctx.lora.slots[slot];
+                    let xa = ctx.gpu.alloc(4 * n * s.r, "LoRA activations")?;
+                    ctx.k.lora_down(x, ctx.lora.a(slot), xa.ptr(), n, s.r, i)?;
+                    let term = LoraTerm {
+                        xa: xa.ptr(),
+                        b: ctx.lora.b(slot),
+                        r: s.r,
+                        scale: s.scale,
+                    };
+                    let epilogue = pending.take().unwrap_or_default();
+                    let residual = epilogue.residual.unwrap_or(0);
+                    ctx.k
+                        .gemv_4bit_lora(q, x, &term, bias, residual, epilogue.gelu, y, n)?;
+                    return Ok(LinearSaved { xa: None });
+                }
                 let fused = if self.lora.is_none() {
                     pending.take().unwrap_or_default()
                 } else {

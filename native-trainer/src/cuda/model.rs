@@ -675,13 +675,19 @@ impl CudaModel {
             rows
         };
         let normed = self.final_norm.forward(&ctx, last.ptr(), b)?;
+        let (x, table) = (normed.out.ptr(), self.head_table());
+        if self.kernels.gemv_dense_serves(b, self.hidden, table, x) {
+            return self
+                .kernels
+                .gemv_dense(table, x, logits, b, self.hidden, self.vocab);
+        }
         self.gpu.gemm(&Gemm::new(
             b,
             self.vocab,
             self.hidden,
-            normed.out.ptr(),
+            x,
             false,
-            self.head_table(),
+            table,
             true,
             logits,
             self.options.precision,
