@@ -144,8 +144,8 @@ pub struct Kernels {
     /// what another kernel touches.
     early_launch: bool,
     /// Blocks of one full wave of each `gemv_4bit_wide_R` (R = 1, 2, 4), of `gemv_4bit_tc`
-    /// (`_dq` and `_lora` alike) and of `gemv_dense`: the SMs times the blocks an SM holds at that kernel's
-    /// registers and shared memory.
+    /// (`_dq` and `_lora` alike) and of `gemv_dense`: the SMs times the blocks an SM holds at
+    /// that kernel's registers and shared memory.
     gemv_wave: [u32; 5],
 }
 
