@@ -114,14 +114,17 @@ __device__ __forceinline__ void load8_aligned(const float* p, float* v) {
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
-__device__ __forceinline__ void load8_aligned(const __nv_bfloat16* p, float* v) {
-    uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+// The 8 bf16 values of 16 bytes `u` as f32, each widened by a shift or a mask.
+__device__ __forceinline__ void unpack8_bf16(uint4 u, float* v) {
     unsigned int parts[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         v[2 * k] = __uint_as_float(parts[k] << 16);
         v[2 * k + 1] = __uint_as_float(parts[k] & 0xffff0000u);
     }
+}
+__device__ __forceinline__ void load8_aligned(const __nv_bfloat16* p, float* v) {
+    unpack8_bf16(__ldg(reinterpret_cast<const uint4*>(p)), v);
 }
 
 // Values p[i .. i + PACK) below n (0 beyond).

@@ -600,23 +600,21 @@ GEMV_4BIT_TC(gemv_4bit_tc_dq, true)
 // (Nsight Compute, bench/generate/README.md). One warp per output feature at a time
 // (grid-stride over one wave of blocks); each lane reads 16-byte words of W's row, 32 apart,
 // GEMV_DENSE_LOADS of them issued before any is used, so that an SM keeps up to 128 KB in flight
-// (56 registers: 32 warps an SM); x, a few KB that every warp reads, comes from L1. A warp's first words are requested before the kernel ahead (the final norm,
-// which writes x) has finished. The host guarantees whole 16-byte words (in * sizeof(T) % 16 ==
-// 0) and 16-byte aligned W and x.
+// (56 registers: 32 warps an SM); x, a few KB that every warp reads, comes from L1. A warp's
+// first words are requested before the kernel ahead (the final norm, which writes x) has
+// finished. The host guarantees whole 16-byte words (in * sizeof(T) % 16 == 0) and 16-byte
+// aligned W and x.
 #define GEMV_DENSE_LOADS 8
 #define GEMV_DENSE_ROWS 4
 
 // acc + the 16 bytes `w` of a row of W (8 bf16 or 4 f32 values) times x's values at the same
 // place (16-byte aligned).
 __device__ __forceinline__ float dot_word(uint4 w, const __nv_bfloat16* x, float acc) {
-    float v[8];
-    load8_aligned(x, v);
-    unsigned int parts[4] = {w.x, w.y, w.z, w.w};
+    float wv[8], xv[8];
+    unpack8_bf16(w, wv);
+    load8_aligned(x, xv);
 #pragma unroll
-    for (int k = 0; k < 4; k++) {
-        acc = fmaf(__uint_as_float(parts[k] << 16), v[2 * k], acc);
-        acc = fmaf(__uint_as_float(parts[k] & 0xffff0000u), v[2 * k + 1], acc);
-    }
+    for (int k = 0; k < 8; k++) acc = fmaf(wv[k], xv[k], acc);
     return acc;
 }
 __device__ __forceinline__ float dot_word(uint4 w, const float* x, float acc) {

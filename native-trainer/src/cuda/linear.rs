@@ -170,32 +170,33 @@ impl Linear {
                 let bias = self.bias.as_ref().map_or(0, |b| b.ptr());
                 // Generating, an adapter rides on the GEMV: its first product into xa, its
                 // second in the GEMV's epilogue (no backward pass needs xa kept).
-                if let Some(slot) = self
+                let in_gemv = self
                     .lora
-                    .filter(|_| !ctx.train && ctx.k.gemv_takes_lora(q, x))
-                {
-                    let s = &ctx.lora.slots[slot];
-                    let xa = ctx.gpu.alloc(4 * n * s.r, "LoRA activations")?;
-                    ctx.k.lora_down(x, ctx.lora.a(slot), xa.ptr(), n, s.r, i)?;
-                    let term = LoraTerm {
-                        xa: xa.ptr(),
-                        b: ctx.lora.b(slot),
-                        r: s.r,
-                        scale: s.scale,
-                    };
-                    let epilogue = pending.take().unwrap_or_default();
-                    let residual = epilogue.residual.unwrap_or(0);
-                    ctx.k
-                        .gemv_4bit_lora(q, x, &term, bias, residual, epilogue.gelu, y, n)?;
-                    return Ok(LinearSaved { xa: None });
-                }
-                let fused = if self.lora.is_none() {
+                    .filter(|_| !ctx.train && ctx.k.gemv_takes_lora(q, x));
+                // The epilogue rides on the GEMV too, unless an adapter is added after it.
+                let fused = if self.lora.is_none() || in_gemv.is_some() {
                     pending.take().unwrap_or_default()
                 } else {
                     Epilogue::default()
                 };
                 let residual = fused.residual.unwrap_or(0);
-                ctx.k.gemv_4bit(q, x, bias, residual, fused.gelu, y, n)?;
+                match in_gemv {
+                    None => ctx.k.gemv_4bit(q, x, bias, residual, fused.gelu, y, n)?,
+                    Some(slot) => {
+                        let s = &ctx.lora.slots[slot];
+                        let xa = ctx.gpu.alloc(4 * n * s.r, "LoRA activations")?;
+                        ctx.k.lora_down(x, ctx.lora.a(slot), xa.ptr(), n, s.r, i)?;
+                        let term = LoraTerm {
+                            xa: xa.ptr(),
+                            b: ctx.lora.b(slot),
+                            r: s.r,
+                            scale: s.scale,
+                        };
+                        ctx.k
+                            .gemv_4bit_lora(q, x, &term, bias, residual, fused.gelu, y, n)?;
+                        return Ok(LinearSaved { xa: None });
+                    }
+                }
             }
             _ => {
                 let w = self.weight_ptr(ctx)?;
